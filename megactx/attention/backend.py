@@ -1,0 +1,95 @@
+"""Attention over the paged KV cache for one engine step.
+
+The model runner fills an AttentionMetadata per step; every layer's attention call writes the step's new keys
+and values into the cache and computes, per sequence, attention of its new queries over all its keys.
+Per sequence, with c tokens already cached and n new ones:
+  c == 0        the chunk attends to itself, causal
+  n == 1        decode: the token attends to the c + 1 cached keys
+  otherwise     earlier keys (non-causal) + the chunk itself (causal), merged by log-sum-exp
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from megactx.attention.dense import attention
+from megactx.attention.merge import merge_attention
+
+
+@dataclass(slots=True)
+class SeqAttention:
+    q_start: int  # first row of this sequence's new tokens in the flattened batch
+    num_new: int  # n
+    num_computed: int  # c: tokens already in the cache before this step
+    key_slots: torch.Tensor | slice  # cache slots of positions [0, c + n): a slice when contiguous
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    seqs: list[SeqAttention]
+    slot_mapping: torch.Tensor | slice  # [T] cache slot of each new token (a slice when consecutive)
+    extras: dict = field(default_factory=dict)
+
+
+class KVCacheTensors:
+    """Per layer: k, v of [Hkv, num_slots, D]; the slot axis inside each head keeps a sequence contiguous."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_slots: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (num_kv_heads, num_slots, head_dim)
+        # empty, not zeros: pages are touched only as tokens are written (RSS grows with use)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.dtype = dtype
+
+    def write(self, layer: int, slots: torch.Tensor | slice, k: torch.Tensor, v: torch.Tensor) -> None:
+        # slots: [T] or a slice (a plain copy, much cheaper than index_put), k/v: [T, Hkv, D]
+        self.k[layer][:, slots] = k.transpose(0, 1).to(self.dtype)
+        self.v[layer][:, slots] = v.transpose(0, 1).to(self.dtype)
+
+    def read(self, layer: int, slots: torch.Tensor | slice, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # -> k, v: [Hkv, m, D]; a view when slots is a slice and the dtype matches
+        k, v = self.k[layer][:, slots], self.v[layer][:, slots]
+        return k.to(dtype), v.to(dtype)
+
+
+class DenseAttentionBackend:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim ** -0.5
+        self.cache: KVCacheTensors | None = None
+        self.meta: AttentionMetadata | None = None
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q: [T, H, D], k/v: [T, Hkv, D] -> out [T, H, D]
+        meta = self.meta
+        self.cache.write(layer, meta.slot_mapping, k, v)
+        out = torch.empty_like(q)
+        hkv, d = self.num_kv_heads, self.head_dim
+        g = self.num_heads // hkv
+        for s in meta.seqs:
+            rows = slice(s.q_start, s.q_start + s.num_new)
+            qs = q[rows].transpose(0, 1).reshape(hkv, g, s.num_new, d)  # [Hkv, G, n, D]
+            o = self.attend_sequence(layer, s, qs, k[rows].transpose(0, 1), v[rows].transpose(0, 1))
+            out[rows] = o.reshape(self.num_heads, s.num_new, d).transpose(0, 1)
+        return out
+
+    def attend_sequence(self, layer: int, s: SeqAttention, q: torch.Tensor, k_new: torch.Tensor,
+                        v_new: torch.Tensor) -> torch.Tensor:
+        # q: [Hkv, G, n, D], k_new/v_new: [Hkv, n, D] -> [Hkv, G, n, D]
+        if s.num_computed == 0:
+            return attention(q, k_new, v_new, self.scale, causal=True)[0]
+        if s.num_new == 1:
+            k, v = self.cache.read(layer, s.key_slots, q.dtype)
+            return attention(q, k, v, self.scale, causal=False)[0]
+        k, v = self.cache.read(layer, _prefix(s.key_slots, s.num_computed), q.dtype)
+        past = attention(q, k, v, self.scale, causal=False)
+        own = attention(q, k_new, v_new, self.scale, causal=True)
+        return merge_attention([past[0], own[0]], [past[1], own[1]])[0]
+
+
+def _prefix(slots: torch.Tensor | slice, n: int) -> torch.Tensor | slice:
+    if isinstance(slots, slice):
+        return slice(slots.start, slots.start + n)
+    return slots[:n]

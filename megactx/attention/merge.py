@@ -1,0 +1,23 @@
+"""Log-sum-exp merge of attention computed over disjoint key sets.
+
+If part p gives O_p = softmax(S_p) V_p and lse_p = logsumexp(S_p), then attention over all keys is
+O = sum_p exp(lse_p - LSE) O_p with LSE = logsumexp_p(lse_p). An empty part has lse = -inf and O = 0.
+Chunked prefill (earlier keys + the chunk itself), Dual Chunk Attention (intra/successive/inter) and
+sparse prefill all combine their parts with this.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def merge_attention(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    # outs: P x [..., n, D], lses: P x [..., n] -> out [..., n, D] (dtype of outs[0]), lse [..., n] fp32
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    lse = torch.stack([x.float() for x in lses])  # [P, ..., n]
+    total = torch.logsumexp(lse, dim=0)
+    # all parts empty for a row -> total = -inf; keep weights finite (0) there
+    weights = torch.exp(lse - torch.where(torch.isinf(total), torch.zeros_like(total), total))
+    weights = torch.nan_to_num(weights, nan=0.0)
+    out = sum(w.unsqueeze(-1) * o.float() for w, o in zip(weights, outs))
+    return out.to(outs[0].dtype), total

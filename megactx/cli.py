@@ -1,0 +1,149 @@
+"""Command line: megactx serve | generate | chat | inspect.
+
+Every engine flag can also be set with an environment variable MEGACTX_<FLAG> (e.g. MEGACTX_MAX_MODEL_LEN).
+User errors print one line, `megactx: error: ...`, and exit with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from megactx.errors import MegactxError
+
+log = logging.getLogger("megactx")
+
+
+def env_default(flag: str, default=None, cast=str):
+    value = os.environ.get("MEGACTX_" + flag.lstrip("-").replace("-", "_").upper())
+    if value is None:
+        return default
+    try:
+        return cast(value)
+    except ValueError:
+        raise MegactxError(f"environment variable MEGACTX_{flag.lstrip('-').replace('-', '_').upper()}={value!r} "
+                           f"is not a valid {cast.__name__}") from None
+
+
+def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = False) -> None:
+    if positional_model:
+        p.add_argument("model_pos", nargs="?", metavar="MODEL", help="HF directory or .gguf file (default: bundled SmolLM2)")
+    p.add_argument("--model", default=env_default("--model"), help="HF directory or .gguf file (default: bundled SmolLM2)")
+    p.add_argument("--max-model-len", type=int, default=env_default("--max-model-len", None, int))
+    p.add_argument("--max-num-seqs", type=int, default=env_default("--max-num-seqs", 16, int))
+    p.add_argument("--max-num-batched-tokens", type=int, default=env_default("--max-num-batched-tokens", 4096, int),
+                   help="tokens per engine step: the prefill chunk size (default 4096)")
+    p.add_argument("--kv-cache-memory", default=env_default("--kv-cache-memory"),
+                   help="KV cache size, e.g. 8GiB (default: enough for max-model-len x min(max-num-seqs, 4), <= 4GiB)")
+    p.add_argument("--kv-cache-dtype", default=env_default("--kv-cache-dtype", "auto"), help="auto, fp32, bf16, fp16")
+    p.add_argument("--dtype", default=env_default("--dtype", "fp32"), help="compute dtype (fp32 is fastest on CPUs)")
+    p.add_argument("--device", default=env_default("--device", "cpu"))
+    p.add_argument("--threads", type=int, default=env_default("--threads", None, int))
+
+
+def engine_kwargs(args) -> dict:
+    return dict(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
+                kv_cache_dtype=args.kv_cache_dtype, dtype=args.dtype, device=args.device, num_threads=args.threads)
+
+
+def model_arg(args) -> str | None:
+    return getattr(args, "model_pos", None) or args.model
+
+
+def cmd_generate(args) -> int:
+    from megactx import LLM, SamplingParams
+    llm = LLM(model_arg(args), **engine_kwargs(args))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=args.stop or [])
+    printed = 0
+
+    def show(outputs):
+        nonlocal printed
+        text = outputs[0].text if outputs else ""
+        sys.stdout.write(text[printed:])
+        sys.stdout.flush()
+        printed = len(text)
+
+    out = llm.chat([{"role": "user", "content": args.prompt}], params, on_step=show) if args.chat \
+        else llm.generate(args.prompt, params, on_step=show)
+    sys.stdout.write(out[0].text[printed:] + "\n")
+    u = out[0].usage
+    log.info("finish_reason=%s prompt_tokens=%d completion_tokens=%d", out[0].finish_reason, u.prompt_tokens,
+             u.completion_tokens)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from megactx.chat_cli import run_chat
+    return run_chat(args)
+
+
+def cmd_inspect(args) -> int:
+    from megactx.inspect import describe
+    print(describe(model_arg(args), args.tokens))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from megactx.server.app import serve
+    return serve(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="megactx", description="Serve long-context language models.")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="complete one prompt")
+    g.add_argument("prompt")
+    add_engine_args(g)
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive chat")
+    add_engine_args(c)
+    c.add_argument("--file", action="append", default=[], help="attach a file to the first message (repeatable)")
+    c.add_argument("--system", default=None, help="system message")
+    c.add_argument("--max-tokens", type=int, default=1024)
+    c.add_argument("--temperature", type=float, default=0.0)
+    c.set_defaults(func=cmd_chat)
+
+    i = sub.add_parser("inspect", help="describe a model: architecture, context, tokenizer, KV memory")
+    i.add_argument("model_pos", nargs="?", metavar="MODEL")
+    i.add_argument("--model", default=None)
+    i.add_argument("--tokens", type=int, default=None, help="KV memory needed for this many tokens")
+    i.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_engine_args(s, positional_model=True)
+    s.add_argument("--host", default=env_default("--host", "127.0.0.1"))
+    s.add_argument("--port", type=int, default=env_default("--port", 8000, int))
+    s.add_argument("--api-key", default=env_default("--api-key"))
+    s.add_argument("--served-model-name", default=env_default("--served-model-name"))
+    s.set_defaults(func=cmd_serve)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
+        return args.func(args)
+    except MegactxError as e:
+        print(f"megactx: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

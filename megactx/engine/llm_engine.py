@@ -1,0 +1,212 @@
+"""LLMEngine: requests in, one engine step at a time, RequestOutputs out.
+
+step() is the whole loop: the scheduler picks token counts (integers), the model runner computes them, the
+sampler picks the next token of every sequence whose chunk reached its end, and the bookkeeping appends it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from megactx.config import EngineConfig, ceil_div, log_fmt_bytes, parse_dtype
+from megactx.engine.detokenizer import IncrementalDetokenizer
+from megactx.engine.kv_cache import BlockAllocator
+from megactx.engine.model_runner import ModelRunner
+from megactx.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
+from megactx.engine.sequence import Sequence
+from megactx.errors import ConfigError, RequestError
+from megactx.loader import open_model
+from megactx.loader.tokenizer import load_tokenizer
+from megactx.outputs import CompletionOutput, RequestOutput, Usage
+from megactx.sampling import SampledToken, SamplingParams, sample
+
+logger = logging.getLogger(__name__)
+DEFAULT_KV_BUDGET = 4 * 2**30
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    detokenizers: list[IncrementalDetokenizer]
+    arrival: float
+
+
+def derived_max_len(config) -> int:
+    rs = config.rope_scaling or {}
+    if config.rope_type in ("default", "llama3") or "factor" not in rs:
+        return config.max_position_embeddings
+    if "original_max_position_embeddings" in rs:
+        return max(config.max_position_embeddings, int(rs["original_max_position_embeddings"] * rs["factor"]))
+    return int(config.max_position_embeddings * rs["factor"])
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        torch.manual_seed(config.seed)
+        self.source = open_model(config.model)
+        self.model_config = mc = self.source.config
+        self.tokenizer = load_tokenizer(config.tokenizer or self.source.path, mc.eos_token_ids)
+        sc, cc = config.scheduler, config.cache
+        limit = derived_max_len(mc)
+        self.max_model_len = sc.max_model_len or limit
+        if self.max_model_len > limit:
+            raise ConfigError(f"max_model_len {self.max_model_len} exceeds the model's context length {limit}; "
+                              f"lower --max-model-len")
+        dtype = parse_dtype(cc.kv_cache_dtype) or parse_dtype(config.dtype) or torch.float32
+        per_token = mc.kv_bytes_per_token(torch.finfo(dtype).bits // 8)
+        need = per_token * ceil_div(self.max_model_len, cc.block_size) * cc.block_size
+        if cc.kv_cache_memory is None:
+            budget = max(need, min(DEFAULT_KV_BUDGET, need * min(sc.max_num_seqs, 4)))
+        else:
+            budget = cc.kv_cache_memory
+            if budget < need:
+                raise ConfigError(
+                    f"KV cache memory {log_fmt_bytes(budget)} holds {budget // per_token} tokens, fewer than "
+                    f"max_model_len {self.max_model_len} ({log_fmt_bytes(need)}); raise --kv-cache-memory or "
+                    f"lower --max-model-len")
+        num_blocks = budget // (per_token * cc.block_size)
+        logger.info("KV cache: %d blocks of %d tokens (%s, %s)", num_blocks, cc.block_size,
+                    log_fmt_bytes(num_blocks * cc.block_size * per_token), dtype)
+        self.runner = ModelRunner(self.source, config.dtype, config.device, num_blocks, cc.block_size,
+                                  cc.kv_cache_dtype)
+        self.allocator = BlockAllocator(num_blocks, cc.block_size)
+        self.scheduler = Scheduler(sc, self.allocator)
+        self.requests: dict[str, Request] = {}
+        self._next_id = 0
+
+    # ---- requests -------------------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        request_id = request_id or f"req-{self._next_id}"
+        self._next_id += 1
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self.check_prompt(ids, params)
+        now = time.monotonic()
+        seqs = []
+        for i in range(params.n):
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator().manual_seed(params.seed + i)
+            seqs.append(Sequence(request_id, i, ids, params, generator=gen, arrival=now))
+        self.requests[request_id] = Request(request_id, text, ids, seqs,
+                                            [IncrementalDetokenizer(self.tokenizer, s) for s in seqs], now)
+        for s in seqs:
+            self.scheduler.add(s)
+        return request_id
+
+    def check_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise RequestError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"prompt token id {bad[0]} is out of range for a vocabulary of {vocab}")
+        limit = self.max_model_len
+        if len(ids) >= limit:
+            raise RequestError(f"the prompt has {len(ids)} tokens; this model's maximum context length is "
+                               f"{limit} tokens, leaving no room to generate. Shorten the prompt")
+        if params.max_tokens is not None and len(ids) + params.max_tokens > limit:
+            raise RequestError(f"this model's maximum context length is {limit} tokens; the prompt has {len(ids)} "
+                               f"tokens and max_tokens asks for {params.max_tokens} more "
+                               f"({len(ids) + params.max_tokens} in all). Shorten the prompt or lower max_tokens")
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        for s in req.seqs if req else []:
+            if not s.is_finished:
+                self.scheduler.finish(s, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def iter_logits(self, token_ids: list[int], chunk_size: int | None = None):
+        """Score one token sequence by chunked prefill: yield (start, logits [n, vocab]) chunk by chunk, so that
+        full-length logits are never materialised. Runs alone (call between requests)."""
+        if self.scheduler.has_work():
+            raise RuntimeError("iter_logits needs an idle engine")
+        if len(token_ids) > self.max_model_len:
+            raise RequestError(f"{len(token_ids)} tokens exceed max_model_len {self.max_model_len}")
+        chunk_size = chunk_size or self.config.scheduler.max_num_batched_tokens
+        seq = Sequence("score", 0, list(token_ids), SamplingParams(max_tokens=1))
+        try:
+            while seq.num_computed_tokens < seq.num_tokens:
+                n = min(chunk_size, seq.num_pending_tokens)
+                self.allocator.allocate(seq, n)
+                logits = self.runner.run([ScheduledChunk(seq, n)], all_rows=True)
+                yield seq.num_computed_tokens, logits
+                seq.num_computed_tokens += n
+        finally:
+            self.allocator.release(seq)
+
+    # ---- the loop -------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        logits = self.runner.run(plan.chunks) if plan.chunks else None
+        done = [c.seq for c in plan.chunks if c.completes]
+        tokens = sample(logits, done) if done else []
+        return self.update(plan, tokens)
+
+    def update(self, plan: SchedulerOutput, tokens: list[SampledToken]) -> list[RequestOutput]:
+        touched: dict[str, Request] = {}
+        it = iter(tokens)
+        for ch in plan.chunks:
+            seq = ch.seq
+            completes = ch.completes
+            seq.num_computed_tokens += ch.num_tokens
+            req = self.requests[seq.request_id]
+            touched[req.request_id] = req
+            if completes:
+                self.append_token(req, seq, next(it))
+        outputs = [self.make_output(r) for r in touched.values()]
+        for out in outputs:
+            if out.finished:
+                self.requests.pop(out.request_id, None)
+        return outputs
+
+    def append_token(self, req: Request, seq: Sequence, token: SampledToken) -> None:
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        seq.token_ids.append(token.token_id)
+        if seq.params.logprobs is not None:
+            seq.logprobs.append(token)
+        params = seq.params
+        tid = token.token_id
+        if tid in params.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", tid
+        elif not params.ignore_eos and tid in self.tokenizer.eos_token_ids:
+            seq.finish_reason = "stop"
+        else:
+            req.detokenizers[seq.index].step(seq)
+        if seq.finish_reason is None:
+            at_max = params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens
+            if at_max or seq.num_tokens >= self.max_model_len:
+                seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            self.scheduler.finish(seq, seq.finish_reason)
+
+    def make_output(self, req: Request) -> RequestOutput:
+        outs = []
+        for s, d in zip(req.seqs, req.detokenizers):
+            # token_ids keep a final EOS (as vLLM does); the text never shows it
+            outs.append(CompletionOutput(s.index, d.stable_text(s), s.output_token_ids, s.finish_reason, s.stop_reason,
+                                         s.logprobs if s.params.logprobs is not None else None))
+        finished = all(s.is_finished for s in req.seqs)
+        first = [s.first_token_time for s in req.seqs if s.first_token_time is not None]
+        usage = Usage(len(req.prompt_token_ids), sum(s.num_output_tokens for s in req.seqs),
+                      sum(s.num_cached_prompt_tokens for s in req.seqs))
+        metrics = {"arrival": req.arrival, "first_token_time": min(first) if first else None,
+                   "prefill_done": min(min(s.num_computed_tokens, s.num_prompt_tokens) for s in req.seqs)}
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, usage, metrics)

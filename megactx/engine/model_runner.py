@@ -1,0 +1,84 @@
+"""Model runner: the only place that builds tensors. Loads the model, owns the KV cache, runs one step."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from megactx.attention.backend import AttentionMetadata, DenseAttentionBackend, KVCacheTensors, SeqAttention
+from megactx.config import ModelConfig, parse_dtype
+from megactx.engine.scheduler import ScheduledChunk
+from megactx.layers.rotary import RotaryEmbedding
+from megactx.loader import ModelSource
+from megactx.models.decoder import DecoderLM
+
+logger = logging.getLogger(__name__)
+
+
+def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device) -> DecoderLM:
+    rotary = RotaryEmbedding(source.config, device)
+    with torch.device("meta"):  # no random init: every parameter is overwritten by load_weights
+        model = DecoderLM(source.config, rotary)
+    model = model.to_empty(device=device).to(dtype)
+    model.load_weights(source.iter_weights(), source.path)
+    return model.eval()
+
+
+class ModelRunner:
+    def __init__(self, source: ModelSource, dtype: str, device: str, num_blocks: int, block_size: int,
+                 kv_dtype: str):
+        self.config: ModelConfig = source.config
+        self.device = torch.device(device)
+        self.dtype = parse_dtype(dtype) or torch.float32
+        self.model = build_model(source, self.dtype, self.device)
+        c = self.config
+        self.block_size = block_size
+        self.kv_dtype = parse_dtype(kv_dtype) or self.dtype
+        self.backend = DenseAttentionBackend(c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+        self.backend.cache = KVCacheTensors(c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
+                                            num_blocks * block_size, self.kv_dtype, self.device)
+
+    def prepare(self, chunks: list[ScheduledChunk]):
+        ids, positions, slot_parts, seqs, last_rows = [], [], [], [], []
+        row = 0
+        bs = self.block_size
+        for ch in chunks:
+            seq, c, n = ch.seq, ch.seq.num_computed_tokens, ch.num_tokens
+            ids.extend(seq.token_ids[c:c + n])
+            positions.append(torch.arange(c, c + n))
+            blocks = seq.block_table
+            n_blocks = -(-(c + n) // bs)
+            if blocks[n_blocks - 1] - blocks[0] == n_blocks - 1:  # consecutive blocks: one slice of the cache
+                start = blocks[0] * bs
+                key_slots = slice(start, start + c + n)
+                slot_parts.append(torch.arange(start + c, start + c + n))
+            else:
+                table = torch.tensor(blocks[:n_blocks])
+                pos = torch.arange(c + n)
+                key_slots = (table[pos // bs] * bs + pos % bs).to(self.device)
+                slot_parts.append(key_slots[c:].cpu())
+            seqs.append(SeqAttention(row, n, c, key_slots))
+            row += n
+            if ch.completes:
+                last_rows.append(row - 1)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        pos = torch.cat(positions).to(self.device)
+        slots = torch.cat(slot_parts)
+        if len(slots) > 1 and int(slots[-1]) - int(slots[0]) == len(slots) - 1 and bool((slots.diff() == 1).all()):
+            slots = slice(int(slots[0]), int(slots[-1]) + 1)
+        meta = AttentionMetadata(seqs, slots if isinstance(slots, slice) else slots.to(self.device))
+        return input_ids, pos, meta, torch.tensor(last_rows, dtype=torch.long, device=self.device)
+
+    @torch.inference_mode()
+    def run(self, chunks: list[ScheduledChunk], all_rows: bool = False) -> torch.Tensor:
+        """Compute the chunks; return logits [N, vocab] for the chunks that complete their sequence
+        (all_rows: for every computed token, [T, vocab], as scoring needs)."""
+        input_ids, positions, meta, last_rows = self.prepare(chunks)
+        self.backend.meta = meta
+        seq_len = max(ch.seq.num_computed_tokens + ch.num_tokens for ch in chunks)
+        hidden = self.model(input_ids, positions, self.backend, seq_len=seq_len)
+        if all_rows:
+            return self.model.compute_logits(hidden).cpu()
+        if len(last_rows) == 0:
+            return torch.empty(0, self.config.vocab_size)
+        return self.model.compute_logits(hidden[last_rows]).cpu()

@@ -1,0 +1,29 @@
+"""`megactx inspect`: what a model is and what its context costs, read from headers only (no weights loaded)."""
+from __future__ import annotations
+
+from megactx.config import log_fmt_bytes
+from megactx.loader import open_model
+from megactx.loader.tokenizer import load_tokenizer
+
+
+def describe(model: str | None, tokens: int | None = None) -> str:
+    src = open_model(model)
+    c = src.config
+    tok = load_tokenizer(src.path, c.eos_token_ids)
+    context = c.max_position_embeddings
+    tokens = tokens or context
+    lines = [
+        f"model:            {src.path}",
+        f"format:           {src.format}",
+        f"architecture:     {c.architecture} ({c.num_hidden_layers} layers, hidden {c.hidden_size}, "
+        f"{c.num_attention_heads} query / {c.num_key_value_heads} KV heads, head_dim {c.head_dim})",
+        f"context length:   {context} (trained {c.trained_context_length})",
+        f"rope:             {c.rope_type}, theta {c.rope_theta:g}" + (f", {c.rope_scaling}" if c.rope_scaling else ""),
+        f"vocabulary:       {c.vocab_size}; tied embeddings: {c.tie_word_embeddings}",
+        f"tokenizer:        {tok.kind}, {tok.vocab_size} tokens, eos ids {tok.eos_token_ids}",
+        f"chat template:    {'present' if tok.has_chat_template else 'absent'}",
+    ]
+    for name, nbytes in (("fp32", 4), ("bf16/fp16", 2)):
+        per = c.kv_bytes_per_token(nbytes)
+        lines.append(f"KV cache {name:9} {per} bytes/token; {tokens} tokens: {log_fmt_bytes(per * tokens)}")
+    return "\n".join(lines)

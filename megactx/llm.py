@@ -1,0 +1,62 @@
+"""Offline inference: LLM(model).generate(prompts, params) and LLM(model).chat(messages, params)."""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence as Seq
+
+from megactx.config import CacheConfig, EngineConfig, SchedulerConfig
+from megactx.engine.llm_engine import LLMEngine
+from megactx.outputs import RequestOutput
+from megactx.sampling import SamplingParams
+
+Messages = list[dict[str, Any]]
+
+
+class LLM:
+    """model: a Hugging Face directory or a .gguf file; None = the bundled SmolLM2-135M-Instruct.
+
+    Keyword arguments go to EngineConfig, CacheConfig or SchedulerConfig by name, e.g.
+    LLM(path, max_model_len=8192, max_num_batched_tokens=2048, kv_cache_dtype="bf16").
+    """
+
+    def __init__(self, model: str | None = None, **kwargs):
+        groups = {}
+        for cls in (CacheConfig, SchedulerConfig):
+            names = set(cls.__dataclass_fields__)
+            groups[cls] = cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
+        config = EngineConfig(model=model, cache=groups[CacheConfig], scheduler=groups[SchedulerConfig], **kwargs)
+        self.engine = LLMEngine(config)
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts: str | list[int] | Seq[str | list[int]], params: SamplingParams | None = None,
+                 on_step: Callable[[list[RequestOutput]], None] | None = None) -> list[RequestOutput]:
+        """Generate for each prompt (text or token ids); outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        ids = [self.engine.add_request(p, params) for p in prompts]
+        return self._run(ids, on_step)
+
+    def chat(self, messages: Messages | list[Messages], params: SamplingParams | None = None,
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             on_step: Callable[[list[RequestOutput]], None] | None = None) -> list[RequestOutput]:
+        """Apply the chat template to one conversation (or a list of them) and generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.encode_chat(m, add_generation_prompt=add_generation_prompt,
+                                              continue_final_message=continue_final_message)
+                   for m in conversations]
+        return self.generate(prompts, params, on_step)
+
+    def _run(self, request_ids: list[str], on_step) -> list[RequestOutput]:
+        final: dict[str, RequestOutput] = {}
+        try:
+            while len(final) < len(request_ids):
+                outputs = self.engine.step()
+                if on_step:
+                    on_step(outputs)
+                for out in outputs:
+                    if out.finished:
+                        final[out.request_id] = out
+        finally:
+            for rid in request_ids:
+                if rid not in final:
+                    self.engine.abort(rid)
+        return [final[r] for r in request_ids]

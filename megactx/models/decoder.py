@@ -1,0 +1,155 @@
+"""Llama / Qwen2 decoder-only transformer (Qwen2 = Llama + bias on q, k, v).
+
+References: LLaMA (arXiv 2302.13971), Qwen2 (arXiv 2407.10671), and transformers' modeling_llama.py /
+modeling_qwen2.py, whose parameter names we keep. Two fusions: q/k/v projections are one matmul (qkv_proj) and
+gate/up one more (gate_up_proj); load_weights() maps the checkpoint's separate tensors into them.
+Tokens of all sequences in a step are flattened to [T, hidden]; attention is the only per-sequence part and is
+delegated to an attention backend that owns the KV cache.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megactx.config import ModelConfig
+from megactx.errors import ModelLoadError
+from megactx.layers.rotary import RotaryEmbedding, apply_rotary
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend) -> torch.Tensor:
+        # x: [T, hidden]
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rotary(q.view(t, self.num_heads, self.head_dim), cos, sin)  # [T, H, D]
+        k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)  # [T, Hkv, D]
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        out = backend(self.layer_idx, q, k, v)  # [T, H, D]
+        return self.o_proj(out.reshape(t, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, backend):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, backend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+# checkpoint name -> (fused parameter, shard index) ; shards are stacked along dim 0 in this order
+_FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+
+class DecoderLM(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = rotary  # not a module: its tables are computed on the target device, outside meta init
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, backend,
+                seq_len: int | None = None) -> torch.Tensor:
+        # input_ids, positions: [T] -> hidden: [T, hidden]
+        cos, sin = self.rotary.cos_sin(positions, seq_len)
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, backend)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden: [N, hidden] -> [N, vocab] fp32
+        return self.lm_head(hidden).float()
+
+    def shard_sizes(self, fused: str) -> list[int]:
+        c = self.config
+        if fused == "qkv_proj":
+            return [c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim,
+                    c.num_key_value_heads * c.head_dim]
+        return [c.intermediate_size, c.intermediate_size]
+
+    @torch.no_grad()
+    def load_weights(self, weights, source: str) -> None:
+        """Copy (name, tensor) pairs in HF naming into the parameters; every parameter must be filled."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if name.startswith("model.layers.") and ".rotary_emb." in name:
+                continue
+            target, shard = name, None
+            for part, (fused, idx) in _FUSED.items():
+                if f".{part}." in name:
+                    target, shard = name.replace(f".{part}.", f".{fused}."), idx
+            param = params.get(target)
+            if param is None:
+                continue  # tensors we do not use (e.g. rotary tables)
+            if shard is None:
+                dest = param
+            else:
+                sizes = self.shard_sizes(target.split(".")[-2])
+                dest = param.narrow(0, sum(sizes[:shard]), sizes[shard])
+            if tuple(dest.shape) != tuple(tensor.shape):
+                raise ModelLoadError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, "
+                                     f"the config implies {tuple(dest.shape)}")
+            dest.copy_(tensor)
+            loaded.add(target if shard is None else f"{target}#{shard}")
+        if self.config.tie_word_embeddings or "lm_head.weight" not in loaded:
+            self.lm_head.weight = self.model.embed_tokens.weight
+            loaded.add("lm_head.weight")
+        expected = set()
+        for pname in params:
+            fused = pname.split(".")[-2]
+            if fused in ("qkv_proj", "gate_up_proj"):
+                expected.update(f"{pname}#{i}" for i in range(len(self.shard_sizes(fused))))
+            else:
+                expected.add(pname)
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ModelLoadError(f"{source}: missing weight(s) {', '.join(m.split('#')[0] for m in missing[:4])}"
+                                 f"{' ...' if len(missing) > 4 else ''}")

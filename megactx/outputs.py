@@ -1,0 +1,51 @@
+"""What the engine returns: one RequestOutput per request, one CompletionOutput per choice (n)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megactx.sampling import SampledToken
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # None while running; "stop" | "length" | "abort"
+    stop_reason: str | int | None = None
+    logprobs: list[SampledToken] | None = None
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens taken from a cache rather than computed
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    usage: Usage
+    metrics: dict = field(default_factory=dict)  # arrival, first_token_time, finished_time (time.monotonic)
+
+    # conveniences for the common n == 1 case
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason

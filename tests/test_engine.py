@@ -1,0 +1,71 @@
+"""The engine's token model: chunked prefill, batching, preemption and the KV cache give the same results
+as one sequence computed in one pass."""
+import pytest
+import torch
+
+from megactx import LLM, SamplingParams
+from megactx.engine.kv_cache import BlockAllocator
+from megactx.engine.sequence import Sequence
+from helpers import engine_logits, make_engine, token_ids
+
+
+@pytest.fixture(scope="module")
+def qwen_path(tiny_dir):
+    return tiny_dir("qwen2", num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_chunked_prefill_equals_one_pass(qwen_path, chunk):
+    ids = token_ids(150, seed=3)
+    engine = make_engine(qwen_path, block_size=16)
+    whole = engine_logits(engine, ids, chunk=len(ids))
+    torch.testing.assert_close(engine_logits(engine, ids, chunk=chunk), whole, atol=2e-5, rtol=1e-5)
+
+
+def test_batch_of_different_lengths_equals_each_alone(qwen_path):
+    prompts = [token_ids(n, seed=n) for n in (5, 37, 120, 64)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
+    alone = [LLM(qwen_path, max_num_batched_tokens=4096).generate([p], params)[0] for p in prompts]
+    # a small step budget forces mixed steps: decodes of short prompts beside prefill chunks of long ones
+    together = LLM(qwen_path, max_num_batched_tokens=48).generate(prompts, params)
+    for a, b in zip(alone, together):
+        assert a.token_ids == b.token_ids
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
+
+
+def test_preemption_recomputes_and_gives_the_same_output(qwen_path):
+    prompts = [token_ids(60, seed=10 + i) for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    roomy = LLM(qwen_path).generate(prompts, params)
+    # 8 blocks of 16 tokens = 128 slots: 4 sequences of 100 tokens cannot all stay resident
+    bytes_per_token = 2 * 2 * 2 * 16 * 4  # layers x (k, v) x kv_heads x head_dim x fp32
+    tight = LLM(qwen_path, block_size=16, max_model_len=128, kv_cache_memory=128 * bytes_per_token)
+    outs = tight.generate(prompts, params)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in roomy]
+    assert tight.engine.allocator.num_free == tight.engine.allocator.num_blocks  # everything released
+
+
+@pytest.mark.parametrize("kv_dtype", ["bf16", "fp16"])
+def test_half_precision_kv_cache_stays_close(qwen_path, kv_dtype):
+    ids = token_ids(80, seed=4)
+    ref = engine_logits(make_engine(qwen_path), ids, chunk=16)
+    got = engine_logits(make_engine(qwen_path, kv_cache_dtype=kv_dtype), ids, chunk=16)
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_allocator_keeps_a_sequence_contiguous_and_frees_everything():
+    alloc = BlockAllocator(num_blocks=32, block_size=4)
+    a, b = Sequence("a", 0, [1] * 9, SamplingParams()), Sequence("b", 0, [1] * 9, SamplingParams())
+    alloc.allocate(a, 9)
+    alloc.allocate(b, 9)
+    for _ in range(3):  # a grows by 4 tokens at a time, interleaved with b
+        a.num_computed_tokens += 4
+        alloc.allocate(a, 4)
+    assert a.block_table == list(range(a.block_table[0], a.block_table[0] + len(a.block_table)))
+    assert not set(a.block_table) & set(b.block_table)
+    assert alloc.slots(a, 3, 6) == [a.block_table[0] * 4 + 3, a.block_table[1] * 4, a.block_table[1] * 4 + 1]
+    alloc.release(a)
+    alloc.release(b)
+    assert alloc.num_free == 32 and alloc.free == list(range(32))
