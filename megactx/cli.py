@@ -38,6 +38,8 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = False) 
                    help="KV cache size, e.g. 8GiB (default: enough for max-model-len x min(max-num-seqs, 4), <= 4GiB)")
     p.add_argument("--kv-cache-dtype", default=env_default("--kv-cache-dtype", "auto"), help="auto, fp32, bf16, fp16")
     p.add_argument("--dtype", default=env_default("--dtype", "fp32"), help="compute dtype (fp32 is fastest on CPUs)")
+    p.add_argument("--weight-dtype", default=env_default("--weight-dtype", "auto"),
+                   help="storage of the weight matrices: auto (fp16 for quantized GGUF on CPU, else --dtype), fp32, fp16, bf16")
     p.add_argument("--device", default=env_default("--device", "cpu"))
     p.add_argument("--threads", type=int, default=env_default("--threads", None, int))
 
@@ -45,7 +47,7 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = False) 
 def engine_kwargs(args) -> dict:
     return dict(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
-                kv_cache_dtype=args.kv_cache_dtype, dtype=args.dtype, device=args.device, num_threads=args.threads)
+                kv_cache_dtype=args.kv_cache_dtype, dtype=args.dtype, weight_dtype=args.weight_dtype, device=args.device, num_threads=args.threads)
 
 
 def model_arg(args) -> str | None:

@@ -167,6 +167,7 @@ class EngineConfig:
     model: str | None = None  # HF directory or .gguf file; None = the bundled SmolLM2
     tokenizer: str | None = None  # defaults to the model's own
     dtype: str = "fp32"  # compute dtype; fp32 is the fastest on CPUs (DESIGN.md 4)
+    weight_dtype: str = "auto"  # storage of the matrices; auto = fp16 for quantized GGUF on CPU, else dtype
     device: str = "cpu"
     seed: int = 0
     num_threads: int | None = None
@@ -175,6 +176,7 @@ class EngineConfig:
 
     def __post_init__(self):
         parse_dtype(self.dtype)
+        parse_dtype(self.weight_dtype)
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError(f"num_threads must be >= 1, got {self.num_threads}")
 

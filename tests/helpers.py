@@ -7,9 +7,10 @@ from megactx.config import CacheConfig, EngineConfig, SchedulerConfig
 from megactx.engine.llm_engine import LLMEngine
 
 
-def make_engine(path: str, chunk: int = 4096, **cache) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=path, scheduler=SchedulerConfig(max_num_batched_tokens=chunk),
-                                  cache=CacheConfig(**cache)))
+def make_engine(path: str, chunk: int = 4096, weight_dtype: str = "fp32", **cache) -> LLMEngine:
+    """fp32 weights by default: these engines are compared with transformers in fp32."""
+    return LLMEngine(EngineConfig(model=path, weight_dtype=weight_dtype, cache=CacheConfig(**cache),
+                                  scheduler=SchedulerConfig(max_num_batched_tokens=chunk)))
 
 
 def engine_logits(engine: LLMEngine, ids: list[int], chunk: int | None = None) -> torch.Tensor:

@@ -10,7 +10,7 @@ from megactx import LLM, SamplingParams
 
 @pytest.fixture(scope="module")
 def llm(smollm2_path):
-    return LLM(smollm2_path)
+    return LLM(smollm2_path, weight_dtype="fp32")  # exact comparisons with transformers in fp32
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +33,18 @@ def test_last_token_logits_and_32_token_greedy_match_transformers(llm, hf_smollm
     out = llm.generate(ids, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))[0]
     assert out.token_ids == ref_out[0, len(ids):].tolist()
     assert out.finish_reason == "length" and out.usage.completion_tokens == 32
+
+
+def test_default_fp16_weight_storage_stays_close_to_fp32(llm, smollm2_path):
+    fast = LLM(smollm2_path)  # auto: fp16 storage of the dequantized Q4_1 weights
+    assert fast.engine.runner.weight_dtype == torch.float16
+    ids = llm.tokenizer.encode(PROMPT * 20)
+    ref = torch.cat([x for _, x in llm.engine.iter_logits(ids)])
+    got = torch.cat([x for _, x in fast.engine.iter_logits(ids)])
+    assert (got - ref).abs().max() < 0.02 * ref.abs().max()
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.98
+    params = SamplingParams(temperature=0, max_tokens=16)
+    assert fast.generate(PROMPT, params)[0].text == llm.generate(PROMPT, params)[0].text
 
 
 def test_stop_string_across_a_token_boundary(llm):

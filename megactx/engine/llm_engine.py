@@ -77,7 +77,7 @@ class LLMEngine:
         logger.info("KV cache: %d blocks of %d tokens (%s, %s)", num_blocks, cc.block_size,
                     log_fmt_bytes(num_blocks * cc.block_size * per_token), dtype)
         self.runner = ModelRunner(self.source, config.dtype, config.device, num_blocks, cc.block_size,
-                                  cc.kv_cache_dtype)
+                                  cc.kv_cache_dtype, config.weight_dtype)
         self.allocator = BlockAllocator(num_blocks, cc.block_size)
         self.scheduler = Scheduler(sc, self.allocator)
         self.requests: dict[str, Request] = {}

@@ -15,22 +15,35 @@ from megactx.models.decoder import DecoderLM
 logger = logging.getLogger(__name__)
 
 
-def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device) -> DecoderLM:
+def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device,
+                weight_dtype: torch.dtype | None = None) -> DecoderLM:
     rotary = RotaryEmbedding(source.config, device)
     with torch.device("meta"):  # no random init: every parameter is overwritten by load_weights
         model = DecoderLM(source.config, rotary)
     model = model.to_empty(device=device).to(dtype)
     model.load_weights(source.iter_weights(), source.path)
+    if weight_dtype is not None and weight_dtype != dtype:
+        model.set_weight_dtype(weight_dtype)
     return model.eval()
+
+
+def resolve_weight_dtype(name: str, source: ModelSource, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """auto: fp16 storage for quantized GGUF weights on a CPU (their values already carry less precision than
+    fp16; decoding, bound by reading weights, is ~2x faster), else the compute dtype."""
+    chosen = parse_dtype(name)
+    if chosen is not None:
+        return chosen
+    return torch.float16 if source.quantized and device.type == "cpu" and dtype == torch.float32 else dtype
 
 
 class ModelRunner:
     def __init__(self, source: ModelSource, dtype: str, device: str, num_blocks: int, block_size: int,
-                 kv_dtype: str):
+                 kv_dtype: str, weight_dtype: str = "auto"):
         self.config: ModelConfig = source.config
         self.device = torch.device(device)
         self.dtype = parse_dtype(dtype) or torch.float32
-        self.model = build_model(source, self.dtype, self.device)
+        self.weight_dtype = resolve_weight_dtype(weight_dtype, source, self.dtype, self.device)
+        self.model = build_model(source, self.dtype, self.device, self.weight_dtype)
         c = self.config
         self.block_size = block_size
         self.kv_dtype = parse_dtype(kv_dtype) or self.dtype

@@ -36,6 +36,7 @@ class ModelSource:
     config: ModelConfig
     iter_weights: Callable[[], Iterator[tuple[str, torch.Tensor]]]
     weight_names: set[str]
+    quantized: bool = False  # weights stored with fewer than 16 bits (GGUF Q* types)
 
 
 def open_model(path: str | None) -> ModelSource:

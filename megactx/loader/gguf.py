@@ -136,7 +136,10 @@ def open_gguf(path: str):
                 arr = unpermute_qk(arr, config.num_key_value_heads)
             yield target, torch.from_numpy(np.ascontiguousarray(arr))
 
-    return ModelSource(path=path, format="gguf", config=config, iter_weights=iter_weights, weight_names=names)
+    full = {"F32", "F16", "BF16", "F64"}
+    quantized = any(t.tensor_type.name not in full for t in reader.tensors)
+    return ModelSource(path=path, format="gguf", config=config, iter_weights=iter_weights, weight_names=names,
+                       quantized=quantized)
 
 
 def gguf_chat_template(path: str) -> str | None:

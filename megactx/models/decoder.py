@@ -14,6 +14,7 @@ from torch import nn
 
 from megactx.config import ModelConfig
 from megactx.errors import ModelLoadError
+from megactx.layers.linear import Linear
 from megactx.layers.rotary import RotaryEmbedding, apply_rotary
 
 
@@ -35,8 +36,8 @@ class Attention(nn.Module):
             config.num_attention_heads, config.num_key_value_heads, config.head_dim)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend) -> torch.Tensor:
         # x: [T, hidden]
@@ -52,8 +53,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -91,14 +92,14 @@ class DecoderLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Backbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = rotary  # not a module: its tables are computed on the target device, outside meta init
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, backend,
                 seq_len: int | None = None) -> torch.Tensor:
         # input_ids, positions: [T] -> hidden: [T, hidden]
         cos, sin = self.rotary.cos_sin(positions, seq_len)
-        x = self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids).to(cos.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, backend)
         return self.model.norm(x)
@@ -106,6 +107,12 @@ class DecoderLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, hidden] -> [N, vocab] fp32
         return self.lm_head(hidden).float()
+
+    def set_weight_dtype(self, dtype: torch.dtype) -> None:
+        """Store the matrices (projections, embedding, lm_head) in dtype; norms and biases stay in fp32."""
+        for module in self.modules():
+            if isinstance(module, (Linear, nn.Embedding)):
+                module.weight.data = module.weight.data.to(dtype)
 
     def shard_sizes(self, fused: str) -> list[int]:
         c = self.config

@@ -1,0 +1,24 @@
+"""The CLI as a user runs it: `megactx chat` reads stdin, streams answers, attaches files."""
+import os
+import subprocess
+import sys
+
+
+def run(args, stdin: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "megactx.cli", *args], input=stdin, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+
+
+def test_chat_two_turns_with_an_attached_file(tmp_path):
+    doc = tmp_path / "notes.txt"
+    doc.write_text("The secret city is Paris.\n")
+    r = run(["chat", "--file", str(doc), "--max-tokens", "24"],
+            "Which city is the secret city?\nAnd what country is it in?\n")
+    assert r.returncode == 0, r.stderr
+    answers = [line for line in r.stdout.splitlines() if line.strip()]
+    assert len(answers) == 2 and "Paris" in answers[0]  # one answer per turn, the file seen in the first
+
+
+def test_chat_missing_attachment_is_a_clear_error(tmp_path):
+    r = run(["chat", "--file", str(tmp_path / "nope.txt")], "hi\n")
+    assert r.returncode == 2 and "nope.txt: no such file to attach" in r.stderr and "Traceback" not in r.stderr
