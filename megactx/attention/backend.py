@@ -65,19 +65,15 @@ class DenseAttentionBackend:
         # q: [T, H, D], k/v: [T, Hkv, D] -> out [T, H, D]
         meta = self.meta
         self.cache.write(layer, meta.slot_mapping, k, v)
-        out = torch.empty_like(q)
-        hkv, d = self.num_kv_heads, self.head_dim
-        g = self.num_heads // hkv
+        outs = []
         for s in meta.seqs:
             rows = slice(s.q_start, s.q_start + s.num_new)
-            qs = q[rows].transpose(0, 1).reshape(hkv, g, s.num_new, d)  # [Hkv, G, n, D]
-            o = self.attend_sequence(layer, s, qs, k[rows].transpose(0, 1), v[rows].transpose(0, 1))
-            out[rows] = o.reshape(self.num_heads, s.num_new, d).transpose(0, 1)
-        return out
+            outs.append(self.attend_sequence(layer, s, q[rows], k[rows].transpose(0, 1), v[rows].transpose(0, 1)))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def attend_sequence(self, layer: int, s: SeqAttention, q: torch.Tensor, k_new: torch.Tensor,
                         v_new: torch.Tensor) -> torch.Tensor:
-        # q: [Hkv, G, n, D], k_new/v_new: [Hkv, n, D] -> [Hkv, G, n, D]
+        # q: [n, H, D], k_new/v_new: [Hkv, n, D] -> [n, H, D]
         if s.num_computed == 0:
             return attention(q, k_new, v_new, self.scale, causal=True)[0]
         if s.num_new == 1:

@@ -1,10 +1,11 @@
 """Dense attention with log-sum-exp, the building block of every attention path.
 
-Layouts: queries grouped by their KV head, q: [Hkv, G, n, D]; keys and values k, v: [Hkv, m, D]
-(G = query heads per KV head; query head h = kv * G + g, as transformers' repeat_kv).
+Layouts: queries token-major, q: [n, H, D] (as the projection produces them); keys and values head-major,
+k, v: [Hkv, m, D] (the KV cache layout; any strides). Query head h reads KV head h // G, G = H / Hkv, as
+transformers' repeat_kv. Returns out [n, H, D] and lse [n, H] (fp32), aligned for merge_attention.
 
-Fast path on CPU: torch's flash-attention CPU kernel, which returns (out, lse). Non-causal calls fold the
-G query heads into the query dimension, so keys are read in place (no GQA copy of a long cache).
+Fast path on CPU: torch's flash-attention CPU kernel, which returns the log-sum-exp, takes strided inputs and
+handles GQA natively, so neither the queries nor a long cache are copied.
 Reference path: explicit scores and softmax; the tests use it as the oracle, other devices fall back to it.
 """
 from __future__ import annotations
@@ -16,14 +17,17 @@ _flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                         mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    # q: [Hkv, G, n, D], k/v: [Hkv, m, D], mask: [n, m] bool (True = attend) or None
-    scores = torch.einsum("hgnd,hmd->hgnm", q.float(), k.float()) * scale
+    # q: [n, H, D], k/v: [Hkv, m, D], mask: [n, m] bool (True = attend) or None
+    n, h, d = q.shape
+    hkv = k.shape[0]
+    qg = q.float().view(n, hkv, h // hkv, d)
+    scores = torch.einsum("nkgd,kmd->kgnm", qg, k.float()) * scale  # [Hkv, G, n, m]
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [Hkv, G, n]
     probs = torch.exp(scores - lse.unsqueeze(-1).nan_to_num(neginf=0.0)).nan_to_num(0.0)
-    out = torch.einsum("hgnm,hmd->hgnd", probs, v.float())
-    return out.to(q.dtype), lse
+    out = torch.einsum("kgnm,kmd->nkgd", probs, v.float()).reshape(n, h, d)
+    return out.to(q.dtype), lse.reshape(h, n).t()
 
 
 def causal_mask(n: int, m: int, device=None) -> torch.Tensor:
@@ -33,24 +37,15 @@ def causal_mask(n: int, m: int, device=None) -> torch.Tensor:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
               causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of q over k/v; causal needs n == m (the chunk attending to itself).
-
-    Returns out [Hkv, G, n, D] and lse [Hkv, G, n] fp32.
-    """
-    hkv, g, n, d = q.shape
+    """Attention of q over k/v; causal needs n == m (a chunk attending to itself)."""
+    n, h, d = q.shape
     m = k.shape[1]
     if m == 0:
-        return torch.zeros_like(q), torch.full((hkv, g, n), float("-inf"), device=q.device)
+        return torch.zeros_like(q), torch.full((n, h), float("-inf"), device=q.device)
     if causal and n != m:
         raise ValueError(f"causal attention needs as many queries as keys, got {n} and {m}")
     if _flash_cpu is None or q.device.type != "cpu":
         return reference_attention(q, k, v, scale, causal_mask(n, m, q.device) if causal else None)
-    if not causal:
-        # fold G into the query dim: [1, Hkv, G*n, D] against [1, Hkv, m, D] -- no copy of k/v
-        out, lse = _flash_cpu(q.reshape(1, hkv, g * n, d), k.unsqueeze(0), v.unsqueeze(0), 0.0, False, scale=scale)
-        return out.view(hkv, g, n, d), lse.view(hkv, g, n)
-    # causal: each query head needs its own key rows; the chunk is short, so the GQA copy is cheap
-    kx = k.unsqueeze(1).expand(hkv, g, m, d).reshape(1, hkv * g, m, d)
-    vx = v.unsqueeze(1).expand(hkv, g, m, d).reshape(1, hkv * g, m, d)
-    out, lse = _flash_cpu(q.reshape(1, hkv * g, n, d), kx, vx, 0.0, True, scale=scale)
-    return out.view(hkv, g, n, d), lse.view(hkv, g, n)
+    # [1, H, n, D] views of the token-major queries; out comes back as [1, H, n, D] over [n, H, D] memory
+    out, lse = _flash_cpu(q.transpose(0, 1).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), 0.0, causal, scale=scale)
+    return out[0].transpose(0, 1), lse[0].t()

@@ -11,7 +11,7 @@ import torch
 
 
 def merge_attention(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    # outs: P x [..., n, D], lses: P x [..., n] -> out [..., n, D] (dtype of outs[0]), lse [..., n] fp32
+    # outs: P x [..., D], lses: P x [...] (out's shape without D) -> out [..., D] (dtype of outs[0]), lse [...] fp32
     if len(outs) == 1:
         return outs[0], lses[0]
     lse = torch.stack([x.float() for x in lses])  # [P, ..., n]

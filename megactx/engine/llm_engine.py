@@ -82,6 +82,8 @@ class LLMEngine:
         self.scheduler = Scheduler(sc, self.allocator)
         self.requests: dict[str, Request] = {}
         self._next_id = 0
+        # prompt tokens computed by the model (again after a preemption) vs taken from a cache
+        self.stats = {"prompt_tokens_computed": 0, "prompt_tokens_cached": 0}
 
     # ---- requests -------------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -165,6 +167,8 @@ class LLMEngine:
         for ch in plan.chunks:
             seq = ch.seq
             completes = ch.completes
+            start = seq.num_computed_tokens
+            self.stats["prompt_tokens_computed"] += max(0, min(start + ch.num_tokens, seq.num_prompt_tokens) - start)
             seq.num_computed_tokens += ch.num_tokens
             req = self.requests[seq.request_id]
             touched[req.request_id] = req

@@ -20,13 +20,15 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [T, in] -> [T, out] in x's dtype
-        w = self.weight
+    def forward(self, x: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        # x: [T, in] -> [T, out] in x's dtype; rows: only these output features (a view of the weight, no copy)
+        w, bias = self.weight, self.bias
+        if rows is not None:
+            w, bias = w[rows], (None if bias is None else bias[rows])
         if w.dtype == x.dtype:
-            return F.linear(x, w, self.bias)
+            return F.linear(x, w, bias)
         if x.shape[0] <= HALF_GEMV_MAX_ROWS:
             out = F.linear(x.to(w.dtype), w).to(x.dtype)
         else:
             out = F.linear(x, w.to(x.dtype))
-        return out if self.bias is None else out + self.bias.to(x.dtype)
+        return out if bias is None else out + bias.to(x.dtype)

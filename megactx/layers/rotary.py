@@ -99,4 +99,4 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     # x: [T, H, D], cos/sin: [T, D]
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    return torch.addcmul(x * cos[:, None, :], rotated, sin[:, None, :])

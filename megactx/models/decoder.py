@@ -42,10 +42,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend) -> torch.Tensor:
         # x: [T, hidden]
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(t, self.num_heads, self.head_dim), cos, sin)  # [T, H, D]
-        k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)  # [T, Hkv, D]
-        v = v.view(t, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x).view(t, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        qk = apply_rotary(qkv[:, : self.num_heads + self.num_kv_heads], cos, sin)  # q and k rotated in one pass
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, H, D], [T, Hkv, D]
+        v = qkv[:, self.num_heads + self.num_kv_heads:]  # [T, Hkv, D]
         out = backend(self.layer_idx, q, k, v)  # [T, H, D]
         return self.o_proj(out.reshape(t, self.q_size))
 
@@ -55,10 +55,17 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.intermediate_size = config.intermediate_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        # x: [T, hidden]. Few rows: one fused GEMV (memory bound). Many rows: two GEMMs, so that gate and up
+        # come out contiguous (elementwise ops on the strided halves of a fused output measured 2.5x slower).
+        i = self.intermediate_size
+        if x.shape[0] <= 32:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_up_proj(x, slice(0, i)), self.gate_up_proj(x, slice(i, 2 * i))
+        return self.down_proj(F.silu(gate).mul_(up))
 
 
 class DecoderLayer(nn.Module):

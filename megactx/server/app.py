@@ -1,0 +1,218 @@
+"""The OpenAI-compatible HTTP server (FastAPI + uvicorn).
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health (503 while the model
+loads), POST /tokenize, POST /detokenize, GET /metrics (Prometheus). Errors are OpenAI-style JSON bodies.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from megactx.config import CacheConfig, EngineConfig, SchedulerConfig
+from megactx.engine.async_engine import AsyncEngine, EngineError
+from megactx.errors import MegactxError, RequestError
+from megactx.server.metrics import ServerMetrics
+from megactx.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from megactx.server.responses import ResponseBuilder, error_body
+from megactx.server.streaming import collect, stream
+
+logger = logging.getLogger(__name__)
+MAX_BODY_BYTES = 64 * 2**20  # a 1M-token prompt is ~4 MB of text
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+class ServerState:
+    def __init__(self, config: EngineConfig, served_name: str | None, api_key: str | None):
+        self.config, self.api_key = config, api_key
+        self.served_name = served_name
+        self.engine: AsyncEngine | None = None
+        self.load_error: str | None = None
+        self.metrics = ServerMetrics()
+
+    def load(self) -> None:
+        from megactx.engine.llm_engine import LLMEngine
+        try:
+            engine = LLMEngine(self.config)
+        except MegactxError as e:
+            self.load_error = str(e)
+            logger.error("cannot load the model: %s", e)
+            return
+        if self.served_name is None:
+            self.served_name = os.path.basename(engine.source.path.rstrip("/")).removesuffix(".gguf")
+        self.metrics.bind(engine)
+        self.engine = AsyncEngine(engine)
+        logger.info("model %s ready", self.served_name)
+
+    def ready(self) -> AsyncEngine:
+        if self.engine is None:
+            raise ApiError(503, self.load_error or "the model is still loading; retry when GET /health returns 200",
+                           "service_unavailable")
+        return self.engine
+
+    def check_model(self, name: str | None) -> None:
+        if name and name != self.served_name:
+            raise ApiError(404, f"model {name!r} does not exist; this server serves {self.served_name!r}",
+                           "not_found_error")
+
+
+def create_app(config: EngineConfig, served_name: str | None = None, api_key: str | None = None,
+               load_in_background: bool = True) -> FastAPI:
+    state = ServerState(config, served_name, api_key)
+    app = FastAPI(title="megactx", version="0.1.0")
+    app.state.megactx = state
+    if load_in_background:
+        threading.Thread(target=state.load, name="megactx-load", daemon=True).start()
+    else:
+        state.load()
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            return JSONResponse(error_body(f"request body of {length} bytes exceeds the limit of {MAX_BODY_BYTES}",
+                                           413), status_code=413)
+        if state.api_key and request.url.path not in ("/health", "/metrics"):
+            if request.headers.get("authorization", "") != f"Bearer {state.api_key}":
+                return JSONResponse(error_body("invalid or missing API key; send 'Authorization: Bearer <key>'",
+                                               401, "authentication_error"), status_code=401)
+        return await call_next(request)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_, e: ApiError):
+        return JSONResponse(error_body(e.message, e.status, e.kind), status_code=e.status)
+
+    @app.exception_handler(MegactxError)
+    async def user_error(_, e: MegactxError):
+        return JSONResponse(error_body(str(e), 400), status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        msg = first.get("msg", "invalid request")
+        return JSONResponse(error_body(f"{where}: {msg}" if where else msg, 400, param=where or None),
+                            status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, e: StarletteHTTPException):
+        return JSONResponse(error_body(str(e.detail), e.status_code), status_code=e.status_code)
+
+    @app.get("/health")
+    async def health():
+        if state.engine is None:
+            return JSONResponse({"status": "loading" if not state.load_error else "error"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        state.ready()
+        return {"object": "list", "data": [{"id": state.served_name, "object": "model", "created": 0,
+                                            "owned_by": "megactx",
+                                            "max_model_len": state.engine.engine.max_model_len}]}
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        tok = state.ready().engine.tokenizer
+        state.check_model(req.model)
+        if req.messages is not None:
+            ids = tok.encode_chat([m.model_dump() | {"content": m.text()} for m in req.messages],
+                                  add_generation_prompt=req.add_generation_prompt)
+        elif req.prompt is not None:
+            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        else:
+            raise ApiError(400, "give 'prompt' or 'messages'")
+        return {"tokens": ids, "count": len(ids), "max_model_len": state.engine.engine.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        eng = state.ready().engine
+        state.check_model(req.model)
+        bad = [t for t in req.tokens if not 0 <= t < eng.model_config.vocab_size]
+        if bad:
+            raise ApiError(400, f"token id {bad[0]} is out of range for a vocabulary of {eng.model_config.vocab_size}")
+        return {"prompt": eng.tokenizer.decode(req.tokens, skip_special_tokens=False)}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest, raw: Request):
+        engine = state.ready()
+        state.check_model(req.model)
+        tok = engine.engine.tokenizer
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        ids = await asyncio.to_thread(tok.encode_chat, messages, add_generation_prompt=req.add_generation_prompt,
+                                      continue_final_message=req.continue_final_message)
+        params = req.sampling_params(req.max_completion_tokens or req.max_tokens,
+                                     (req.top_logprobs or 0) if req.logprobs else None)
+        builder = ResponseBuilder("chat", state.served_name, tok, f"chatcmpl-{uuid.uuid4().hex}")
+        return await respond(engine, [ids], params, builder, req.stream,
+                             bool(req.stream_options and req.stream_options.include_usage), raw)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, raw: Request):
+        engine = state.ready()
+        state.check_model(req.model)
+        tok = engine.engine.tokenizer
+        p = req.prompt
+        prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+        if not prompts:
+            raise ApiError(400, "prompt is empty")
+        if req.stream and len(prompts) > 1:
+            raise ApiError(400, "streaming supports one prompt per request; send the prompts separately")
+        ids = [await asyncio.to_thread(tok.encode, x) if isinstance(x, str) else list(x) for x in prompts]
+        echo = [tok.decode(i, skip_special_tokens=False) if not isinstance(x, str) else x
+                for i, x in zip(ids, prompts)] if req.echo else None
+        builder = ResponseBuilder("completion", state.served_name, tok, f"cmpl-{uuid.uuid4().hex}")
+        return await respond(engine, ids, req.sampling_params(req.max_tokens, req.logprobs), builder, req.stream,
+                             bool(req.stream_options and req.stream_options.include_usage), raw, echo)
+
+    async def respond(engine, prompts, params, builder, streaming, include_usage, raw, echo=None):
+        for ids in prompts:  # validate all before starting any
+            engine.engine.check_prompt(ids, params)
+        gens = [engine.generate(ids, params, f"{builder.id}-{i}") for i, ids in enumerate(prompts)]
+        if streaming:
+            return StreamingResponse(stream(gens[0], builder, params.n, include_usage, state.metrics,
+                                            echo[0] if echo else None),
+                                     media_type="text/event-stream")
+        try:
+            outs = await asyncio.gather(*(collect(g, raw) for g in gens))
+        except EngineError as e:
+            raise ApiError(500, str(e), "internal_server_error") from None
+        if any(o is None for o in outs):
+            return Response(status_code=499)  # the client went away
+        for o in outs:
+            state.metrics.finished(o, time.monotonic())
+        return builder.full(outs, params.n, echo)
+
+    return app
+
+
+def serve(args) -> int:
+    import uvicorn
+    from megactx.cli import engine_kwargs, model_arg
+    kw = engine_kwargs(args)
+    cache = CacheConfig(**{k: kw.pop(k) for k in ("kv_cache_memory", "kv_cache_dtype")})
+    sched = SchedulerConfig(**{k: kw.pop(k) for k in ("max_model_len", "max_num_seqs", "max_num_batched_tokens")})
+    config = EngineConfig(model=model_arg(args), cache=cache, scheduler=sched, **kw)
+    app = create_app(config, args.served_model_name, args.api_key)
+    logger.info("serving on http://%s:%d", args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    state = app.state.megactx
+    return 2 if state.load_error else 0

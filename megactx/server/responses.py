@@ -1,0 +1,117 @@
+"""OpenAI response shapes: chat.completion(.chunk), text_completion, usage, logprobs, SSE framing.
+
+Prefill progress: before the first token of a streamed response the server sends SSE comment lines
+`: prefill <computed>/<prompt tokens>`, which SSE clients (the openai package included) ignore.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from megactx.outputs import CompletionOutput, RequestOutput
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def prefill_comment(out: RequestOutput) -> str:
+    return f": prefill {out.metrics.get('prefill_done', 0)}/{len(out.prompt_token_ids)}\n\n"
+
+
+def usage_dict(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _entry(tokenizer, token_id: int, logprob: float) -> dict:
+    text = tokenizer.decode([token_id], skip_special_tokens=False)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def chat_logprobs(tokenizer, c: CompletionOutput, start: int, end: int) -> dict | None:
+    if c.logprobs is None:
+        return None
+    content = []
+    for t in c.logprobs[start:end]:
+        e = _entry(tokenizer, t.token_id, t.logprob)
+        e["top_logprobs"] = [_entry(tokenizer, i, lp) for i, lp in (t.top_logprobs or [])]
+        content.append(e)
+    return {"content": content}
+
+
+def completion_logprobs(tokenizer, c: CompletionOutput, start: int, end: int, offset: int) -> dict | None:
+    if c.logprobs is None:
+        return None
+    tokens, lps, tops, offsets = [], [], [], []
+    for t in c.logprobs[start:end]:
+        text = tokenizer.decode([t.token_id], skip_special_tokens=False)
+        tokens.append(text)
+        lps.append(t.logprob)
+        tops.append({tokenizer.decode([i], skip_special_tokens=False): lp for i, lp in (t.top_logprobs or [])})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+class ResponseBuilder:
+    """Builds the bodies for one request (chat or text completion), whole or as stream chunks."""
+
+    def __init__(self, kind: str, model: str, tokenizer, request_id: str):
+        self.kind, self.model, self.tokenizer, self.id = kind, model, tokenizer, request_id
+        self.created = int(time.time())
+
+    def _base(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def full(self, outs: list[RequestOutput], n: int, echo_texts: list[str] | None = None) -> dict:
+        choices, prompt_tokens, completion_tokens, cached = [], 0, 0, 0
+        for p, out in enumerate(outs):
+            prompt_tokens += out.usage.prompt_tokens
+            completion_tokens += out.usage.completion_tokens
+            cached += out.usage.cached_tokens
+            for c in out.outputs:
+                index = p * n + c.index
+                if self.kind == "chat":
+                    choices.append({"index": index, "message": {"role": "assistant", "content": c.text},
+                                    "logprobs": chat_logprobs(self.tokenizer, c, 0, len(c.token_ids)),
+                                    "finish_reason": c.finish_reason})
+                else:
+                    prefix = echo_texts[p] if echo_texts else ""
+                    choices.append({"index": index, "text": prefix + c.text, "finish_reason": c.finish_reason,
+                                    "logprobs": completion_logprobs(self.tokenizer, c, 0, len(c.token_ids),
+                                                                    len(prefix))})
+        body = self._base("chat.completion" if self.kind == "chat" else "text_completion")
+        body["choices"] = choices
+        body["usage"] = usage_dict(prompt_tokens, completion_tokens, cached)
+        return body
+
+    def chunk(self, index: int, text: str, finish_reason: str | None, logprobs: dict | None,
+              role: bool = False) -> str:
+        if self.kind == "chat":
+            delta = {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+            body = self._base("chat.completion.chunk")
+        else:
+            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+            body = self._base("text_completion")
+        body["choices"] = [choice]
+        return sse(body)
+
+    def usage_chunk(self, out: RequestOutput) -> str:
+        body = self._base("chat.completion.chunk" if self.kind == "chat" else "text_completion")
+        body["choices"] = []
+        body["usage"] = usage_dict(out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.cached_tokens)
+        return sse(body)
+
+    def logprobs_for(self, c: CompletionOutput, start: int, end: int, offset: int) -> dict | None:
+        if self.kind == "chat":
+            return chat_logprobs(self.tokenizer, c, start, end)
+        return completion_logprobs(self.tokenizer, c, start, end, offset)
+
+
+def error_body(message: str, status: int, kind: str = "invalid_request_error", param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}

@@ -1,0 +1,64 @@
+"""Turning an engine output stream into an SSE stream or one final output."""
+from __future__ import annotations
+
+import time
+from typing import AsyncIterator
+
+from megactx.engine.async_engine import EngineError
+from megactx.outputs import RequestOutput
+from megactx.server.responses import SSE_DONE, ResponseBuilder, error_body, prefill_comment, sse
+
+
+async def collect(gen: AsyncIterator[RequestOutput], raw) -> RequestOutput | None:
+    """The final output; None if the client disconnected (the request is then aborted)."""
+    last = None
+    try:
+        async for out in gen:
+            last = out
+            if not out.finished and await raw.is_disconnected():
+                return None
+    finally:
+        await gen.aclose()
+    return last
+
+
+async def stream(gen: AsyncIterator[RequestOutput], b: ResponseBuilder, n: int, include_usage: bool, metrics,
+                 echo: str | None = None) -> AsyncIterator[str]:
+    sent_text = [0] * n
+    sent_tokens = [0] * n
+    done = [False] * n
+    for i in range(n):
+        yield b.chunk(i, echo or "", None, None, role=True)
+    last_progress = -1
+    last = None
+    try:
+        async for out in gen:
+            last = out
+            if out.metrics.get("first_token_time") is None:
+                progress = out.metrics.get("prefill_done", 0)
+                if progress != last_progress:
+                    last_progress = progress
+                    yield prefill_comment(out)
+                continue
+            for c in out.outputs:
+                i = c.index
+                if done[i]:
+                    continue
+                text = c.text[sent_text[i]:]
+                new_tokens = len(c.token_ids)
+                if text or c.finish_reason or (c.logprobs is not None and new_tokens > sent_tokens[i] and text):
+                    logprobs = b.logprobs_for(c, sent_tokens[i], new_tokens, sent_text[i])
+                    yield b.chunk(i, text, c.finish_reason, logprobs)
+                    sent_text[i] += len(text)
+                    sent_tokens[i] = new_tokens
+                done[i] = c.finish_reason is not None
+    except EngineError as e:
+        yield sse(error_body(str(e), 500, "internal_server_error"))
+        return
+    finally:
+        await gen.aclose()
+    if last is not None and last.finished:
+        metrics.finished(last, time.monotonic())
+        if include_usage:
+            yield b.usage_chunk(last)
+    yield SSE_DONE
