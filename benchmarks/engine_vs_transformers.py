@@ -148,7 +148,8 @@ def measure(path: str, lengths: list[int], args) -> dict:
                 best[e.name]["forward_decode"] = max(best[e.name].get("forward_decode", 0), dec)
                 print(f"  {e.name:13} forward-only decode: {dec:7.1f} tok/s", file=sys.stderr, flush=True)
     for e in engines:
-        cmd = [sys.executable, __file__, "--engine", e.name, "--model", path, "--lengths", str(max(lengths)),
+        cmd = [sys.executable, __file__, "--engine", e.name, "--model", path,
+               "--lengths", str(args.rss_length or max(lengths)),
                "--max-len", str(max_len), "--chunk", str(args.chunk)]
         env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -166,6 +167,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=4096, help="megactx max_num_batched_tokens")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "engine_vs_transformers.json"))
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--rss-length", type=int, default=None, help="prompt length of the peak-RSS runs (default: longest)")
     ap.add_argument("--max-len", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--engine", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -194,7 +196,8 @@ def main() -> None:
             results.append({"model": name, "engine": ours_name, "metric": "decode_tok_s (vs forward loop)",
                             "length": args.decode_ctx, "megactx": ours["decode"],
                             "transformers": ref["forward_decode"], "ratio": ours["decode"] / ref["forward_decode"]})
-            results.append({"model": name, "engine": ours_name, "metric": "peak_rss_mb", "length": max(lengths),
+            results.append({"model": name, "engine": ours_name, "metric": "peak_rss_mb",
+                            "length": args.rss_length or max(lengths),
                             "megactx": ours["rss"], "transformers": ref["rss"], "ratio": ref["rss"] / ours["rss"]})
     print(f"{'model':8} {'engine':14} {'metric':31} {'length':>7} {'megactx':>10} {'transformers':>13} {'ratio':>6}")
     for r in results:

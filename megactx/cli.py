@@ -93,6 +93,11 @@ def cmd_serve(args) -> int:
     return serve(args)
 
 
+def cmd_bench_serve(args) -> int:
+    from megactx.bench.serve import main as bench_main
+    return bench_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="megactx", description="Serve long-context language models.")
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -131,6 +136,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=env_default("--api-key"))
     s.add_argument("--served-model-name", default=env_default("--served-model-name"))
     s.set_defaults(func=cmd_serve)
+
+    b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    bs = b.add_parser("serve", help="latency and throughput of a running server (loopback)")
+    bs.add_argument("--base-url", required=True)
+    bs.add_argument("--api-key", default=env_default("--api-key"))
+    bs.add_argument("--model", default=None)
+    bs.add_argument("--concurrency", type=int, default=1)
+    bs.add_argument("--requests", type=int, default=8)
+    bs.add_argument("--max-tokens", type=int, default=64)
+    bs.add_argument("--long-prompt-tokens", type=int, default=0,
+                    help="first send one prompt of about this many tokens, to measure latency during its prefill")
+    bs.add_argument("--long-prompt-delay", type=float, default=2.0)
+    bs.add_argument("--allow-remote", action="store_true", help=argparse.SUPPRESS)
+    bs.add_argument("--json", action="store_true")
+    bs.set_defaults(func=cmd_bench_serve)
     return ap
 
 

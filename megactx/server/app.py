@@ -27,7 +27,7 @@ from megactx.server.responses import ResponseBuilder, error_body
 from megactx.server.streaming import collect, stream
 
 logger = logging.getLogger(__name__)
-MAX_BODY_BYTES = 64 * 2**20  # a 1M-token prompt is ~4 MB of text
+MAX_BODY_BYTES = int(os.environ.get("MEGACTX_MAX_BODY_BYTES", 64 * 2**20))  # a 1M-token prompt is ~4 MB of text
 
 
 class ApiError(Exception):

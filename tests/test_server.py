@@ -1,0 +1,188 @@
+"""The real server on loopback with the bundled model, driven by the openai client (no mocks)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", MEGACTX_MAX_BODY_BYTES="1000000")
+    proc = subprocess.Popen([sys.executable, "-m", "megactx.cli", "serve", "--port", str(port), "--api-key", KEY,
+                             "--max-model-len", "4096", "--max-num-batched-tokens", "512", "--max-num-seqs", "8"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if httpx.get(base + "/health").status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("server did not become ready")
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def model(client):
+    return client.models.list().data[0].id
+
+
+def auth():
+    return {"Authorization": f"Bearer {KEY}"}
+
+
+Q = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def metric(server, name) -> float:
+    for line in httpx.get(server + "/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.split()[-1])
+    raise KeyError(name)
+
+
+def test_chat_usage_counts_equal_the_tokenizer(server, client, model):
+    r = client.chat.completions.create(model=model, messages=Q, temperature=0, max_tokens=20)
+    assert "Paris" in r.choices[0].message.content and r.choices[0].finish_reason == "stop"
+    tok = httpx.post(server + "/tokenize", json={"messages": Q}, headers=auth()).json()
+    assert r.usage.prompt_tokens == tok["count"]
+    completion_ids = httpx.post(server + "/tokenize", headers=auth(), json={
+        "prompt": r.choices[0].message.content, "add_special_tokens": False}).json()["tokens"]
+    assert r.usage.completion_tokens == len(completion_ids) + 1  # + the end-of-turn token
+    text = httpx.post(server + "/detokenize", json={"tokens": tok["tokens"]}, headers=auth()).json()["prompt"]
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_streaming_reassembles_to_the_whole_response(client, model):
+    whole = client.chat.completions.create(model=model, messages=Q, temperature=0, max_tokens=30)
+    chunks = list(client.chat.completions.create(model=model, messages=Q, temperature=0, max_tokens=30, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-2].choices[0].finish_reason == "stop" and chunks[-1].usage.completion_tokens == \
+        whole.usage.completion_tokens
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    comp = client.completions.create(model=model, prompt="The sky is", temperature=0, max_tokens=12)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=model, prompt="The sky is", temperature=0, max_tokens=12, stream=True))
+    assert streamed == comp.choices[0].text
+
+
+def test_stop_seed_n_logprobs_and_assistant_prefill(client, model):
+    base = client.completions.create(model=model, prompt="The sky is", temperature=0, max_tokens=16).choices[0].text
+    stop = base[5:9]
+    r = client.completions.create(model=model, prompt="The sky is", temperature=0, max_tokens=16, stop=[stop])
+    assert r.choices[0].text == base[:base.find(stop)] and r.choices[0].finish_reason == "stop"
+    kw = dict(model=model, messages=Q, temperature=1.0, max_tokens=12, seed=7, n=2)
+    a, b = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert len(a.choices) == 2 and a.choices[0].message.content != a.choices[1].message.content
+    lp = client.chat.completions.create(model=model, messages=Q, temperature=0, max_tokens=5, logprobs=True,
+                                        top_logprobs=3).choices[0].logprobs.content
+    assert len(lp) == 5 and all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in lp)
+    assert all(t.token == t.top_logprobs[0].token for t in lp)  # greedy picks the most likely
+    prefill = client.chat.completions.create(
+        model=model, temperature=0, max_tokens=5,
+        messages=Q + [{"role": "assistant", "content": "The capital of France is"}],
+        extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    assert prefill.choices[0].message.content.strip().startswith("Paris")
+
+
+def test_errors_have_openai_shape_and_status(server, client, model):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=model, prompt="hello " * 100, max_tokens=4090)
+    assert "4096" in str(e.value) and "4090" in str(e.value)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-9", messages=Q)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0).models.list()
+    r = httpx.post(server + "/v1/chat/completions", content=b"{not json", headers=auth() | {
+        "content-type": "application/json"})
+    assert r.status_code == 400 and "error" in r.json()
+    r = httpx.post(server + "/v1/chat/completions", json={"messages": Q, "temperature": "hot"}, headers=auth())
+    assert r.status_code == 400 and "temperature" in r.json()["error"]["message"]
+    r = httpx.post(server + "/v1/chat/completions", json={"messages": Q, "top_p": 7}, headers=auth())
+    assert r.status_code == 400
+    r = httpx.post(server + "/v1/completions", json={"prompt": "x" * 2_000_000}, headers=auth())
+    assert r.status_code == 413
+    assert httpx.get(server + "/health").status_code == 200  # still serving
+
+
+def test_disconnect_mid_stream_frees_the_sequence(server, client, model):
+    stream = client.chat.completions.create(model=model, messages=Q, max_tokens=3000, stream=True,
+                                            extra_body={"ignore_eos": True})
+    for i, _ in enumerate(stream):
+        if i == 5:
+            break
+    assert metric(server, "megactx_num_requests_running") == 1
+    stream.close()
+    deadline = time.time() + 30
+    while metric(server, "megactx_num_requests_running") != 0 and time.time() < deadline:
+        time.sleep(0.2)
+    assert metric(server, "megactx_num_requests_running") == 0
+    assert metric(server, "megactx_kv_cache_usage_ratio") == 0
+
+
+def test_eight_concurrent_streams_each_get_their_own_text(client, model):
+    prompts = [f"Write a short sentence about the number {i}." for i in range(8)]
+    alone = [client.chat.completions.create(model=model, messages=[{"role": "user", "content": p}], temperature=0,
+                                            max_tokens=24).choices[0].message.content for p in prompts]
+    got = [None] * 8
+
+    def run(i):
+        s = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompts[i]}],
+                                           temperature=0, max_tokens=24, stream=True)
+        got[i] = "".join(c.choices[0].delta.content or "" for c in s if c.choices)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert got == alone
+
+
+def test_prefill_progress_before_the_first_token(server, model):
+    prompt = "The grass is green. The sky is blue. " * 200  # ~1,800 tokens, 512 per step
+    computed_before = metric(server, "megactx_prompt_tokens_computed")
+    lines = []
+    with httpx.stream("POST", server + "/v1/completions", headers=auth(), timeout=300,
+                      json={"model": model, "prompt": prompt, "max_tokens": 2, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line:
+                lines.append(line)
+    progress = [tuple(map(int, l.split()[-1].split("/"))) for l in lines if l.startswith(": prefill")]
+    total = progress[0][1]
+    assert len(progress) >= 3 and [p for p, _ in progress] == sorted(p for p, _ in progress)
+    assert progress[0][0] == 512 and progress[-1][0] < total
+    assert metric(server, "megactx_prompt_tokens_computed") - computed_before == total  # every token computed once
+    assert lines[-1] == "data: [DONE]"
+    data = [json.loads(l[6:]) for l in lines if l.startswith("data: {")]
+    assert data[-1]["choices"][0]["finish_reason"] == "length"
