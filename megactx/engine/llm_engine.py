@@ -78,6 +78,7 @@ class LLMEngine:
                     log_fmt_bytes(num_blocks * cc.block_size * per_token), dtype)
         self.runner = ModelRunner(self.source, config.dtype, config.device, num_blocks, cc.block_size,
                                   cc.kv_cache_dtype, config.weight_dtype)
+        self.source.iter_weights = None  # drop the file mapping (a GGUF's pages would stay in RSS)
         self.allocator = BlockAllocator(num_blocks, cc.block_size)
         self.scheduler = Scheduler(sc, self.allocator)
         self.requests: dict[str, Request] = {}
