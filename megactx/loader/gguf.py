@@ -6,7 +6,6 @@ Qwen2 is stored unpermuted (llama.cpp treats it as NEOX rotary).
 """
 from __future__ import annotations
 
-import os
 import re
 
 import numpy as np
@@ -141,12 +140,3 @@ def open_gguf(path: str):
     return ModelSource(path=path, format="gguf", config=config, iter_weights=iter_weights, weight_names=names,
                        quantized=quantized)
 
-
-def gguf_chat_template(path: str) -> str | None:
-    from gguf import GGUFReader
-    field = GGUFReader(path).fields.get("tokenizer.chat_template")
-    return None if field is None else field.contents()
-
-
-def is_gguf(path: str) -> bool:
-    return os.path.isfile(path) and path.endswith(".gguf")
