@@ -1,4 +1,4 @@
-"""Command line: megactx serve | generate | chat | inspect.
+"""Command line: megactx serve | generate | chat | inspect | eval | bench.
 
 Every engine flag can also be set with an environment variable MEGACTX_<FLAG> (e.g. MEGACTX_MAX_MODEL_LEN).
 User errors print one line, `megactx: error: ...`, and exit with code 2.
@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", default=env_default("--served-model-name"))
     s.set_defaults(func=cmd_serve)
 
+    from megactx.eval.cli import add_eval_parsers
+    add_eval_parsers(sub, add_engine_args)
+
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     bs = b.add_parser("serve", help="latency and throughput of a running server (loopback)")
     bs.add_argument("--base-url", required=True)
@@ -151,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--allow-remote", action="store_true", help=argparse.SUPPRESS)
     bs.add_argument("--json", action="store_true")
     bs.set_defaults(func=cmd_bench_serve)
+    from megactx.bench.ttft import add_parser as add_ttft_parser
+    add_ttft_parser(b, env_default)
     return ap
 
 

@@ -21,9 +21,10 @@ def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device,
     with torch.device("meta"):  # no random init: every parameter is overwritten by load_weights
         model = DecoderLM(source.config, rotary)
     model = model.to_empty(device=device).to(dtype)
-    model.load_weights(source.iter_weights(), source.path)
     if weight_dtype is not None and weight_dtype != dtype:
+        # before loading, so each tensor is converted as it is copied in: the model is never held in fp32
         model.set_weight_dtype(weight_dtype)
+    model.load_weights(source.iter_weights(), source.path)
     return model.eval()
 
 

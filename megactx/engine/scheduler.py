@@ -1,9 +1,10 @@
 """Scheduler: decides, each step, how many tokens of which sequences to compute. Integers only.
 
 There is no prefill phase and no decode phase (vLLM v1's model): every sequence has num_computed_tokens
-catching up with its num_tokens. A step has a budget of max_num_batched_tokens; running sequences are served
-first (a decode costs one token, so streams keep moving while a long prompt is prefilled in chunks), and the
-rest of the budget goes to waiting sequences. When KV blocks run out, the most recently admitted running
+catching up with its num_tokens. A step has a budget of max_num_batched_tokens; decodes are served first (one
+token each, so streams keep moving while a long prompt is prefilled in chunks), and the rest is shared between
+the prompts being prefilled, running or newly admitted, so a short prompt arriving during a 100K-token prefill
+gets its first token after one step instead of after the whole prefill. When KV blocks run out, the most recently admitted running
 sequence is preempted: its blocks are freed and it is recomputed later (never dropped).
 """
 from __future__ import annotations
@@ -57,34 +58,69 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[Sequence] = []
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.num_pending_tokens, budget)
-            while not self.allocator.can_allocate(seq, n):
-                victim = self.running[-1]
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is seq:
-                    break
-            if seq.status != Status.RUNNING:
+        scheduled: set[int] = set()
+        # Decodes (one pending token) before prefills, whatever the admission order: a stream keeps moving
+        # while a long prompt is prefilled.
+        order = sorted(self.running, key=lambda s: s.num_pending_tokens > 1)
+        prefills_left = sum(s.num_pending_tokens > 1 for s in order) + self._admissible()
+        for seq in order:
+            if budget == 0:
                 break
+            if seq.status != Status.RUNNING:  # preempted earlier in this step
+                continue
+            is_prefill = seq.num_pending_tokens > 1
+            n = min(seq.num_pending_tokens, self._share(budget, prefills_left) if is_prefill else budget)
+            prefills_left -= is_prefill
+            if not self._make_room(seq, n, scheduled, preempted):
+                continue
             self.allocator.allocate(seq, n)
             chunks.append(ScheduledChunk(seq, n))
+            scheduled.add(seq.seq_id)
             budget -= n
-            i += 1
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
             seq = self.waiting[0]
-            n = min(seq.num_pending_tokens, budget)
+            n = min(seq.num_pending_tokens, self._share(budget, prefills_left))
             if not self.allocator.can_allocate(seq, n):
                 break
+            prefills_left -= 1
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
             self.allocator.allocate(seq, n)
             chunks.append(ScheduledChunk(seq, n))
+            scheduled.add(seq.seq_id)
             budget -= n
+        self._top_up(chunks, budget)
         return SchedulerOutput(chunks, preempted)
+
+    def _admissible(self) -> int:
+        return max(0, min(len(self.waiting), self.config.max_num_seqs - len(self.running)))
+
+    @staticmethod
+    def _share(budget: int, prefills_left: int) -> int:
+        """A prefill's fair share of what is left: a long prompt cannot hold back the ones queued behind it."""
+        return max(1, budget // max(1, prefills_left))
+
+    def _make_room(self, seq: Sequence, n: int, scheduled: set[int], preempted: list[Sequence]) -> bool:
+        """Preempt the most recently admitted unscheduled sequences until `seq` fits; False if `seq` itself went."""
+        while not self.allocator.can_allocate(seq, n):
+            victim = [s for s in self.running if s.seq_id not in scheduled][-1]  # `seq` is always a candidate
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _top_up(self, chunks: list[ScheduledChunk], budget: int) -> None:
+        """Budget a fair share left unused (a short prompt took less than its share) goes to the prefills."""
+        for chunk in chunks:
+            if budget == 0:
+                return
+            extra = min(chunk.seq.num_pending_tokens - chunk.num_tokens, budget)
+            if extra > 0 and self.allocator.can_allocate(chunk.seq, chunk.num_tokens + extra):
+                self.allocator.allocate(chunk.seq, chunk.num_tokens + extra)
+                chunk.num_tokens += extra
+                budget -= extra
 
     def _preempt(self, seq: Sequence) -> None:
         logger.info("KV cache full: preempting request %s (recomputed later)", seq.request_id)

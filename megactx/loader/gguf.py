@@ -102,6 +102,19 @@ def config_from_metadata(meta: dict, reader, path: str) -> ModelConfig:
     )
 
 
+def dequantize_rows(data: np.ndarray, qtype, dequantize, chunk_rows: int = 8192) -> np.ndarray:
+    """gguf's dequantize in blocks of rows: on a whole 150K-row embedding its numpy temporaries take several
+    times the fp32 result (measured: 1.3 GB more peak memory loading a 0.5B model)."""
+    if data.ndim < 2 or data.shape[0] <= chunk_rows:
+        return dequantize(data, qtype)
+    first = dequantize(data[:chunk_rows], qtype)
+    out = np.empty((data.shape[0],) + first.shape[1:], dtype=first.dtype)
+    out[:chunk_rows] = first
+    for start in range(chunk_rows, data.shape[0], chunk_rows):
+        out[start:start + chunk_rows] = dequantize(data[start:start + chunk_rows], qtype)
+    return out
+
+
 def open_gguf(path: str):
     from gguf import GGUFReader
     from megactx.loader import ModelSource
@@ -125,7 +138,7 @@ def open_gguf(path: str):
                 arr = np.array(data, dtype=np.float32)  # copy: the memmap is read-only
             else:
                 try:
-                    arr = dequantize(data, t.tensor_type)
+                    arr = dequantize_rows(data, t.tensor_type, dequantize)
                 except NotImplementedError:
                     raise ModelLoadError(f"{path}: tensor {name} has type {t.tensor_type.name}, "
                                          "which the gguf package cannot dequantize") from None
@@ -134,6 +147,7 @@ def open_gguf(path: str):
             elif config.architecture == "llama" and name.endswith(("attn_k.weight", "attn_k.bias")):
                 arr = unpermute_qk(arr, config.num_key_value_heads)
             yield target, torch.from_numpy(np.ascontiguousarray(arr))
+            del arr, data  # before dequantizing the next tensor: one fp32 tensor alive at a time
 
     full = {"F32", "F16", "BF16", "F64"}
     quantized = any(t.tensor_type.name not in full for t in reader.tensors)

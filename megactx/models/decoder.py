@@ -152,6 +152,7 @@ class DecoderLM(nn.Module):
                 raise ModelLoadError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, "
                                      f"the config implies {tuple(dest.shape)}")
             dest.copy_(tensor)
+            del tensor  # a dequantized fp32 copy: let it go before the next one is made
             loaded.add(target if shard is None else f"{target}#{shard}")
         if self.config.tie_word_embeddings or "lm_head.weight" not in loaded:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from megactx.config import CacheConfig, EngineConfig, SchedulerConfig
 from megactx.engine.async_engine import AsyncEngine, EngineError
-from megactx.errors import MegactxError, RequestError
+from megactx.errors import MegactxError
 from megactx.server.metrics import ServerMetrics
 from megactx.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from megactx.server.responses import ResponseBuilder, error_body

@@ -1,0 +1,175 @@
+"""`megactx bench ttft`: time to first token, prefill tokens/s and peak RSS, this engine beside others.
+
+Every (length, engine) runs in a process of its own, so its peak resident memory (VmHWM) is its own, and the
+engines take turns at each length so that a noisy neighbour on the machine hits them alike. All engines get
+the same token ids: a natural-text prompt tokenized once with the model's tokenizer. TTFT in-process is from
+submitting the prompt to the first sampled token (EVAL.md 3).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+
+from megactx.errors import MegactxError
+
+logger = logging.getLogger(__name__)
+COMPARE = ("transformers", "llama.cpp")
+MODES = ("dense",)  # Dual Chunk Attention and sparse prefill add theirs
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def prompt_ids(model: str | None, length: int) -> list[int]:
+    from megactx.eval.passkey import FILLER
+    from megactx.loader import default_model_path
+    from megactx.loader.tokenizer import load_tokenizer
+    tok = load_tokenizer(model or default_model_path())
+    text = "Summarize the following notes.\n" + FILLER * (length // 8 + 16)
+    ids = tok.encode(text)
+    return ids[:length]
+
+
+def run_megactx(model, ids, mode, threads) -> float:
+    from megactx import LLM, SamplingParams
+    llm = LLM(model, max_model_len=len(ids) + 8, max_num_seqs=1, num_threads=threads)
+    llm.generate(ids[:32], SamplingParams(temperature=0, max_tokens=1))  # warm-up
+    out = llm.generate(ids, SamplingParams(temperature=0, max_tokens=1))[0]
+    return out.metrics["first_token_time"] - out.metrics["arrival"]
+
+
+def run_transformers(model, ids, mode, threads) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM
+    torch.set_num_threads(threads)
+    from megactx.loader import default_model_path
+    path = model or default_model_path()
+    if path.endswith(".gguf"):
+        folder, name = os.path.split(os.path.abspath(path))
+        m = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, attn_implementation="sdpa")
+    else:
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    m.eval()
+    with torch.no_grad():
+        m(torch.tensor([ids[:32]]))
+        start = time.perf_counter()
+        logits = m(torch.tensor([ids]), logits_to_keep=1).logits
+        logits[0, -1].argmax().item()
+        return time.perf_counter() - start
+
+
+def run_llamacpp(model, ids, mode, threads) -> float:
+    from llama_cpp import Llama
+    from megactx.loader import default_model_path
+    llm = Llama(model_path=model or default_model_path(), n_ctx=len(ids) + 8, n_threads=threads,
+                n_batch=min(2048, len(ids)), verbose=False)
+    start = time.perf_counter()
+    llm.eval(ids)
+    llm.sample(temp=0.0)
+    return time.perf_counter() - start
+
+
+RUNNERS = {"megactx": run_megactx, "transformers": run_transformers, "llama.cpp": run_llamacpp}
+
+
+def unavailable(engine: str, model: str | None) -> str | None:
+    """Why a comparison engine cannot run here, or None."""
+    import importlib.util
+    if engine == "llama.cpp":
+        if importlib.util.find_spec("llama_cpp") is None:
+            return "llama-cpp-python is not installed (pip install llama-cpp-python; it builds llama.cpp from source)"
+        from megactx.loader import default_model_path
+        if not (model or default_model_path()).endswith(".gguf"):
+            return "llama.cpp needs a .gguf model file"
+    return None
+
+
+def worker(args) -> None:
+    ids = prompt_ids(args.model, args.length)
+    ttft = RUNNERS[args.engine](args.model, ids, args.mode, args.threads)
+    print("RESULT " + json.dumps({"ttft_s": ttft, "tokens": len(ids), "peak_rss_mb": peak_rss_mb()}), flush=True)
+
+
+def measure(engine: str, mode: str, length: int, args) -> dict:
+    cmd = [sys.executable, "-m", "megactx.bench.ttft", "--worker", "--engine", engine, "--mode", mode,
+           "--length", str(length), "--threads", str(args.threads)] + (["--model", args.model] if args.model else [])
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS=str(args.threads))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        raise MegactxError(f"{engine} ({mode}) at {length} tokens failed: {tail}")
+    r = json.loads(line[7:])
+    return {"engine": engine, "mode": mode, "length": length, "ttft_s": round(r["ttft_s"], 3),
+            "prefill_tok_s": round(r["tokens"] / r["ttft_s"], 1), "peak_rss_mb": round(r["peak_rss_mb"], 1)}
+
+
+def run(args) -> list[dict]:
+    from megactx.eval.cli import parse_int_list
+    lengths = parse_int_list(args.lengths, "--lengths")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for m in modes:
+        if m not in MODES:
+            raise MegactxError(f"--modes: {m!r} is not available in this version; choose from {', '.join(MODES)}")
+    others = [c.strip() for c in (args.compare or "").split(",") if c.strip()]
+    for c in others:
+        if c not in COMPARE:
+            raise MegactxError(f"--compare: unknown engine {c!r}; choose from {', '.join(COMPARE)}")
+    skipped = {c: why for c in others if (why := unavailable(c, args.model))}
+    for c, why in skipped.items():
+        logger.warning("skipping %s: %s", c, why)
+    rows = []
+    for length in lengths:
+        for engine, mode in [("megactx", m) for m in modes] + [(c, "dense") for c in others if c not in skipped]:
+            row = measure(engine, mode, length, args)
+            base = next((r for r in rows if r["engine"] == "megactx" and r["length"] == length), None)
+            row["speedup_vs_this"] = round(row["ttft_s"] / base["ttft_s"], 2) if base and row is not base else None
+            rows.append(row)
+            if args.json:
+                print(json.dumps({k: row[k] for k in ("engine", "mode", "length", "ttft_s", "prefill_tok_s",
+                                                      "peak_rss_mb")}), flush=True)
+            else:
+                logger.warning("%s %s %d: TTFT %.2f s", engine, mode, length, row["ttft_s"])
+    if not args.json:
+        print("| engine | mode | length | TTFT s | prefill tok/s | peak RSS MB | TTFT / megactx dense |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            ratio = "" if r["speedup_vs_this"] is None else f"{r['speedup_vs_this']:.2f}x"
+            print(f"| {r['engine']} | {r['mode']} | {r['length']} | {r['ttft_s']:.2f} | {r['prefill_tok_s']:.0f} "
+                  f"| {r['peak_rss_mb']:.0f} | {ratio} |")
+        for c, why in skipped.items():
+            print(f"{c}: skipped, {why}")
+    return rows
+
+
+def add_parser(bench_sub, env_default) -> None:
+    p = bench_sub.add_parser("ttft", help="time to first token vs length, beside transformers / llama.cpp")
+    p.add_argument("--model", default=env_default("--model"))
+    p.add_argument("--lengths", default="1024,4096")
+    p.add_argument("--modes", default="dense")
+    p.add_argument("--compare", default="", help="comma list: transformers, llama.cpp")
+    p.add_argument("--threads", type=int, default=env_default("--threads", os.cpu_count() or 1, int))
+    p.add_argument("--json", action="store_true", help="one JSON object per row")
+    p.set_defaults(func=lambda a: 0 if run(a) is not None else 1)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--worker", action="store_true")
+    ap.add_argument("--engine")
+    ap.add_argument("--mode", default="dense")
+    ap.add_argument("--model")
+    ap.add_argument("--length", type=int)
+    ap.add_argument("--threads", type=int, default=2)
+    worker(ap.parse_args())

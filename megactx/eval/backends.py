@@ -1,0 +1,121 @@
+"""Where an evaluation runs: this engine in-process, or any OpenAI-compatible server.
+
+Both render a prompt the same way (EVAL.md): the chat template wraps the task text as the user turn, with
+the generation prompt, and an optional answer prefix is appended as raw text after the assistant header; the
+result is token ids in the target's own tokenizer, so lengths are counted the way the model sees them.
+A server is asked for its tokenizer and chat template through POST /tokenize and /detokenize (as vLLM and
+megactx serve them) and the ids are sent to /v1/completions, so no local copy of the model is needed.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from megactx.errors import MegactxError
+
+
+@dataclass(slots=True)
+class Answer:
+    text: str
+    ttft_s: float  # from submitting the prompt to the first generated text
+    prompt_tokens: int
+    prefill_tok_s: float
+
+
+class Backend(Protocol):
+    name: str
+
+    def render(self, user_text: str, answer_prefix: str = "") -> list[int]: ...
+    def count(self, user_text: str, answer_prefix: str = "") -> int: ...
+    def generate(self, prompt_ids: list[int], max_tokens: int) -> Answer: ...
+
+
+class InProcessBackend:
+    """This engine, loaded in the evaluating process (greedy decoding)."""
+
+    def __init__(self, llm):
+        self.llm, self.tokenizer = llm, llm.tokenizer
+        self.name = llm.engine.config.model or "default"
+
+    def render(self, user_text: str, answer_prefix: str = "") -> list[int]:
+        return self.tokenizer.encode(self._template(user_text) + answer_prefix, add_special_tokens=False)
+
+    def count(self, user_text: str, answer_prefix: str = "") -> int:
+        return len(self.render(user_text, answer_prefix))
+
+    def _template(self, user_text: str) -> str:
+        messages = [{"role": "user", "content": user_text}]
+        if not self.tokenizer.has_chat_template:
+            return user_text
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    def generate(self, prompt_ids: list[int], max_tokens: int) -> Answer:
+        from megactx.sampling import SamplingParams
+        start = time.perf_counter()
+        out = self.llm.generate(prompt_ids, SamplingParams(temperature=0.0, max_tokens=max_tokens))[0]
+        m = out.metrics
+        ttft = (m["first_token_time"] - m["arrival"]) if m.get("first_token_time") else time.perf_counter() - start
+        return Answer(out.text, ttft, len(prompt_ids), len(prompt_ids) / max(ttft, 1e-9))
+
+
+class ServerBackend:
+    """An OpenAI-compatible server: tokenizer and chat template through /tokenize, text via /v1/completions."""
+
+    def __init__(self, base_url: str, api_key: str | None = None, model: str | None = None, timeout: float = 7200):
+        import httpx
+        self.base = base_url.rstrip("/").removesuffix("/v1")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(headers=headers, timeout=timeout)
+        self.model = model or self._get("/v1/models")["data"][0]["id"]
+        self.name = f"{self.model} at {self.base}"
+
+    def _get(self, path: str) -> dict:
+        return self._check(self.client.get(self.base + path), path)
+
+    def _post(self, path: str, body: dict) -> dict:
+        return self._check(self.client.post(self.base + path, json=body), path)
+
+    @staticmethod
+    def _check(response, path: str) -> dict:
+        if response.status_code != 200:
+            raise MegactxError(f"{path}: the server answered {response.status_code}: {response.text[:300]}")
+        return response.json()
+
+    def render(self, user_text: str, answer_prefix: str = "") -> list[int]:
+        ids = self._post("/tokenize", {"model": self.model, "add_generation_prompt": True,
+                                       "messages": [{"role": "user", "content": user_text}]})["tokens"]
+        if not answer_prefix:
+            return ids
+        text = self._post("/detokenize", {"model": self.model, "tokens": ids})["prompt"] + answer_prefix
+        return self._post("/tokenize", {"model": self.model, "prompt": text, "add_special_tokens": False})["tokens"]
+
+    def count(self, user_text: str, answer_prefix: str = "") -> int:
+        return len(self.render(user_text, answer_prefix))
+
+    def generate(self, prompt_ids: list[int], max_tokens: int) -> Answer:
+        body = {"model": self.model, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0.0,
+                "stream": True}
+        start, first, text = time.perf_counter(), None, ""
+        with self.client.stream("POST", self.base + "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                raise MegactxError(f"/v1/completions: the server answered {r.status_code}: {r.read()[:300]!r}")
+            for line in r.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                for choice in json.loads(line[6:]).get("choices", []):
+                    piece = choice.get("text") or ""
+                    if piece and first is None:
+                        first = time.perf_counter()
+                    text += piece
+        ttft = (first or time.perf_counter()) - start
+        return Answer(text, ttft, len(prompt_ids), len(prompt_ids) / max(ttft, 1e-9))
+
+
+def open_backend(args: Any) -> Backend:
+    """From CLI arguments: --base-url [--api-key] for a server, else the model in-process."""
+    if getattr(args, "base_url", None):
+        return ServerBackend(args.base_url, api_key=args.api_key, model=getattr(args, "served_model", None))
+    from megactx.llm import LLM
+    return InProcessBackend(LLM(args.model, **getattr(args, "engine_kwargs", {})))

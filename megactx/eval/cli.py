@@ -1,0 +1,119 @@
+"""`megactx eval passkey | ruler`: argument parsing and the progress bar; the work is in passkey.py / ruler.py."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from megactx.errors import MegactxError
+
+log = logging.getLogger("megactx")
+
+
+def parse_int_list(text: str, what: str) -> list[int]:
+    """'4096,8K,1M' -> [4096, 8192, 1048576]."""
+    values = []
+    for item in text.split(","):
+        item = item.strip()
+        scale = {"k": 1024, "m": 1024 * 1024}.get(item[-1:].lower(), 1)
+        number = item[:-1] if scale > 1 else item
+        try:
+            values.append(int(number) * scale)
+        except ValueError:
+            raise MegactxError(f"{what}: {item!r} is not a number (write e.g. 4096,8K,32K)") from None
+    if not values or any(v < 0 for v in values):
+        raise MegactxError(f"{what}: give one or more non-negative numbers, e.g. 4096,8192")
+    return values
+
+
+def add_target_args(p: argparse.ArgumentParser, add_engine_args) -> None:
+    add_engine_args(p)
+    p.add_argument("--base-url", default=None, help="evaluate an OpenAI-compatible server instead of loading the model")
+    p.add_argument("--api-key", default=os.environ.get("MEGACTX_API_KEY"))
+    p.add_argument("--served-model", default=None, help="model name on the server (default: its first /v1/models entry)")
+    p.add_argument("--out", required=True, help="output folder (results are appended; a rerun resumes)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _open(args, lengths: list[int], max_new: int):
+    from megactx.eval.backends import open_backend
+    if not args.base_url:
+        from megactx.cli import engine_kwargs
+        kwargs = engine_kwargs(args)
+        kwargs["max_num_seqs"] = 1  # one request at a time: the KV cache only needs one long sequence
+        if kwargs["max_model_len"] is None:
+            kwargs["max_model_len"] = max(lengths) + max_new
+        args.engine_kwargs = kwargs
+    return open_backend(args)
+
+
+def _bar(total: int, desc: str):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="prompt", file=sys.stderr, dynamic_ncols=True)
+
+
+def cmd_passkey(args) -> int:
+    from megactx.eval import passkey
+    from megactx.eval.plots import passkey_heatmap
+    lengths = parse_int_list(args.lengths, "--lengths")
+    depths = parse_int_list(args.depths, "--depths")
+    if args.trials < 1:
+        raise MegactxError("--trials must be at least 1")
+    if any(d > 100 for d in depths):
+        raise MegactxError("--depths are percentages from 0 (top) to 100 (bottom)")
+    backend = _open(args, lengths, passkey.MAX_NEW_TOKENS)
+    with _bar(len(lengths) * len(depths) * args.trials, "passkey") as bar:
+        rows = passkey.run_passkey(backend, lengths, depths, args.trials, args.out, seed=args.seed,
+                                   on_row=lambda row: bar.update(1))
+    wanted = [r for r in rows if r["length"] in lengths and r["depth"] in depths and r["trial"] < args.trials]
+    table = passkey.summarize(wanted)
+    grid = passkey.accuracy_grid(wanted)
+    png = passkey_heatmap(*grid, os.path.join(args.out, "passkey_heatmap.png"), title=f"Passkey: {backend.name}")
+    with open(os.path.join(args.out, "passkey_summary.json"), "w") as f:
+        json.dump({"target": backend.name, "summary": table}, f, indent=2)
+    print("| length | cells | accuracy % | key anywhere % | mean TTFT s | prefill tok/s |")
+    print("|---|---|---|---|---|---|")
+    for t in table:
+        print(f"| {t['length']} | {t['cells']} | {t['accuracy']:.1f} | {t['substring']:.1f} | {t['mean_ttft_s']} "
+              f"| {t['prefill_tok_s']} |")
+    print(f"heatmap: {png}")
+    return 0
+
+
+def cmd_ruler(args) -> int:
+    from megactx.eval import ruler
+    from megactx.eval.ruler_tasks import TASKS
+    tasks = ruler.parse_tasks(args.tasks)
+    if args.samples < 1:
+        raise MegactxError("--samples must be at least 1")
+    lengths = parse_int_list(args.lengths, "--lengths")
+    backend = _open(args, lengths, 0)
+    with _bar(len(tasks) * len(lengths) * args.samples, "ruler") as bar:
+        rows = ruler.run_ruler(backend, tasks, lengths, args.samples, args.out, seed=args.seed,
+                               on_row=lambda row: bar.update(1))
+    wanted = [r for r in rows if r["index"] < args.samples]
+    summary = ruler.summarize(wanted, tasks, lengths)
+    with open(os.path.join(args.out, "ruler_summary.json"), "w") as f:
+        json.dump({"target": backend.name, "samples": args.samples,
+                   "haystacks": {t: TASKS[t].haystack for t in tasks},
+                   "tasks": summary["tasks"], "per_length": summary["per_length"], "avg": summary["avg"]}, f, indent=2)
+    print(ruler.format_table(summary, lengths))
+    return 0
+
+
+def add_eval_parsers(sub, add_engine_args) -> None:
+    ev = sub.add_parser("eval", help="long-context evaluation").add_subparsers(dest="eval", required=True)
+    p = ev.add_parser("passkey", help="passkey retrieval over lengths x depths (heatmap, JSONL, summary)")
+    add_target_args(p, add_engine_args)
+    p.add_argument("--lengths", default="4096,8192")
+    p.add_argument("--depths", default="0,25,50,75,100")
+    p.add_argument("--trials", type=int, default=1)
+    p.set_defaults(func=cmd_passkey)
+    r = ev.add_parser("ruler", help="RULER's synthetic tasks (RULER-11, offline)")
+    add_target_args(r, add_engine_args)
+    r.add_argument("--tasks", default="all", help="all, or a comma list: niah_single_1,...,vt,cwe,fwe")
+    r.add_argument("--lengths", default="4096")
+    r.add_argument("--samples", type=int, default=5)
+    r.set_defaults(func=cmd_ruler)

@@ -1,0 +1,122 @@
+"""Running RULER against a backend: size each task to the length, generate greedily, score, summarize.
+
+Length counts the rendered prompt (chat template, task text, answer prefix) plus the task's tokens to
+generate, in the target's tokenizer (EVAL.md 2). The haystack size is searched once per task and length on
+the first sample; each further sample is checked and shrunk if its own draws came out longer.
+Rows are appended to ruler.jsonl as they finish; a rerun skips them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from typing import Callable
+
+from megactx.errors import MegactxError
+from megactx.eval.backends import Backend
+from megactx.eval.fitting import largest_fitting
+from megactx.eval.passkey import open_for_append, read_rows
+from megactx.eval.ruler_tasks import TASKS, Sample, Task
+from megactx.eval.scoring import METRICS, postprocess
+
+logger = logging.getLogger(__name__)
+
+
+def parse_tasks(spec: str) -> list[str]:
+    if spec.strip() in ("all", ""):
+        return list(TASKS)
+    names = [t.strip() for t in spec.split(",") if t.strip()]
+    unknown = [t for t in names if t not in TASKS]
+    if unknown:
+        hint = " (qa_1 and qa_2 need SQuAD/HotpotQA, not available offline)" if any(t.startswith("qa") for t in unknown) else ""
+        raise MegactxError(f"unknown RULER task {unknown[0]!r}{hint}; choose from: all, {', '.join(TASKS)}")
+    return names
+
+
+def sample_rng(seed: int, task: str, length: int, index: int) -> Callable[[], random.Random]:
+    return lambda: random.Random(f"ruler-{seed}-{task}-{length}-{index}")
+
+
+def build_sample(backend: Backend, task: Task, length: int, index: int, seed: int,
+                 sizes: dict[tuple[str, int], int]) -> tuple[Sample, list[int]]:
+    rng = sample_rng(seed, task.name, length, index)
+    budget = length - task.tokens_to_generate
+
+    def tokens_for(units: int) -> int:
+        s = task.generate(units, rng(), length)
+        return backend.count(s.text, s.answer_prefix)
+
+    units = sizes.get((task.name, length))
+    if units is None:
+        units = largest_fitting(tokens_for, budget)
+        sizes[(task.name, length)] = units
+    while units > 0 and tokens_for(units) > budget:
+        units -= 1
+    sample = task.generate(units, rng(), length)
+    return sample, backend.render(sample.text, sample.answer_prefix)
+
+
+def run_ruler(backend: Backend, tasks: list[str], lengths: list[int], samples: int, out_dir: str, seed: int = 0,
+              on_row: Callable[[dict | None], None] | None = None) -> list[dict]:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "ruler.jsonl")
+    rows = read_rows(path)
+    done = {(r["task"], r["length"], r["index"]) for r in rows}
+    sizes: dict[tuple[str, int], int] = {}
+    with open_for_append(path) as f:
+        for length in lengths:
+            for name in tasks:
+                task = TASKS[name]
+                for index in range(samples):
+                    if (name, length, index) in done:
+                        if on_row:
+                            on_row(None)
+                        continue
+                    sample, ids = build_sample(backend, task, length, index, seed, sizes)
+                    answer = backend.generate(ids, task.tokens_to_generate)
+                    prediction = postprocess(answer.text)
+                    score = METRICS[task.metric]([prediction], [sample.outputs])
+                    row = {"task": name, "length": length, "index": index, "haystack": task.haystack,
+                           "prompt_tokens": len(ids), "prediction": prediction, "outputs": sample.outputs,
+                           "score": score, "ttft_s": round(answer.ttft_s, 3)}
+                    logger.info("ruler %s length %d sample %d: %.0f", name, length, index, score)
+                    f.write(json.dumps(row) + "\n")
+                    f.flush()
+                    rows.append(row)
+                    if on_row:
+                        on_row(row)
+    return rows
+
+
+def summarize(rows: list[dict], tasks: list[str], lengths: list[int]) -> dict:
+    """{"tasks": {task: {length: score}}, "per_length": {length: mean over tasks}, "avg": mean over lengths}.
+    A task's score at a length is the mean of its samples' scores (RULER's metric over the samples)."""
+    table: dict[str, dict[int, float]] = {}
+    for name in tasks:
+        for length in lengths:
+            scores = [r["score"] for r in rows if r["task"] == name and r["length"] == length]
+            if scores:
+                table.setdefault(name, {})[length] = sum(scores) / len(scores)
+    per_length = {}
+    for length in lengths:
+        values = [table[t][length] for t in table if length in table[t]]
+        if values:
+            per_length[length] = sum(values) / len(values)
+    avg = sum(per_length.values()) / len(per_length) if per_length else float("nan")
+    return {"tasks": table, "per_length": per_length, "avg": avg}
+
+
+def format_table(summary: dict, lengths: list[int]) -> str:
+    """Markdown: one row per task, one column per length, then the per-length score and Avg."""
+    from megactx.eval.plots import length_label
+    head = "| task | haystack | " + " | ".join(length_label(n) for n in lengths) + " |"
+    lines = [head, "|---|---|" + "---|" * len(lengths)]
+    for name, scores in summary["tasks"].items():
+        cells = [f"{scores[n]:.1f}" if n in scores else "" for n in lengths]
+        lines.append(f"| {name} | {TASKS[name].haystack} | " + " | ".join(cells) + " |")
+    per = summary["per_length"]
+    lines.append("| **score** | | " + " | ".join(f"**{per[n]:.1f}**" if n in per else "" for n in lengths) + " |")
+    lines.append(f"\nAvg. over lengths: **{summary['avg']:.1f}** (RULER-{len(summary['tasks'])}; "
+                 "essay haystacks are the offline essay-substitute, not Paul Graham's essays)")
+    return "\n".join(lines)
