@@ -186,3 +186,19 @@ def test_prefill_progress_before_the_first_token(server, model):
     assert lines[-1] == "data: [DONE]"
     data = [json.loads(l[6:]) for l in lines if l.startswith("data: {")]
     assert data[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_passkey_eval_end_to_end_against_the_server(server, tmp_path):
+    from megactx.cli import main
+    from megactx.eval.passkey import read_rows
+    computed_before = metric(server, "megactx_prompt_tokens_computed")
+    rc = main(["eval", "passkey", "--base-url", server, "--api-key", KEY, "--lengths", "512", "--depths", "0,50",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    rows = read_rows(str(tmp_path / "passkey.jsonl"))
+    assert [(r["length"], r["depth"]) for r in rows] == [(512, 0), (512, 50)]
+    assert all(507 <= r["prompt_tokens"] <= 512 for r in rows)  # sized with the server's own tokenizer
+    assert all(r["correct"] for r in rows), rows  # the bundled model finds the key at 512 tokens, depths 0 and 50
+    # the server really computed both prompts
+    assert metric(server, "megactx_prompt_tokens_computed") - computed_before >= sum(r["prompt_tokens"] for r in rows)
+    assert (tmp_path / "passkey_heatmap.png").stat().st_size > 1000

@@ -9,6 +9,7 @@ megactx serve them) and the ids are sent to /v1/completions, so no local copy of
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -37,7 +38,8 @@ class InProcessBackend:
 
     def __init__(self, llm):
         self.llm, self.tokenizer = llm, llm.tokenizer
-        self.name = llm.engine.config.model or "default"
+        from megactx.loader import default_model_path
+        self.name = os.path.basename((llm.engine.config.model or default_model_path()).rstrip("/"))
 
     def render(self, user_text: str, answer_prefix: str = "") -> list[int]:
         return self.tokenizer.encode(self._template(user_text) + answer_prefix, add_special_tokens=False)
