@@ -27,6 +27,7 @@ class Answer:
 
 class Backend(Protocol):
     name: str
+    max_model_len: int | None  # prompt + generated tokens the target accepts (None: unknown)
 
     def render(self, user_text: str, answer_prefix: str = "") -> list[int]: ...
     def count(self, user_text: str, answer_prefix: str = "") -> int: ...
@@ -40,6 +41,7 @@ class InProcessBackend:
         self.llm, self.tokenizer = llm, llm.tokenizer
         from megactx.loader import default_model_path
         self.name = os.path.basename((llm.engine.config.model or default_model_path()).rstrip("/"))
+        self.max_model_len = llm.engine.max_model_len
 
     def render(self, user_text: str, answer_prefix: str = "") -> list[int]:
         return self.tokenizer.encode(self._template(user_text) + answer_prefix, add_special_tokens=False)
@@ -70,7 +72,10 @@ class ServerBackend:
         self.base = base_url.rstrip("/").removesuffix("/v1")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(headers=headers, timeout=timeout)
-        self.model = model or self._get("/v1/models")["data"][0]["id"]
+        listing = self._get("/v1/models")["data"]
+        entry = next((m for m in listing if m["id"] == model), listing[0])
+        self.model = model or entry["id"]
+        self.max_model_len = entry.get("max_model_len")  # vLLM and megactx report it
         self.name = f"{self.model} at {self.base}"
 
     def _get(self, path: str) -> dict:

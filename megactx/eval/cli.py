@@ -43,8 +43,11 @@ def _open(args, lengths: list[int], max_new: int):
         from megactx.cli import engine_kwargs
         kwargs = engine_kwargs(args)
         kwargs["max_num_seqs"] = 1  # one request at a time: the KV cache only needs one long sequence
-        if kwargs["max_model_len"] is None:
-            kwargs["max_model_len"] = max(lengths) + max_new
+        if kwargs["max_model_len"] is None:  # as long as the lengths need, within the model's context
+            from megactx.engine.llm_engine import derived_max_len
+            from megactx.loader import open_model
+            model_len = derived_max_len(open_model(args.model).config)
+            kwargs["max_model_len"] = min(max(lengths) + max_new, model_len)
         args.engine_kwargs = kwargs
     return open_backend(args)
 

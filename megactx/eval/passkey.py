@@ -110,7 +110,12 @@ def run_passkey(backend: Backend, lengths: list[int], depths: list[int], trials:
 
 def run_cell(backend: Backend, cell: Cell, seed: int, guess: dict[int, int]) -> dict:
     key = make_key(seed, cell.length, cell.depth, cell.trial)
-    n = largest_fitting(lambda k: backend.count(build_prompt(k, cell.depth, key)), cell.length,
+    target = cell.length
+    if backend.max_model_len and target + MAX_NEW_TOKENS > backend.max_model_len:
+        # at the context limit itself (e.g. 32K on a 32K model) leave room for the answer
+        target = backend.max_model_len - MAX_NEW_TOKENS
+        logger.info("passkey length %d: prompt sized to %d tokens, leaving room for the answer", cell.length, target)
+    n = largest_fitting(lambda k: backend.count(build_prompt(k, cell.depth, key)), target,
                         guess.get(cell.length))
     guess[cell.length] = n
     ids = backend.render(build_prompt(n, cell.depth, key))
