@@ -22,3 +22,18 @@ def test_chat_two_turns_with_an_attached_file(tmp_path):
 def test_chat_missing_attachment_is_a_clear_error(tmp_path):
     r = run(["chat", "--file", str(tmp_path / "nope.txt")], "hi\n")
     assert r.returncode == 2 and "nope.txt: no such file to attach" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_ttft_json_rows_and_eval_input_errors(tmp_path):
+    import json
+    r = run(["bench", "ttft", "--lengths", "64,128", "--json"], "")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [(x["engine"], x["mode"], x["length"]) for x in rows] == [("megactx", "dense", 64), ("megactx", "dense", 128)]
+    assert all(set(x) == {"engine", "mode", "length", "ttft_s", "prefill_tok_s", "peak_rss_mb"} for x in rows)
+    assert all(x["ttft_s"] > 0 and x["peak_rss_mb"] > 100 for x in rows)
+    for args, message in [(["eval", "passkey", "--lengths", "4x", "--out", str(tmp_path)], "'4x' is not a number"),
+                          (["eval", "ruler", "--tasks", "qa_1", "--out", str(tmp_path)], "unknown RULER task 'qa_1'"),
+                          (["bench", "ttft", "--compare", "vllm"], "unknown engine 'vllm'")]:
+        r = run(args, "")
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
