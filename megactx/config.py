@@ -173,6 +173,13 @@ class EngineConfig:
     num_threads: int | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # Dual Chunk Attention: on when the model's config has dual_chunk_attention_config, or with dca=True
+    dca: bool = False
+    dca_chunk_size: int | None = None  # default: the trained length
+    dca_local_size: int | None = None  # default: chunk_size / 16
+    dca_original_max_position: int | None = None  # default: the trained length
+    dca_temperature: str = "position"  # position | total | none (see attention/dca.py)
+    allow_long_context: bool = False  # run plain RoPE beyond the trained length anyway (ablations)
 
     def __post_init__(self):
         parse_dtype(self.dtype)

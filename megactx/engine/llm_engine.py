@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megactx.attention.dca import resolve_dca
 from megactx.config import EngineConfig, ceil_div, log_fmt_bytes, parse_dtype
 from megactx.engine.detokenizer import IncrementalDetokenizer
 from megactx.engine.kv_cache import BlockAllocator
@@ -56,11 +57,17 @@ class LLMEngine:
         self.model_config = mc = self.source.config
         self.tokenizer = load_tokenizer(config.tokenizer or self.source.path, mc.eos_token_ids)
         sc, cc = config.scheduler, config.cache
+        self.dca = resolve_dca(mc, config.dca, config.dca_chunk_size, config.dca_local_size,
+                               config.dca_original_max_position, config.dca_temperature)
         limit = derived_max_len(mc)
         self.max_model_len = sc.max_model_len or limit
-        if self.max_model_len > limit:
-            raise ConfigError(f"max_model_len {self.max_model_len} exceeds the model's context length {limit}; "
-                              f"lower --max-model-len")
+        if self.max_model_len > limit and self.dca is None and not config.allow_long_context:
+            raise ConfigError(
+                f"max_model_len {self.max_model_len} exceeds the model's context length {limit}; enable Dual Chunk "
+                f"Attention with --dca to run beyond it without training (or lower --max-model-len; "
+                f"--allow-long-context runs plain RoPE anyway, for ablations)")
+        if self.dca is not None:
+            logger.info("Dual Chunk Attention: %s", self.dca.describe())
         dtype = parse_dtype(cc.kv_cache_dtype) or parse_dtype(config.dtype) or torch.float32
         per_token = mc.kv_bytes_per_token(torch.finfo(dtype).bits // 8)
         need = per_token * ceil_div(self.max_model_len, cc.block_size) * cc.block_size
@@ -77,7 +84,7 @@ class LLMEngine:
         logger.info("KV cache: %d blocks of %d tokens (%s, %s)", num_blocks, cc.block_size,
                     log_fmt_bytes(num_blocks * cc.block_size * per_token), dtype)
         self.runner = ModelRunner(self.source, config.dtype, config.device, num_blocks, cc.block_size,
-                                  cc.kv_cache_dtype, config.weight_dtype)
+                                  cc.kv_cache_dtype, config.weight_dtype, self.dca)
         self.source.iter_weights = None  # drop the file mapping (a GGUF's pages would stay in RSS)
         self.allocator = BlockAllocator(num_blocks, cc.block_size)
         self.scheduler = Scheduler(sc, self.allocator)

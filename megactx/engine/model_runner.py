@@ -6,6 +6,7 @@ import logging
 import torch
 
 from megactx.attention.backend import AttentionMetadata, DenseAttentionBackend, KVCacheTensors, SeqAttention
+from megactx.attention.dca import DCAConfig, DualChunkAttentionBackend
 from megactx.config import ModelConfig, parse_dtype
 from megactx.engine.scheduler import ScheduledChunk
 from megactx.layers.rotary import RotaryEmbedding
@@ -39,7 +40,7 @@ def resolve_weight_dtype(name: str, source: ModelSource, dtype: torch.dtype, dev
 
 class ModelRunner:
     def __init__(self, source: ModelSource, dtype: str, device: str, num_blocks: int, block_size: int,
-                 kv_dtype: str, weight_dtype: str = "auto"):
+                 kv_dtype: str, weight_dtype: str = "auto", dca: DCAConfig | None = None):
         self.config: ModelConfig = source.config
         self.device = torch.device(device)
         self.dtype = parse_dtype(dtype) or torch.float32
@@ -48,7 +49,12 @@ class ModelRunner:
         c = self.config
         self.block_size = block_size
         self.kv_dtype = parse_dtype(kv_dtype) or self.dtype
-        self.backend = DenseAttentionBackend(c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+        self.dca = dca
+        if dca is None:
+            self.backend = DenseAttentionBackend(c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+        else:
+            self.backend = DualChunkAttentionBackend(c.num_attention_heads, c.num_key_value_heads, c.head_dim, dca,
+                                                     self.model.rotary)
         self.backend.cache = KVCacheTensors(c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
                                             num_blocks * block_size, self.kv_dtype, self.device)
 
@@ -90,6 +96,11 @@ class ModelRunner:
         input_ids, positions, meta, last_rows = self.prepare(chunks)
         self.backend.meta = meta
         seq_len = max(ch.seq.num_computed_tokens + ch.num_tokens for ch in chunks)
+        if self.dca is not None:
+            totals = torch.cat([torch.full((ch.num_tokens,), ch.seq.num_computed_tokens + ch.num_tokens)
+                                for ch in chunks]).to(self.device)
+            self.backend.prepare_step(positions, totals)
+            positions = self.backend.key_positions(positions)  # keys are rotated (and cached) at p % L
         hidden = self.model(input_ids, positions, self.backend, seq_len=seq_len)
         if all_rows:
             return self.model.compute_logits(hidden).cpu()

@@ -43,9 +43,12 @@ class Attention(nn.Module):
         # x: [T, hidden]
         t = x.shape[0]
         qkv = self.qkv_proj(x).view(t, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        qk = apply_rotary(qkv[:, : self.num_heads + self.num_kv_heads], cos, sin)  # q and k rotated in one pass
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, H, D], [T, Hkv, D]
-        v = qkv[:, self.num_heads + self.num_kv_heads:]  # [T, Hkv, D]
+        h, hk = self.num_heads, self.num_kv_heads
+        if getattr(backend, "rotates_queries", False):  # Dual Chunk Attention rotates each query three ways
+            q, k = qkv[:, :h], apply_rotary(qkv[:, h:h + hk], cos, sin)
+        else:
+            q, k = apply_rotary(qkv[:, :h + hk], cos, sin).split([h, hk], dim=1)  # q and k in one pass
+        v = qkv[:, h + hk:]  # q: [T, H, D], k, v: [T, Hkv, D]
         out = backend(self.layer_idx, q, k, v)  # [T, H, D]
         return self.o_proj(out.reshape(t, self.q_size))
 

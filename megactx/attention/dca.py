@@ -1,0 +1,195 @@
+"""Dual Chunk Attention (An et al. 2024, arXiv 2402.17463; Qwen2.5-1M, arXiv 2501.15383) with a YaRN-style
+attention temperature applied on the query side.
+
+A model never sees a relative distance it was not trained on: keys are rotated at p % L (L = chunk_size -
+local_size, the real chunk length), and a query at position p attends three key ranges with three rotations:
+  intra       keys [cur, p]        causal        query at p % L                  (cur = (p // L) * L)
+  successive  keys [cur - L, cur)  non-causal    query at min(p % L + L, chunk_size)
+  inter       keys [0, cur - L)    non-causal    query at min(2L - 1, chunk_size)  (a constant)
+The parts are merged by log-sum-exp in fp32, which equals one softmax over the concatenated scores. For a
+sequence of at most chunk_size + 1 tokens every query and key sits at its true position: plain RoPE.
+
+Temperature: logits x factor^2 with factor = max(1, 0.1 ln(x / original_max_position_embeddings) + 1), applied by
+scaling the queries, so cached keys never depend on the total length. x is the query position + 1 ("position",
+the default: queries inside the trained length see exactly the trained model), the sequence's current total
+length ("total"), or the factor is 1 ("none"). vLLM instead multiplies the cached keys by the total-length
+factor, which makes a cached prefix wrong as soon as the sequence grows.
+
+The fast path computes each part with the dense kernel over slices of the paged cache (no Python loop over heads
+or tokens); reference_dual_chunk_attention() builds the full score matrix and is the tests' oracle.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from megactx.attention.backend import DenseAttentionBackend, SeqAttention, _prefix
+from megactx.attention.dense import attention
+from megactx.attention.merge import merge_attention
+from megactx.errors import ConfigError
+from megactx.layers.rotary import apply_rotary
+
+TEMPERATURES = ("position", "total", "none")
+
+
+@dataclass(slots=True)
+class DCAConfig:
+    chunk_size: int  # clamp on query positions
+    local_size: int  # exact positions reach this far into the previous chunk
+    original_max_position_embeddings: int  # the trained length, for the temperature
+    temperature: str = "position"
+
+    def __post_init__(self):
+        if not 0 < self.local_size < self.chunk_size:
+            raise ConfigError(f"Dual Chunk Attention needs 0 < local_size < chunk_size, got local_size "
+                              f"{self.local_size} and chunk_size {self.chunk_size}")
+        if self.temperature not in TEMPERATURES:
+            raise ConfigError(f"unknown DCA temperature {self.temperature!r}; choose from {', '.join(TEMPERATURES)}")
+        if self.original_max_position_embeddings < 1:
+            raise ConfigError("dca original_max_position_embeddings must be >= 1")
+
+    @property
+    def chunk_len(self) -> int:
+        """L: the real chunk length (the naming trap: not chunk_size)."""
+        return self.chunk_size - self.local_size
+
+    def describe(self) -> str:
+        return (f"chunk_size {self.chunk_size}, local_size {self.local_size} (chunk length {self.chunk_len}), "
+                f"original_max_position_embeddings {self.original_max_position_embeddings}, "
+                f"temperature {self.temperature}")
+
+
+def resolve_dca(model_config, enabled: bool, chunk_size: int | None = None, local_size: int | None = None,
+                original_max_position: int | None = None, temperature: str = "position") -> DCAConfig | None:
+    """The effective DCA settings: the model's dual_chunk_attention_config turns it on; `enabled` (--dca) turns
+    it on for any RoPE model with defaults from the trained length; explicit values override either."""
+    block = model_config.dual_chunk_attention_config or {}
+    if not block and not enabled:
+        return None
+    trained = model_config.trained_context_length
+    chunk = chunk_size or block.get("chunk_size") or trained
+    local = local_size or block.get("local_size") or max(1, chunk // 16)
+    original = original_max_position or block.get("original_max_position_embeddings") or trained
+    return DCAConfig(int(chunk), int(local), int(original), temperature)
+
+
+def query_positions(positions: torch.Tensor, cfg: DCAConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # positions: [T] absolute -> the intra, successive and inter query positions, [T] each
+    L = cfg.chunk_len
+    intra = positions % L
+    succ = torch.clamp(intra + L, max=cfg.chunk_size)
+    inter = torch.full_like(positions, min(2 * L - 1, cfg.chunk_size))
+    return intra, succ, inter
+
+
+def temperature_scale(positions: torch.Tensor, totals: torch.Tensor, cfg: DCAConfig) -> torch.Tensor | None:
+    # positions, totals: [T] -> the logit multiplier factor^2 per query row [T] fp32, or None (all ones)
+    if cfg.temperature == "none":
+        return None
+    x = (positions + 1 if cfg.temperature == "position" else totals).double()
+    factor = torch.clamp(0.1 * torch.log(x / cfg.original_max_position_embeddings) + 1, min=1.0)
+    if bool((factor == 1).all()):
+        return None
+    return (factor * factor).float()
+
+
+class DualChunkAttentionBackend(DenseAttentionBackend):
+    rotates_queries = True  # the layer rotates only the keys (at p % L); the queries are rotated here, three ways
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, cfg: DCAConfig, rotary):
+        super().__init__(num_heads, num_kv_heads, head_dim)
+        self.cfg, self.rotary = cfg, rotary
+
+    def key_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions % self.cfg.chunk_len
+
+    def prepare_step(self, positions: torch.Tensor, totals: torch.Tensor) -> None:
+        """Once per step: cos/sin of the three query positions and the temperature of every row."""
+        intra, succ, inter = query_positions(positions, self.cfg)
+        self.tables = [self.rotary.cos_sin(p) for p in (intra, succ, inter)]
+        self.q_scale = temperature_scale(positions, totals, self.cfg)
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q: [T, H, D] not rotated, k: [T, Hkv, D] rotated at p % L, v: [T, Hkv, D] -> [T, H, D]
+        meta = self.meta
+        self.cache.write(layer, meta.slot_mapping, k, v)
+        if self.q_scale is not None:
+            q = q * self.q_scale[:, None, None]
+        queries = [apply_rotary(q, cos, sin) for cos, sin in self.tables]  # 3 x [T, H, D]
+        outs = []
+        for s in meta.seqs:
+            rows = slice(s.q_start, s.q_start + s.num_new)
+            outs.append(self.attend_dca(layer, s, [x[rows] for x in queries],
+                                        k[rows].transpose(0, 1), v[rows].transpose(0, 1)))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def attend_dca(self, layer: int, s: SeqAttention, queries: list[torch.Tensor], k_new: torch.Tensor,
+                   v_new: torch.Tensor) -> torch.Tensor:
+        # queries: 3 x [n, H, D] for absolute positions [c, c + n); split where p crosses a multiple of L
+        L, c, n = self.cfg.chunk_len, s.num_computed, s.num_new
+        pieces, start = [], c
+        while start < c + n:
+            end = min(c + n, (start // L + 1) * L)
+            pieces.append(self.attend_piece(layer, s, start, end, [x[start - c:end - c] for x in queries],
+                                            k_new[:, start - c:end - c], v_new[:, start - c:end - c]))
+            start = end
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def attend_piece(self, layer: int, s: SeqAttention, a: int, b: int, queries: list[torch.Tensor],
+                     k_own: torch.Tensor, v_own: torch.Tensor) -> torch.Tensor:
+        # rows at positions [a, b), all in the chunk starting at cur; k_own/v_own: the keys at [a, b)
+        L = self.cfg.chunk_len
+        cur = (a // L) * L
+        q_intra, q_succ, q_inter = queries
+        outs, lses = [], []
+        for part_q, lo, hi in ((q_intra, cur, a), (q_succ, max(cur - L, 0), cur), (q_inter, 0, max(cur - L, 0))):
+            if hi > lo:  # cached keys at [lo, hi), all before the rows: non-causal
+                k, v = self.cache.read(layer, _range(s.key_slots, lo, hi), part_q.dtype)
+                o, lse = attention(part_q, k, v, self.scale, causal=False)
+                outs.append(o)
+                lses.append(lse)
+        o, lse = attention(q_intra, k_own, v_own, self.scale, causal=True)  # the piece itself
+        outs.append(o)
+        lses.append(lse)
+        return merge_attention(outs, lses)[0]
+
+
+def _range(slots: torch.Tensor | slice, lo: int, hi: int) -> torch.Tensor | slice:
+    if isinstance(slots, slice):
+        return slice(slots.start + lo, slots.start + hi)
+    return slots[lo:hi]
+
+
+def reference_dual_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary, cfg: DCAConfig,
+                                   scale: float, q_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The oracle: one sequence, all positions 0..T-1, every score written out.
+    q: [T, H, D], k, v: [T, Hkv, D], none rotated -> [T, H, D]. Scores of each (query, key) pair come from the
+    part the key falls in, then one softmax per row."""
+    t, h, d = q.shape
+    hkv = k.shape[1]
+    pos = torch.arange(t)
+    if q_scale is not None:
+        q = q * q_scale[:, None, None]
+    kr = apply_rotary(k.float(), *rotary.cos_sin(pos % cfg.chunk_len))  # [T, Hkv, D]
+    kr = kr.repeat_interleave(h // hkv, dim=1)
+    vr = v.float().repeat_interleave(h // hkv, dim=1)
+    scores = [torch.einsum("qhd,khd->hqk", apply_rotary(q.float(), *rotary.cos_sin(p)), kr) * scale
+              for p in query_positions(pos, cfg)]  # 3 x [H, T, T]
+    L = cfg.chunk_len
+    cur = (pos // L * L)[:, None]
+    j = pos[None, :]
+    part = torch.full((t, t), -1)
+    part[(j >= cur) & (j <= pos[:, None])] = 0
+    part[(j >= cur - L) & (j < cur)] = 1
+    part[j < cur - L] = 2
+    s = torch.where(part == 0, scores[0], torch.where(part == 1, scores[1], scores[2]))
+    s = s.masked_fill(part == -1, float("-inf"))
+    probs = torch.softmax(s, dim=-1)
+    return torch.einsum("hqk,khd->qhd", probs, vr).to(q.dtype)
+
+
+def log_n_factor(length: int, original: int) -> float:
+    """The total-length factor (for docs and inspect): max(1, 0.1 ln(length / original) + 1)."""
+    return max(1.0, 0.1 * math.log(length / original) + 1)
