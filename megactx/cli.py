@@ -42,12 +42,40 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = False) 
                    help="storage of the weight matrices: auto (fp16 for quantized GGUF on CPU, else --dtype), fp32, fp16, bf16")
     p.add_argument("--device", default=env_default("--device", "cpu"))
     p.add_argument("--threads", type=int, default=env_default("--threads", None, int))
+    add_dca_args(p)
+
+
+def _flag(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def add_dca_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Dual Chunk Attention (run beyond the trained length without training)")
+    g.add_argument("--dca", action="store_true", default=env_default("--dca", False, _flag),
+                   help="turn DCA on (on by default for models whose config has dual_chunk_attention_config)")
+    g.add_argument("--dca-chunk-size", type=int, default=env_default("--dca-chunk-size", None, int),
+                   help="query position clamp (default: the trained length)")
+    g.add_argument("--dca-local-size", type=int, default=env_default("--dca-local-size", None, int),
+                   help="exact-position window into the previous chunk (default: chunk size / 16)")
+    g.add_argument("--dca-original-max-position", type=int, default=env_default("--dca-original-max-position", None, int),
+                   help="trained length used by the attention temperature (default: the trained length)")
+    g.add_argument("--dca-temperature", default=env_default("--dca-temperature", "position"),
+                   choices=["position", "total", "none"], help="YaRN-style attention temperature (default: position)")
+    g.add_argument("--allow-long-context", action="store_true", default=env_default("--allow-long-context", False, _flag),
+                   help="allow --max-model-len beyond the trained length with plain RoPE (ablations)")
 
 
 def engine_kwargs(args) -> dict:
     return dict(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
-                kv_cache_dtype=args.kv_cache_dtype, dtype=args.dtype, weight_dtype=args.weight_dtype, device=args.device, num_threads=args.threads)
+                kv_cache_dtype=args.kv_cache_dtype, dtype=args.dtype, weight_dtype=args.weight_dtype, device=args.device,
+                num_threads=args.threads, **dca_kwargs(args))
+
+
+def dca_kwargs(args) -> dict:
+    return dict(dca=args.dca, dca_chunk_size=args.dca_chunk_size, dca_local_size=args.dca_local_size,
+                dca_original_max_position=args.dca_original_max_position, dca_temperature=args.dca_temperature,
+                allow_long_context=args.allow_long_context)
 
 
 def model_arg(args) -> str | None:
@@ -84,7 +112,7 @@ def cmd_chat(args) -> int:
 
 def cmd_inspect(args) -> int:
     from megactx.inspect import describe
-    print(describe(model_arg(args), args.tokens))
+    print(describe(model_arg(args), args.tokens, dca_kwargs(args)))
     return 0
 
 
@@ -127,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model_pos", nargs="?", metavar="MODEL")
     i.add_argument("--model", default=None)
     i.add_argument("--tokens", type=int, default=None, help="KV memory needed for this many tokens")
+    add_dca_args(i)
     i.set_defaults(func=cmd_inspect)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")

@@ -6,7 +6,8 @@ from megactx.loader import open_model
 from megactx.loader.tokenizer import load_tokenizer
 
 
-def describe(model: str | None, tokens: int | None = None) -> str:
+def describe(model: str | None, tokens: int | None = None, dca: dict | None = None) -> str:
+    from megactx.attention.dca import resolve_dca
     src = open_model(model)
     c = src.config
     tok = load_tokenizer(src.path, c.eos_token_ids)
@@ -23,6 +24,10 @@ def describe(model: str | None, tokens: int | None = None) -> str:
         f"tokenizer:        {tok.kind}, {tok.vocab_size} tokens, eos ids {tok.eos_token_ids}",
         f"chat template:    {'present' if tok.has_chat_template else 'absent'}",
     ]
+    dca = dca or {}
+    effective = resolve_dca(c, dca.get("dca", False), dca.get("dca_chunk_size"), dca.get("dca_local_size"),
+                            dca.get("dca_original_max_position"), dca.get("dca_temperature", "position"))
+    lines.append("dual chunk attn: " + (effective.describe() if effective else "off (turn on with --dca)"))
     for name, nbytes in (("fp32", 4), ("bf16/fp16", 2)):
         per = c.kv_bytes_per_token(nbytes)
         lines.append(f"KV cache {name:9} {per} bytes/token; {tokens} tokens: {log_fmt_bytes(per * tokens)}")

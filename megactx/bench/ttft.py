@@ -19,7 +19,7 @@ from megactx.errors import MegactxError
 
 logger = logging.getLogger(__name__)
 COMPARE = ("transformers", "llama.cpp")
-MODES = ("dense",)  # Dual Chunk Attention and sparse prefill add theirs
+MODES = ("dense", "dca")  # dense beyond the trained length runs plain RoPE (an ablation: speed, not quality)
 
 
 def peak_rss_mb() -> float:
@@ -43,7 +43,8 @@ def prompt_ids(model: str | None, length: int) -> list[int]:
 
 def run_megactx(model, ids, mode, threads) -> float:
     from megactx import LLM, SamplingParams
-    llm = LLM(model, max_model_len=len(ids) + 8, max_num_seqs=1, num_threads=threads)
+    llm = LLM(model, max_model_len=len(ids) + 8, max_num_seqs=1, num_threads=threads, dca=mode == "dca",
+              allow_long_context=mode == "dense")
     llm.generate(ids[:32], SamplingParams(temperature=0, max_tokens=1))  # warm-up
     out = llm.generate(ids, SamplingParams(temperature=0, max_tokens=1))[0]
     return out.metrics["first_token_time"] - out.metrics["arrival"]

@@ -106,6 +106,39 @@ def cmd_ruler(args) -> int:
     return 0
 
 
+def cmd_ppl(args) -> int:
+    from megactx.eval.ppl import document_ids, perplexity_by_bucket
+    if args.base_url:
+        raise MegactxError("eval ppl runs in-process (it needs every position's logits): give --model, not --base-url")
+    if args.length < 2 or args.bucket < 1:
+        raise MegactxError("--length must be at least 2 tokens and --bucket at least 1")
+    from megactx.cli import engine_kwargs
+    from megactx.llm import LLM
+    kwargs = engine_kwargs(args)
+    kwargs["max_num_seqs"] = 1
+    if kwargs["max_model_len"] is None:
+        kwargs["max_model_len"] = args.window or args.length
+    llm = LLM(args.model, **kwargs)
+    ids = document_ids(llm.tokenizer, args.length, args.text)
+    scored = args.length - 1
+    with _bar(scored, "ppl") as bar:
+        bar.unit = "tok"
+        rows = perplexity_by_bucket(llm.engine, ids, args.bucket, args.window, on_progress=bar.update)
+    setting = f"window {args.window}" if args.window else ("DCA" if llm.engine.dca else "full context, plain RoPE")
+    result = {"model": args.model, "length": args.length, "text": args.text or "python-stdlib",
+              "setting": setting, "dca": llm.engine.dca.describe() if llm.engine.dca else None, "buckets": rows}
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(f"perplexity, {setting}, {args.length} tokens of {result['text']}")
+    print("| positions | tokens | perplexity |")
+    print("|---|---:|---:|")
+    for r in rows:
+        print(f"| {r['start']}-{r['end']} | {r['tokens']} | {r['ppl']:.3f} |")
+    return 0
+
+
 def add_eval_parsers(sub, add_engine_args) -> None:
     ev = sub.add_parser("eval", help="long-context evaluation").add_subparsers(dest="eval", required=True)
     p = ev.add_parser("passkey", help="passkey retrieval over lengths x depths (heatmap, JSONL, summary)")
@@ -120,3 +153,12 @@ def add_eval_parsers(sub, add_engine_args) -> None:
     r.add_argument("--lengths", default="4096")
     r.add_argument("--samples", type=int, default=5)
     r.set_defaults(func=cmd_ruler)
+    pp = ev.add_parser("ppl", help="perplexity of one long document per position bucket (in-process)")
+    add_engine_args(pp)
+    pp.add_argument("--base-url", default=None, help=argparse.SUPPRESS)
+    pp.add_argument("--length", type=int, required=True, help="tokens of the document to score")
+    pp.add_argument("--text", default=None, help="a text file (default: the Python standard library's source)")
+    pp.add_argument("--window", type=int, default=None, help="score with at most this many tokens of context")
+    pp.add_argument("--bucket", type=int, default=4096, help="report every this many positions (default 4096)")
+    pp.add_argument("--out", default=None, help="write the result as JSON here")
+    pp.set_defaults(func=cmd_ppl)

@@ -1,0 +1,45 @@
+"""Perplexity per bucket: chunked scoring equals a direct computation with transformers, full and windowed."""
+import math
+
+import torch
+
+from megactx.eval.ppl import document_ids, perplexity_by_bucket, stdlib_text
+from conftest import hf_forward
+from helpers import make_engine, token_ids
+
+
+def _nll(logits, ids, t):
+    return float(torch.logsumexp(logits, -1) - logits[ids[t]])
+
+
+def test_full_and_windowed_perplexity_equal_direct_computation(tiny_dir):
+    path = tiny_dir("qwen2", num_key_value_heads=2)
+    ids = token_ids(100, seed=5)
+    engine = make_engine(path)
+    full = hf_forward(path, ids)
+    expected = {}
+    for t in range(1, 100):
+        expected.setdefault(t // 32, []).append(_nll(full[t - 1], ids, t))
+    rows = perplexity_by_bucket(engine, ids, bucket=32, chunk=16)
+    assert [r["tokens"] for r in rows] == [31, 32, 32, 4]
+    for r, b in zip(rows, sorted(expected)):
+        assert math.isclose(r["ppl"], math.exp(sum(expected[b]) / len(expected[b])), rel_tol=1e-4)
+    # window 40, stride 20: windows end at 40, 60, 80, 99; target t is scored in the first window reaching it
+    window, got = 40, perplexity_by_bucket(engine, ids, bucket=32, window=40, chunk=7)
+    expected = {}
+    for t in range(1, 100):
+        end = 40 if t <= 40 else min(99, 40 + 20 * math.ceil((t - 40) / 20))
+        begin = max(0, end - window)
+        logits = hf_forward(path, ids[begin:t])[-1]
+        expected.setdefault(t // 32, []).append(_nll(logits, ids, t))
+    for r, b in zip(got, sorted(expected)):
+        assert math.isclose(r["ppl"], math.exp(sum(expected[b]) / len(expected[b])), rel_tol=1e-4)
+    assert got[0]["ppl"] == rows[0]["ppl"]  # inside the first window both see the same context
+
+
+def test_default_document_is_the_standard_library(tiny_dir):
+    text = stdlib_text(10_000)
+    assert text.startswith("# file: ") and len(text) >= 10_000
+    engine = make_engine(tiny_dir("qwen2", num_key_value_heads=2))
+    ids = document_ids(engine.tokenizer, 500)
+    assert len(ids) == 500 and ids == document_ids(engine.tokenizer, 500)
