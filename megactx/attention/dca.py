@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megactx.attention.backend import DenseAttentionBackend, SeqAttention, _prefix
+from megactx.attention.backend import DenseAttentionBackend, SeqAttention
 from megactx.attention.dense import attention
 from megactx.attention.merge import merge_attention
 from megactx.errors import ConfigError
