@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
+
+from megactx.bench.ttft import peak_rss_mb  # VmHWM of this process
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EVAL_MODEL = os.path.expanduser("~/.cache/megactx/models/qwen2.5-coder-0.5b-instruct.gguf")
@@ -113,15 +114,6 @@ def child(args) -> None:
     eng = ENGINES[args.engine](args.model, args.max_len, args.chunk)
     eng.generate(prompt_ids(int(args.lengths.split(",")[-1])), 1)
     print("RESULT " + json.dumps({"peak_rss_mb": peak_rss_mb()}))
-
-
-def peak_rss_mb() -> float:
-    """VmHWM of this process (ru_maxrss is not reset by exec, so a child would report its parent's peak)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure(path: str, lengths: list[int], args) -> dict:

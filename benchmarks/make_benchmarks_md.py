@@ -44,7 +44,8 @@ def serve_tables() -> list[str]:
 
 
 def passkey_section() -> list[str]:
-    from megactx.eval.passkey import read_rows, summarize
+    from megactx.eval.passkey import summarize
+    from megactx.eval.results import read_rows
     out = []
     for path in sorted(glob.glob(os.path.join(HERE, "results", "passkey_*", "passkey.jsonl"))):
         rows = read_rows(path)
@@ -61,7 +62,7 @@ def passkey_section() -> list[str]:
 
 
 def ruler_section() -> list[str]:
-    from megactx.eval.passkey import read_rows
+    from megactx.eval.results import read_rows
     from megactx.eval.ruler import format_table, summarize
     from megactx.eval.ruler_tasks import TASKS
     out = []
@@ -92,6 +93,49 @@ def ttft_section() -> list[str]:
     return out
 
 
+def ppl_section() -> list[str]:
+    """Perplexity per bucket: one column per setting (DCA, sliding window, plain RoPE) of the same model."""
+    runs: dict[str, dict[str, dict]] = {}
+    for path in sorted(glob.glob(os.path.join(HERE, "results", "ppl", "*.json"))):
+        model, setting = os.path.basename(path)[:-5].split("_", 1)
+        runs.setdefault(model, {})[setting] = json.load(open(path))
+    out = []
+    for model, settings in runs.items():
+        names = [n for n in ("dca", "window8k", "window32k", "plain") if n in settings]
+        any_run = settings[names[0]]
+        out += [f"### {model}, {any_run['length']} tokens of {any_run['text']}", "",
+                "| positions | " + " | ".join(settings[n]["setting"] for n in names) + " |",
+                "|---|" + "---:|" * len(names)]
+        buckets = [(b["start"], b["end"]) for b in any_run["buckets"]]
+        for start, end in buckets:
+            cells = []
+            for n in names:
+                b = next((x for x in settings[n]["buckets"] if x["start"] == start), None)
+                cells.append(f"{b['ppl']:.2f}" if b else "")
+            out.append(f"| {start}-{end} | " + " | ".join(cells) + " |")
+        if "dca" in settings and any(n.startswith("window") for n in names):
+            ref = settings[next(n for n in names if n.startswith("window"))]["buckets"]
+            worst = max(d["ppl"] / r["ppl"] for d, r in zip(settings["dca"]["buckets"], ref))
+            out += ["", f"DCA's worst bucket: {worst:.2f}x the sliding window's perplexity."]
+        out.append("")
+    return out
+
+
+def dca_cost_section() -> list[str]:
+    out = []
+    for path in sorted(glob.glob(os.path.join(HERE, "results", "dca_cost_*.json"))):
+        d = json.load(open(path))
+        out += [f"### {d['model']}", "", "| length | dense prefill s | DCA prefill s | DCA / dense | dense decode tok/s "
+                "| DCA decode tok/s | dense / DCA |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        for n in sorted({r["length"] for r in d["rows"]}):
+            dn, dc = (next(r for r in d["rows"] if r["mode"] == m and r["length"] == n) for m in ("dense", "dca"))
+            out.append(f"| {n} | {dn['prefill_s']:.1f} | {dc['prefill_s']:.1f} | {dc['prefill_s'] / dn['prefill_s']:.2f}x "
+                       f"| {dn['decode_tok_s']:.2f} | {dc['decode_tok_s']:.2f} | "
+                       f"{dn['decode_tok_s'] / dc['decode_tok_s']:.2f}x |")
+        out.append("")
+    return out
+
+
 def main() -> None:
     lines = ["# Benchmarks", "",
              f"Machine: {os.cpu_count()} cores ({platform.processor() or platform.machine()}), no GPU, shared and noisy: "
@@ -118,6 +162,12 @@ def main() -> None:
               "offline (RULER-11: qa_1/qa_2 need datasets). The essay haystack is the named `essay-substitute` (seeded "
               "English sentences), not Paul Graham's essays, so these are not the published RULER numbers.", ""]
     lines += ruler_section()
+    ppl, cost = ppl_section(), dca_cost_section()
+    if ppl or cost:
+        lines += ["## Dual Chunk Attention", "",
+                  "`megactx eval ppl --length 32768 --dca` / `--window 8192` / `--allow-long-context` (perplexity per "
+                  "4K bucket of the Python standard library's source) and `python benchmarks/dca_cost.py --lengths "
+                  "16384,65536` (dense and DCA engines alternating in one process).", ""] + ppl + cost
     ttft = ttft_section()
     if ttft:
         lines += ["## Time to first token (EVAL.md 3)", "", "`megactx bench ttft --model MODEL --lengths ... "

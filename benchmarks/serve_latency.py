@@ -41,11 +41,14 @@ def main() -> None:
     ap.add_argument("--long-prompt-tokens", type=int, default=7000)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--weight-dtype", default="auto")
+    ap.add_argument("--tag", default="", help="suffix of the results file")
     args = ap.parse_args()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "megactx.cli", "serve", "--port", str(port), "--max-num-seqs", "16",
-           "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--threads", "2"]
+           "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--threads", "2",
+           "--weight-dtype", args.weight_dtype]
     if args.model:
         cmd += ["--model", args.model]
     if args.max_model_len:
@@ -69,8 +72,8 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=60)
     rows = {"single_stream": single, "eight_streams": eight, "during_long_prefill": during, "alone": alone,
-            "max_num_batched_tokens": args.max_num_batched_tokens}
-    name = os.path.basename(args.model or "smollm2").removesuffix(".gguf")
+            "max_num_batched_tokens": args.max_num_batched_tokens, "weight_dtype": args.weight_dtype}
+    name = os.path.basename(args.model or "smollm2").removesuffix(".gguf") + args.tag
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     with open(os.path.join(HERE, "results", f"serve_{name}.json"), "w") as f:
         json.dump(rows, f, indent=1)
@@ -79,6 +82,8 @@ def main() -> None:
     print(f"inter-token latency alone          p50 {alone['itl_ms']['50']:6.1f} ms  p99 {alone['itl_ms']['99']:6.1f} ms")
     print(f"inter-token latency during prefill p50 {during['itl_ms']['50']:6.1f} ms  p99 {during['itl_ms']['99']:6.1f} ms"
           f"  (long prompt {args.long_prompt_tokens} tokens, TTFT {during.get('long_prompt_ttft_s', float('nan')):.1f} s)")
+    print(f"time to first token of a request arriving during that prefill: {during['ttft_s']['50']:.2f} s "
+          f"(alone {alone['ttft_s']['50']:.2f} s)")
 
 
 if __name__ == "__main__":

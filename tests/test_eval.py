@@ -7,6 +7,7 @@ import pytest
 from megactx.eval import passkey, ruler
 from megactx.eval.backends import InProcessBackend
 from megactx.eval.fitting import largest_fitting
+from megactx.eval.results import read_rows
 from megactx.eval.ruler_tasks import TASKS
 from megactx.eval.scoring import postprocess, string_match_all, string_match_part
 
@@ -101,7 +102,7 @@ def test_passkey_run_writes_jsonl_heatmap_and_resumes(backend, tmp_path):
     rows = passkey.run_passkey(backend, [256], [0, 50, 100], 1, str(tmp_path), on_row=computed.append)
     assert [r["depth"] if r else None for r in computed] == [None, 50, None]  # only the new cell ran
     assert len(rows) == 3
-    lines = passkey.read_rows(str(tmp_path / "passkey.jsonl"))
+    lines = read_rows(str(tmp_path / "passkey.jsonl"))
     assert len(lines) == 3  # the broken line is skipped, the row after it is whole
     assert {"length", "depth", "trial", "key", "answer", "correct", "ttft_s"} <= set(lines[-1])
     png = passkey_heatmap(*passkey.accuracy_grid(rows), str(tmp_path / "h.png"))

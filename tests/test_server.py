@@ -190,7 +190,7 @@ def test_prefill_progress_before_the_first_token(server, model):
 
 def test_passkey_eval_end_to_end_against_the_server(server, tmp_path):
     from megactx.cli import main
-    from megactx.eval.passkey import read_rows
+    from megactx.eval.results import read_rows
     computed_before = metric(server, "megactx_prompt_tokens_computed")
     rc = main(["eval", "passkey", "--base-url", server, "--api-key", KEY, "--lengths", "512", "--depths", "0,50",
                "--out", str(tmp_path)])

@@ -8,7 +8,6 @@ Rows are appended to JSONL as they finish, so a run that stops resumes where it 
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -18,6 +17,7 @@ from typing import Callable
 
 from megactx.eval.backends import Backend
 from megactx.eval.fitting import largest_fitting
+from megactx.eval.results import ResultLog
 
 logger = logging.getLogger(__name__)
 
@@ -58,54 +58,19 @@ class Cell:
     trial: int
 
 
-def read_rows(path: str) -> list[dict]:
-    """Finished rows of an earlier run; a line cut short by a crash is ignored (that cell is redone)."""
-    rows = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    logger.warning("%s: ignoring an incomplete line", path)
-    return rows
-
-
-def open_for_append(path: str):
-    """Append mode, starting on a fresh line if a crash left the last one unfinished."""
-    f = open(path, "a+")
-    f.seek(0, os.SEEK_END)
-    if f.tell() > 0:
-        f.seek(f.tell() - 1)
-        if f.read(1) != "\n":
-            f.write("\n")
-    return f
-
-
 def run_passkey(backend: Backend, lengths: list[int], depths: list[int], trials: int, out_dir: str,
                 seed: int = 0, on_row: Callable[[dict | None], None] | None = None) -> list[dict]:
     """Run every cell not already in out_dir/passkey.jsonl; return all rows (old and new).
     on_row(row) is called after each cell (row None: a cell skipped because it was done)."""
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "passkey.jsonl")
-    rows = read_rows(path)
-    done = {(r["length"], r["depth"], r["trial"]) for r in rows}
     guess: dict[int, int] = {}
-    with open_for_append(path) as f:
+    with ResultLog(os.path.join(out_dir, "passkey.jsonl"), lambda r: (r["length"], r["depth"], r["trial"]),
+                   on_row) as log:
         for length in lengths:
             for depth in depths:
                 for trial in range(trials):
-                    if (length, depth, trial) in done:
-                        if on_row:
-                            on_row(None)
-                        continue
-                    row = run_cell(backend, Cell(length, depth, trial), seed, guess)
-                    f.write(json.dumps(row) + "\n")
-                    f.flush()
-                    rows.append(row)
-                    if on_row:
-                        on_row(row)
-    return rows
+                    if not log.skip((length, depth, trial)):
+                        log.add(run_cell(backend, Cell(length, depth, trial), seed, guess))
+    return log.rows
 
 
 def run_cell(backend: Backend, cell: Cell, seed: int, guess: dict[int, int]) -> dict:

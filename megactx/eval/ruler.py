@@ -7,7 +7,6 @@ Rows are appended to ruler.jsonl as they finish; a rerun skips them.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -16,7 +15,7 @@ from typing import Callable
 from megactx.errors import MegactxError
 from megactx.eval.backends import Backend
 from megactx.eval.fitting import largest_fitting
-from megactx.eval.passkey import open_for_append, read_rows
+from megactx.eval.results import ResultLog
 from megactx.eval.ruler_tasks import TASKS, Sample, Task
 from megactx.eval.scoring import METRICS, postprocess
 
@@ -59,34 +58,24 @@ def build_sample(backend: Backend, task: Task, length: int, index: int, seed: in
 
 def run_ruler(backend: Backend, tasks: list[str], lengths: list[int], samples: int, out_dir: str, seed: int = 0,
               on_row: Callable[[dict | None], None] | None = None) -> list[dict]:
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "ruler.jsonl")
-    rows = read_rows(path)
-    done = {(r["task"], r["length"], r["index"]) for r in rows}
     sizes: dict[tuple[str, int], int] = {}
-    with open_for_append(path) as f:
+    with ResultLog(os.path.join(out_dir, "ruler.jsonl"), lambda r: (r["task"], r["length"], r["index"]),
+                   on_row) as log:
         for length in lengths:
             for name in tasks:
                 task = TASKS[name]
                 for index in range(samples):
-                    if (name, length, index) in done:
-                        if on_row:
-                            on_row(None)
+                    if log.skip((name, length, index)):
                         continue
                     sample, ids = build_sample(backend, task, length, index, seed, sizes)
                     answer = backend.generate(ids, task.tokens_to_generate)
                     prediction = postprocess(answer.text)
                     score = METRICS[task.metric]([prediction], [sample.outputs])
-                    row = {"task": name, "length": length, "index": index, "haystack": task.haystack,
-                           "prompt_tokens": len(ids), "prediction": prediction, "outputs": sample.outputs,
-                           "score": score, "ttft_s": round(answer.ttft_s, 3)}
                     logger.info("ruler %s length %d sample %d: %.0f", name, length, index, score)
-                    f.write(json.dumps(row) + "\n")
-                    f.flush()
-                    rows.append(row)
-                    if on_row:
-                        on_row(row)
-    return rows
+                    log.add({"task": name, "length": length, "index": index, "haystack": task.haystack,
+                             "prompt_tokens": len(ids), "prediction": prediction, "outputs": sample.outputs,
+                             "score": score, "ttft_s": round(answer.ttft_s, 3)})
+    return log.rows
 
 
 def summarize(rows: list[dict], tasks: list[str], lengths: list[int]) -> dict:
