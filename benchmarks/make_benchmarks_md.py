@@ -101,7 +101,7 @@ def ppl_section() -> list[str]:
         runs.setdefault(model, {})[setting] = json.load(open(path))
     out = []
     for model, settings in runs.items():
-        names = [n for n in ("dca", "window8k", "window32k", "plain") if n in settings]
+        names = [n for n in ("dca", "dca-total", "dca-none", "window8k", "window32k", "plain") if n in settings]
         any_run = settings[names[0]]
         out += [f"### {model}, {any_run['length']} tokens of {any_run['text']}", "",
                 "| positions | " + " | ".join(settings[n]["setting"] for n in names) + " |",

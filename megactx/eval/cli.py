@@ -124,7 +124,9 @@ def cmd_ppl(args) -> int:
     with _bar(scored, "ppl") as bar:
         bar.unit = "tok"
         rows = perplexity_by_bucket(llm.engine, ids, args.bucket, args.window, on_progress=bar.update)
-    setting = f"window {args.window}" if args.window else ("DCA" if llm.engine.dca else "full context, plain RoPE")
+    dca = llm.engine.dca
+    setting = f"window {args.window}" if args.window else (
+        f"DCA, temperature {dca.temperature}" if dca else "full context, plain RoPE")
     result = {"model": args.model, "length": args.length, "text": args.text or "python-stdlib",
               "setting": setting, "dca": llm.engine.dca.describe() if llm.engine.dca else None, "buckets": rows}
     if args.out:
