@@ -202,3 +202,19 @@ def test_passkey_eval_end_to_end_against_the_server(server, tmp_path):
     # the server really computed both prompts
     assert metric(server, "megactx_prompt_tokens_computed") - computed_before >= sum(r["prompt_tokens"] for r in rows)
     assert (tmp_path / "passkey_heatmap.png").stat().st_size > 1000
+
+
+def test_ruler_against_the_server_renders_like_the_engine_and_scores(server, tmp_path):
+    from megactx.eval import ruler
+    from megactx.eval.backends import ServerBackend
+    from megactx.loader import default_model_path
+    from megactx.loader.tokenizer import load_tokenizer
+    backend = ServerBackend(server, api_key=KEY)
+    assert backend.max_model_len == 4096
+    tok = load_tokenizer(default_model_path())
+    text, prefix = "Find the number.\nThe number is 7.", " The number is"
+    local = tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]) + prefix, add_special_tokens=False)
+    assert backend.render(text, prefix) == local  # chat template on the client side, the answer prefix appended
+    rows = ruler.run_ruler(backend, ["niah_single_1"], [1024], 1, str(tmp_path))
+    assert len(rows) == 1 and rows[0]["prompt_tokens"] + 128 <= 1024
+    assert rows[0]["score"] in (0.0, 100.0) and rows[0]["prediction"]
