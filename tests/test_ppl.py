@@ -34,7 +34,8 @@ def test_full_and_windowed_perplexity_equal_direct_computation(tiny_dir):
         expected.setdefault(t // 32, []).append(_nll(logits, ids, t))
     for r, b in zip(got, sorted(expected)):
         assert math.isclose(r["ppl"], math.exp(sum(expected[b]) / len(expected[b])), rel_tol=1e-4)
-    assert got[0]["ppl"] == rows[0]["ppl"]  # inside the first window both see the same context
+    # inside the first window both see the same context (chunking differs: fp32 rounding only)
+    assert math.isclose(got[0]["ppl"], rows[0]["ppl"], rel_tol=1e-6)
 
 
 def test_default_document_is_the_standard_library(tiny_dir):

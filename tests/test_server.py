@@ -152,21 +152,39 @@ def test_disconnect_mid_stream_frees_the_sequence(server, client, model):
 
 
 def test_eight_concurrent_streams_each_get_their_own_text(client, model):
+    """Greedy text under batching equals the text alone, except where the alone run stood at a near-tie:
+    a batched matmul rounds differently from a single row, which can flip an argmax between two tokens whose
+    log-probabilities are within rounding of each other -- and nowhere else."""
     prompts = [f"Write a short sentence about the number {i}." for i in range(8)]
-    alone = [client.chat.completions.create(model=model, messages=[{"role": "user", "content": p}], temperature=0,
-                                            max_tokens=24).choices[0].message.content for p in prompts]
+
+    def tokens_of(choice):
+        return [(t.token, {c.token: c.logprob for c in t.top_logprobs}) for t in choice.logprobs.content]
+
+    alone = [tokens_of(client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": p}], temperature=0, max_tokens=24, logprobs=True,
+        top_logprobs=2).choices[0]) for p in prompts]
     got = [None] * 8
 
     def run(i):
         s = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompts[i]}],
-                                           temperature=0, max_tokens=24, stream=True)
-        got[i] = "".join(c.choices[0].delta.content or "" for c in s if c.choices)
+                                           temperature=0, max_tokens=24, stream=True, logprobs=True)
+        got[i] = [t.token for c in s if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
     threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=300)
-    assert got == alone
+    same = 0
+    for want, have in zip(alone, got):
+        assert have, "a stream returned no tokens"
+        diverge = next((j for j, (w, h) in enumerate(zip(want, have)) if w[0] != h), None)
+        if diverge is None:
+            same += len(want) == len(have)  # else one ended (EOS) where the other went on
+            continue
+        chosen, top = want[diverge]
+        assert have[diverge] in top, f"token {diverge}: {have[diverge]!r} is not a runner-up of {chosen!r}"
+        assert top[chosen] - top[have[diverge]] < 0.05, f"token {diverge}: {top} is no near-tie"
+    assert same >= 6
 
 
 def test_prefill_progress_before_the_first_token(server, model):
