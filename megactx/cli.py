@@ -63,6 +63,16 @@ def add_dca_args(p: argparse.ArgumentParser) -> None:
                    choices=["position", "total", "none"], help="YaRN-style attention temperature (default: position)")
     g.add_argument("--allow-long-context", action="store_true", default=env_default("--allow-long-context", False, _flag),
                    help="allow --max-model-len beyond the trained length with plain RoPE (ablations)")
+    g = p.add_argument_group("Sparse prefill (MInference vertical-slash, for prompts above a threshold)")
+    g.add_argument("--no-sparse", dest="sparse", action="store_false",
+                   default=not env_default("--no-sparse", False, _flag), help="prefill every prompt densely")
+    g.add_argument("--sparse-config", default=env_default("--sparse-config"),
+                   help="per-head budgets JSON (default: sparse_attention_config.json beside the model, "
+                        "else 1000 verticals / 6096 slashes per head)")
+    g.add_argument("--sparse-threshold", type=int, default=env_default("--sparse-threshold", 32768, int),
+                   help="prompts longer than this many tokens are prefilled sparsely (default 32768)")
+    g.add_argument("--sparse-last-q", type=int, default=env_default("--sparse-last-q", 64, int),
+                   help="last queries of each prefill chunk that estimate the pattern (default 64)")
 
 
 def engine_kwargs(args) -> dict:
@@ -75,7 +85,8 @@ def engine_kwargs(args) -> dict:
 def dca_kwargs(args) -> dict:
     return dict(dca=args.dca, dca_chunk_size=args.dca_chunk_size, dca_local_size=args.dca_local_size,
                 dca_original_max_position=args.dca_original_max_position, dca_temperature=args.dca_temperature,
-                allow_long_context=args.allow_long_context)
+                allow_long_context=args.allow_long_context, sparse=args.sparse, sparse_config=args.sparse_config,
+                sparse_threshold=args.sparse_threshold, sparse_last_q=args.sparse_last_q)
 
 
 def model_arg(args) -> str | None:

@@ -180,6 +180,12 @@ class EngineConfig:
     dca_original_max_position: int | None = None  # default: the trained length
     dca_temperature: str = "position"  # position | total | none (see attention/dca.py)
     allow_long_context: bool = False  # run plain RoPE beyond the trained length anyway (ablations)
+    # Sparse prefill (MInference vertical-slash): prompts longer than sparse_threshold tokens
+    sparse: bool = True
+    sparse_config: str | None = None  # default: sparse_attention_config.json beside the model, else default budgets
+    sparse_threshold: int = 32768
+    sparse_last_q: int = 64
+    sparse_block_size: int = 256  # query rows per kernel block (Python only: tests use small blocks)
 
     def __post_init__(self):
         parse_dtype(self.dtype)

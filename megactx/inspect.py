@@ -28,6 +28,10 @@ def describe(model: str | None, tokens: int | None = None, dca: dict | None = No
     effective = resolve_dca(c, dca.get("dca", False), dca.get("dca_chunk_size"), dca.get("dca_local_size"),
                             dca.get("dca_original_max_position"), dca.get("dca_temperature", "position"))
     lines.append("dual chunk attn: " + (effective.describe() if effective else "off (turn on with --dca)"))
+    from megactx.sparse.config import resolve_sparse
+    sparse = resolve_sparse(src.path, dca.get("sparse", True), dca.get("sparse_config"),
+                            dca.get("sparse_threshold", 32768), dca.get("sparse_last_q", 64))
+    lines.append("sparse prefill:   " + (sparse.describe() if sparse else "off (--no-sparse)"))
     for name, nbytes in (("fp32", 4), ("bf16/fp16", 2)):
         per = c.kv_bytes_per_token(nbytes)
         lines.append(f"KV cache {name:9} {per} bytes/token; {tokens} tokens: {log_fmt_bytes(per * tokens)}")

@@ -26,6 +26,8 @@ def test_chat_missing_attachment_is_a_clear_error(tmp_path):
 
 def test_bench_ttft_json_rows_and_eval_input_errors(tmp_path):
     import json
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"0": ["diagonal", 1, 2, 0]}]')
     r = run(["bench", "ttft", "--lengths", "64,128", "--json"], "")
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
@@ -34,6 +36,8 @@ def test_bench_ttft_json_rows_and_eval_input_errors(tmp_path):
     assert all(x["ttft_s"] > 0 and x["peak_rss_mb"] > 100 for x in rows)
     for args, message in [(["eval", "passkey", "--lengths", "4x", "--out", str(tmp_path)], "'4x' is not a number"),
                           (["eval", "ruler", "--tasks", "qa_1", "--out", str(tmp_path)], "unknown RULER task 'qa_1'"),
-                          (["bench", "ttft", "--compare", "vllm"], "unknown engine 'vllm'")]:
+                          (["bench", "ttft", "--compare", "vllm"], "unknown engine 'vllm'"),
+                          (["generate", "--sparse-config", str(bad), "hi"], "bad.json: layer 0 head 0: unknown pattern"),
+                          (["bench", "ttft", "--modes", "fast"], "unknown mode 'fast'")]:
         r = run(args, "")
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)

@@ -15,6 +15,7 @@ import torch
 
 from megactx.attention.dense import attention
 from megactx.attention.merge import merge_attention
+from megactx.sparse.kernel import KeySource
 
 
 @dataclass(slots=True)
@@ -23,6 +24,7 @@ class SeqAttention:
     num_new: int  # n
     num_computed: int  # c: tokens already in the cache before this step
     key_slots: torch.Tensor | slice  # cache slots of positions [0, c + n): a slice when contiguous
+    sparse: bool = False  # a prefill chunk of a prompt long enough for sparse prefill
 
 
 @dataclass(slots=True)
@@ -60,6 +62,7 @@ class DenseAttentionBackend:
         self.scale = head_dim ** -0.5
         self.cache: KVCacheTensors | None = None
         self.meta: AttentionMetadata | None = None
+        self.sparse = None  # a SparsePrefill (megactx.sparse.prefill) when sparse prefill is on
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [T, H, D], k/v: [T, Hkv, D] -> out [T, H, D]
@@ -74,6 +77,11 @@ class DenseAttentionBackend:
     def attend_sequence(self, layer: int, s: SeqAttention, q: torch.Tensor, k_new: torch.Tensor,
                         v_new: torch.Tensor) -> torch.Tensor:
         # q: [n, H, D], k_new/v_new: [Hkv, n, D] -> [n, H, D]
+        if s.sparse and s.num_new > 1:
+            m = s.num_computed + s.num_new
+            r = min(self.sparse.cfg.last_q, s.num_new)
+            return self.sparse.attend(layer, [(0, m, q)], [(0, m, q[-r:])], self.keys(layer, s, q.dtype),
+                                      s.num_computed)
         if s.num_computed == 0:
             return attention(q, k_new, v_new, self.scale, causal=True)[0]
         if s.num_new == 1:
@@ -83,6 +91,9 @@ class DenseAttentionBackend:
         past = attention(q, k, v, self.scale, causal=False)
         own = attention(q, k_new, v_new, self.scale, causal=True)
         return merge_attention([past[0], own[0]], [past[1], own[1]])[0]
+
+    def keys(self, layer: int, s: SeqAttention, dtype: torch.dtype) -> KeySource:
+        return KeySource(self.cache.k[layer], self.cache.v[layer], s.key_slots, dtype)
 
 
 def _prefix(slots: torch.Tensor | slice, n: int) -> torch.Tensor | slice:

@@ -121,24 +121,33 @@ class DualChunkAttentionBackend(DenseAttentionBackend):
         outs = []
         for s in meta.seqs:
             rows = slice(s.q_start, s.q_start + s.num_new)
-            outs.append(self.attend_dca(layer, s, [x[rows] for x in queries],
+            outs.append(self.attend_dca(layer, s, [x[rows] for x in queries], q[rows],
                                         k[rows].transpose(0, 1), v[rows].transpose(0, 1)))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    def attend_dca(self, layer: int, s: SeqAttention, queries: list[torch.Tensor], k_new: torch.Tensor,
-                   v_new: torch.Tensor) -> torch.Tensor:
-        # queries: 3 x [n, H, D] for absolute positions [c, c + n); split where p crosses a multiple of L
+    def attend_dca(self, layer: int, s: SeqAttention, queries: list[torch.Tensor], q_raw: torch.Tensor,
+                   k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
+        # queries: 3 x [n, H, D] for absolute positions [c, c + n), q_raw: [n, H, D] not rotated;
+        # split where p crosses a multiple of L
         L, c, n = self.cfg.chunk_len, s.num_computed, s.num_new
         pieces, start = [], c
         while start < c + n:
             end = min(c + n, (start // L + 1) * L)
-            pieces.append(self.attend_piece(layer, s, start, end, [x[start - c:end - c] for x in queries],
-                                            k_new[:, start - c:end - c], v_new[:, start - c:end - c]))
+            rows = slice(start - c, end - c)
+            if s.sparse and end - start > 1:
+                pieces.append(self.attend_piece_sparse(layer, s, start, end, [x[rows] for x in queries], q_raw[rows]))
+            else:
+                pieces.append(self.attend_piece(layer, s, start, end, [x[rows] for x in queries],
+                                                k_new[:, rows], v_new[:, rows]))
             start = end
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def attend_piece(self, layer: int, s: SeqAttention, a: int, b: int, queries: list[torch.Tensor],
                      k_own: torch.Tensor, v_own: torch.Tensor) -> torch.Tensor:
+        return self.attend_piece_lse(layer, s, a, b, queries, k_own, v_own)[0]
+
+    def attend_piece_lse(self, layer: int, s: SeqAttention, a: int, b: int, queries: list[torch.Tensor],
+                         k_own: torch.Tensor, v_own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # rows at positions [a, b), all in the chunk starting at cur; k_own/v_own: the keys at [a, b)
         L = self.cfg.chunk_len
         cur = (a // L) * L
@@ -153,7 +162,25 @@ class DualChunkAttentionBackend(DenseAttentionBackend):
         o, lse = attention(q_intra, k_own, v_own, self.scale, causal=True)  # the piece itself
         outs.append(o)
         lses.append(lse)
-        return merge_attention(outs, lses)[0]
+        return merge_attention(outs, lses)
+
+    def attend_piece_sparse(self, layer: int, s: SeqAttention, a: int, b: int, queries: list[torch.Tensor],
+                            q_raw: torch.Tensor) -> torch.Tensor:
+        """Sparse prefill of rows [a, b) (one DCA chunk): the planned keys split into the three parts, each scored
+        with its own query rotation; the pattern is estimated from the last queries at the critical (continuous)
+        positions p % L + L and p % L + chunk_size for the successive and inter keys (DESIGN.md 3.2 step 4)."""
+        L, cfg = self.cfg.chunk_len, self.cfg
+        cur = (a // L) * L
+        prev = max(cur - L, 0)
+        parts = [(cur, b), (prev, cur), (0, prev)]
+        segments = [(lo, hi, q) for (lo, hi), q in zip(parts, queries) if hi > lo]
+        r = min(self.sparse.cfg.last_q, b - a)
+        intra = torch.arange(b - r, b, device=q_raw.device) % L
+        critical = [queries[0][-r:]] + [apply_rotary(q_raw[-r:], *self.rotary.cos_sin(intra + shift))
+                                        for shift in (L, cfg.chunk_size)]
+        estimate = [(lo, hi, q) for (lo, hi), q in zip(parts, critical) if hi > lo]
+        return self.sparse.attend(layer, segments, estimate, self.keys(layer, s, q_raw.dtype), a,
+                                  dca_parts=[p for p in parts[1:] if p[1] > p[0]])
 
 
 def _range(slots: torch.Tensor | slice, lo: int, hi: int) -> torch.Tensor | slice:
@@ -163,7 +190,8 @@ def _range(slots: torch.Tensor | slice, lo: int, hi: int) -> torch.Tensor | slic
 
 
 def reference_dual_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary, cfg: DCAConfig,
-                                   scale: float, q_scale: torch.Tensor | None = None) -> torch.Tensor:
+                                   scale: float, q_scale: torch.Tensor | None = None,
+                                   mask: torch.Tensor | None = None) -> torch.Tensor:
     """The oracle: one sequence, all positions 0..T-1, every score written out.
     q: [T, H, D], k, v: [T, Hkv, D], none rotated -> [T, H, D]. Scores of each (query, key) pair come from the
     part the key falls in, then one softmax per row."""
@@ -186,6 +214,8 @@ def reference_dual_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     part[j < cur - L] = 2
     s = torch.where(part == 0, scores[0], torch.where(part == 1, scores[1], scores[2]))
     s = s.masked_fill(part == -1, float("-inf"))
+    if mask is not None:  # [H, T, T] bool: sparse prefill's oracle, only these pairs
+        s = s.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(s, dim=-1)
     return torch.einsum("hqk,khd->qhd", probs, vr).to(q.dtype)
 

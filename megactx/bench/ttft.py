@@ -19,7 +19,9 @@ from megactx.errors import MegactxError
 
 logger = logging.getLogger(__name__)
 COMPARE = ("transformers", "llama.cpp")
-MODES = ("dense", "dca")  # dense beyond the trained length runs plain RoPE (an ablation: speed, not quality)
+# dense: plain attention (beyond the trained length plain RoPE: an ablation of speed, not quality); dca: Dual
+# Chunk Attention; sparse: sparse prefill above the threshold (default 32768 tokens); dca+sparse: both
+MODES = ("dense", "dca", "sparse", "dca+sparse")
 
 
 def peak_rss_mb() -> float:
@@ -41,16 +43,16 @@ def prompt_ids(model: str | None, length: int) -> list[int]:
     return ids[:length]
 
 
-def run_megactx(model, ids, mode, threads) -> float:
+def run_megactx(model, ids, mode, threads, chunk=4096) -> float:
     from megactx import LLM, SamplingParams
-    llm = LLM(model, max_model_len=len(ids) + 8, max_num_seqs=1, num_threads=threads, dca=mode == "dca",
-              allow_long_context=mode == "dense")
+    llm = LLM(model, max_model_len=len(ids) + 8, max_num_seqs=1, num_threads=threads, dca="dca" in mode,
+              sparse="sparse" in mode, allow_long_context="dca" not in mode, max_num_batched_tokens=chunk)
     llm.generate(ids[:32], SamplingParams(temperature=0, max_tokens=1))  # warm-up
     out = llm.generate(ids, SamplingParams(temperature=0, max_tokens=1))[0]
     return out.metrics["first_token_time"] - out.metrics["arrival"]
 
 
-def run_transformers(model, ids, mode, threads) -> float:
+def run_transformers(model, ids, mode, threads, chunk=None) -> float:
     import torch
     from transformers import AutoModelForCausalLM
     torch.set_num_threads(threads)
@@ -70,7 +72,7 @@ def run_transformers(model, ids, mode, threads) -> float:
         return time.perf_counter() - start
 
 
-def run_llamacpp(model, ids, mode, threads) -> float:
+def run_llamacpp(model, ids, mode, threads, chunk=None) -> float:
     from llama_cpp import Llama
     from megactx.loader import default_model_path
     llm = Llama(model_path=model or default_model_path(), n_ctx=len(ids) + 8, n_threads=threads,
@@ -98,13 +100,14 @@ def unavailable(engine: str, model: str | None) -> str | None:
 
 def worker(args) -> None:
     ids = prompt_ids(args.model, args.length)
-    ttft = RUNNERS[args.engine](args.model, ids, args.mode, args.threads)
+    ttft = RUNNERS[args.engine](args.model, ids, args.mode, args.threads, args.chunk)
     print("RESULT " + json.dumps({"ttft_s": ttft, "tokens": len(ids), "peak_rss_mb": peak_rss_mb()}), flush=True)
 
 
 def measure(engine: str, mode: str, length: int, args) -> dict:
     cmd = [sys.executable, "-m", "megactx.bench.ttft", "--worker", "--engine", engine, "--mode", mode,
-           "--length", str(length), "--threads", str(args.threads)] + (["--model", args.model] if args.model else [])
+           "--length", str(length), "--threads", str(args.threads), "--chunk", str(args.max_num_batched_tokens)]
+    cmd += ["--model", args.model] if args.model else []
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS=str(args.threads))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -122,7 +125,7 @@ def run(args) -> list[dict]:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
         if m not in MODES:
-            raise MegactxError(f"--modes: {m!r} is not available in this version; choose from {', '.join(MODES)}")
+            raise MegactxError(f"--modes: unknown mode {m!r}; choose from {', '.join(MODES)}")
     others = [c.strip() for c in (args.compare or "").split(",") if c.strip()]
     for c in others:
         if c not in COMPARE:
@@ -134,7 +137,7 @@ def run(args) -> list[dict]:
     for length in lengths:
         for engine, mode in [("megactx", m) for m in modes] + [(c, "dense") for c in others if c not in skipped]:
             row = measure(engine, mode, length, args)
-            base = next((r for r in rows if r["engine"] == "megactx" and r["length"] == length), None)
+            base = next((r for r in rows if r["engine"] == "megactx" and r["length"] == length), None)  # first mode
             row["speedup_vs_this"] = round(row["ttft_s"] / base["ttft_s"], 2) if base and row is not base else None
             rows.append(row)
             if args.json:
@@ -143,7 +146,7 @@ def run(args) -> list[dict]:
             else:
                 logger.warning("%s %s %d: TTFT %.2f s", engine, mode, length, row["ttft_s"])
     if not args.json:
-        print("| engine | mode | length | TTFT s | prefill tok/s | peak RSS MB | TTFT / megactx dense |")
+        print("| engine | mode | length | TTFT s | prefill tok/s | peak RSS MB | TTFT / megactx first mode |")
         print("|---|---|---|---|---|---|---|")
         for r in rows:
             ratio = "" if r["speedup_vs_this"] is None else f"{r['speedup_vs_this']:.2f}x"
@@ -161,6 +164,7 @@ def add_parser(bench_sub, env_default) -> None:
     p.add_argument("--modes", default="dense")
     p.add_argument("--compare", default="", help="comma list: transformers, llama.cpp")
     p.add_argument("--threads", type=int, default=env_default("--threads", os.cpu_count() or 1, int))
+    p.add_argument("--max-num-batched-tokens", type=int, default=4096, help="this engine's prefill chunk")
     p.add_argument("--json", action="store_true", help="one JSON object per row")
     p.set_defaults(func=lambda a: 0 if run(a) is not None else 1)
 
@@ -173,4 +177,5 @@ if __name__ == "__main__":
     ap.add_argument("--model")
     ap.add_argument("--length", type=int)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--chunk", type=int, default=4096)
     worker(ap.parse_args())

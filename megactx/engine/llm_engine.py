@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from megactx.attention.dca import resolve_dca
+from megactx.sparse.config import resolve_sparse
 from megactx.config import EngineConfig, ceil_div, log_fmt_bytes, parse_dtype
 from megactx.engine.detokenizer import IncrementalDetokenizer
 from megactx.engine.kv_cache import BlockAllocator
@@ -68,6 +69,10 @@ class LLMEngine:
                 f"--allow-long-context runs plain RoPE anyway, for ablations)")
         if self.dca is not None:
             logger.info("Dual Chunk Attention: %s", self.dca.describe())
+        self.sparse = resolve_sparse(self.source.path, config.sparse, config.sparse_config, config.sparse_threshold,
+                                     config.sparse_last_q, config.sparse_block_size)
+        if self.sparse is not None and self.max_model_len > self.sparse.threshold:
+            logger.info("Sparse prefill: %s", self.sparse.describe())
         dtype = parse_dtype(cc.kv_cache_dtype) or parse_dtype(config.dtype) or torch.float32
         per_token = mc.kv_bytes_per_token(torch.finfo(dtype).bits // 8)
         need = per_token * ceil_div(self.max_model_len, cc.block_size) * cc.block_size
@@ -84,7 +89,7 @@ class LLMEngine:
         logger.info("KV cache: %d blocks of %d tokens (%s, %s)", num_blocks, cc.block_size,
                     log_fmt_bytes(num_blocks * cc.block_size * per_token), dtype)
         self.runner = ModelRunner(self.source, config.dtype, config.device, num_blocks, cc.block_size,
-                                  cc.kv_cache_dtype, config.weight_dtype, self.dca)
+                                  cc.kv_cache_dtype, config.weight_dtype, self.dca, self.sparse)
         self.source.iter_weights = None  # drop the file mapping (a GGUF's pages would stay in RSS)
         self.allocator = BlockAllocator(num_blocks, cc.block_size)
         self.scheduler = Scheduler(sc, self.allocator)

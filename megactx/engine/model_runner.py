@@ -12,6 +12,8 @@ from megactx.engine.scheduler import ScheduledChunk
 from megactx.layers.rotary import RotaryEmbedding
 from megactx.loader import ModelSource
 from megactx.models.decoder import DecoderLM
+from megactx.sparse.config import SparseConfig
+from megactx.sparse.prefill import SparsePrefill
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +42,8 @@ def resolve_weight_dtype(name: str, source: ModelSource, dtype: torch.dtype, dev
 
 class ModelRunner:
     def __init__(self, source: ModelSource, dtype: str, device: str, num_blocks: int, block_size: int,
-                 kv_dtype: str, weight_dtype: str = "auto", dca: DCAConfig | None = None):
+                 kv_dtype: str, weight_dtype: str = "auto", dca: DCAConfig | None = None,
+                 sparse: SparseConfig | None = None):
         self.config: ModelConfig = source.config
         self.device = torch.device(device)
         self.dtype = parse_dtype(dtype) or torch.float32
@@ -55,6 +58,8 @@ class ModelRunner:
         else:
             self.backend = DualChunkAttentionBackend(c.num_attention_heads, c.num_key_value_heads, c.head_dim, dca,
                                                      self.model.rotary)
+        if sparse is not None:
+            self.backend.sparse = SparsePrefill(sparse, c.num_hidden_layers, c.num_attention_heads, self.backend.scale)
         self.backend.cache = KVCacheTensors(c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
                                             num_blocks * block_size, self.kv_dtype, self.device)
 
@@ -77,7 +82,9 @@ class ModelRunner:
                 pos = torch.arange(c + n)
                 key_slots = (table[pos // bs] * bs + pos % bs).to(self.device)
                 slot_parts.append(key_slots[c:].cpu())
-            seqs.append(SeqAttention(row, n, c, key_slots))
+            sparse = self.backend.sparse is not None and c < seq.num_prompt_tokens and \
+                self.backend.sparse.applies(seq.num_prompt_tokens, n)
+            seqs.append(SeqAttention(row, n, c, key_slots, sparse))
             row += n
             if ch.completes:
                 last_rows.append(row - 1)

@@ -6,7 +6,10 @@
 3. Slash score of diagonal offset d: sum_r A[r, pos_r - d]; the `local` nearest diagonals are always kept;
    the top s = max(slash_size, 50) offsets are the slashes.
 A query at position p then attends keys {verticals <= p} and {p - d for each slash offset d, d <= p}.
-vertical_slash_mask() writes that set out as a dense mask: the tests' oracle and the reference path.
+
+Under Dual Chunk Attention the keys fall in segments scored with different query rotations (the "critical",
+continuous positions, DESIGN.md 3.1): attention_probs() takes one rotated query set per key segment.
+vertical_slash_mask() writes the chosen set out as a dense mask: the tests' oracle.
 """
 from __future__ import annotations
 
@@ -25,30 +28,54 @@ class VerticalSlash:
     slashes: torch.Tensor  # [H, s] diagonal offsets (>= 0), sorted
 
 
-def attention_probs(q_last: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, scale: float) -> torch.Tensor:
-    # q_last: [r, H, D] rotated queries at key-index positions q_pos [r]; k: [Hkv, m, D] -> A: [H, r, m] fp32
-    r, h, d = q_last.shape
-    hkv, m, _ = k.shape
-    qg = q_last.float().view(r, hkv, h // hkv, d)
-    scores = torch.einsum("rkgd,kmd->kgrm", qg, k.float()).reshape(h, r, m) * scale
-    future = torch.arange(m)[None, :] > q_pos[:, None]  # [r, m]: keys after each query
-    return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+def attention_probs(segments: list[tuple[int, int, torch.Tensor]], k: torch.Tensor, q_pos: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """segments: (lo, hi, q_last [r, H, D]) -- keys [lo, hi) are scored with these rotated queries; together they
+    cover [0, m). k: [Hkv, m, D], q_pos: [r] key indices of the queries -> A: [H, r, m] fp32, causal."""
+    hkv, m, d = k.shape
+    r, h, _ = segments[0][2].shape
+    scores = torch.empty(h, r, m, dtype=torch.float32, device=k.device)
+    for lo, hi, q in segments:
+        if hi > lo:
+            qg = q.float().view(r, hkv, h // hkv, d)
+            # [Hkv, G, r, hi - lo] written into the head-major score rows
+            scores[:, :, lo:hi] = torch.einsum("rkgd,kmd->kgrm", qg, k[:, lo:hi].float()).reshape(h, r, hi - lo)
+    scores *= scale
+    future = torch.arange(m, device=k.device)[None, :] > q_pos[:, None]  # [r, m]: keys after each query
+    scores.masked_fill_(future, float("-inf"))
+    return torch.softmax(scores, dim=-1)
 
 
-def estimate_vertical_slash(q_last: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, scale: float,
-                            vertical_size: torch.Tensor | int, slash_size: torch.Tensor | int) -> VerticalSlash:
-    """Per-head budgets may differ (tensors [H]); the result is padded to the largest budget by repeating
-    the last chosen index, which changes no mask."""
-    probs = attention_probs(q_last, k, q_pos, scale)  # [H, r, m]
+def slash_scores(probs: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+    """[H, r, m] probabilities of consecutive queries -> [H, m] score of each diagonal offset d = pos_r - j.
+    Row i is shifted right by r - 1 - i so that every diagonal becomes one column; then a column sum."""
     h, r, m = probs.shape
+    if r > 1 and not bool((q_pos.diff() == 1).all()):
+        raise ValueError("slash estimation needs consecutive query positions")
+    aligned = torch.zeros(h, r, m + r, dtype=probs.dtype, device=probs.device)
+    # element (i, j) of row i lands at column j + r - 1 - i
+    aligned.as_strided((h, r, m), (r * (m + r), m + r - 1, 1), storage_offset=r - 1).copy_(probs)
+    by_column = aligned.sum(1)  # [H, m + r]; column c holds offset d = pos_0 + r - 1 - c
+    p_last = int(q_pos[-1])
+    # offset d for d in [0, m): column p_last - d (negative columns: offsets beyond every query, none)
+    cols = p_last - torch.arange(m, device=probs.device)
+    return torch.where(cols >= 0, by_column[:, cols.clamp(min=0)], torch.zeros((), dtype=probs.dtype))
+
+
+def estimate_vertical_slash(q_last: torch.Tensor | list, k: torch.Tensor, q_pos: torch.Tensor, scale: float,
+                            vertical_size: torch.Tensor | int, slash_size: torch.Tensor | int) -> VerticalSlash:
+    """q_last: rotated queries [r, H, D] (or DCA segments, see attention_probs). Per-head budgets may differ
+    (tensors [H]); the result is padded to the largest budget by repeating a chosen index, which changes no mask."""
+    m = k.shape[1]
+    segments = q_last if isinstance(q_last, list) else [(0, m, q_last)]
+    probs = attention_probs(segments, k, q_pos, scale)  # [H, r, m]
+    h = probs.shape[0]
     vertical = probs.sum(1)  # [H, m]
     vertical[:, :SINK_KEYS] = float("inf")
-    offsets = q_pos[:, None] - torch.arange(m)[None, :]  # [r, m]: diagonal offset of each (query, key)
-    valid = offsets >= 0
-    slash = torch.zeros(h, m, dtype=torch.float32)
-    slash.scatter_add_(1, offsets.clamp(min=0).reshape(1, -1).expand(h, -1),
-                       (probs * valid).reshape(h, -1))
+    slash = slash_scores(probs, q_pos)
+    del probs
     slash[:, :LOCAL_DIAGONALS] = float("inf")
+    slash[:, int(q_pos[-1]) + 1:] = float("-inf")  # offsets no query reaches
     return VerticalSlash(_top(vertical, vertical_size, SINK_KEYS, h), _top(slash, slash_size, MIN_SLASHES, h))
 
 
@@ -58,17 +85,16 @@ def _top(score: torch.Tensor, size: torch.Tensor | int, minimum: int, h: int) ->
     k = int(sizes.max())
     idx = torch.topk(score, k, dim=-1).indices  # [H, k], best first
     # heads with a smaller budget: repeat their last wanted index into the padding
-    pad = torch.arange(k)[None, :] >= sizes[:, None]
-    idx = torch.where(pad, idx.gather(1, (sizes - 1)[:, None]).expand(-1, k), idx)
+    pad = torch.arange(k, device=score.device)[None, :] >= sizes[:, None].to(score.device)
+    idx = torch.where(pad, idx.gather(1, (sizes.to(score.device) - 1)[:, None]).expand(-1, k), idx)
     return idx.sort(dim=-1).values
 
 
 def vertical_slash_mask(vs: VerticalSlash, q_pos: torch.Tensor, m: int) -> torch.Tensor:
     """[H, n, m] bool: what each head's query at q_pos[i] attends (causal)."""
     h = vs.verticals.shape[0]
-    n = q_pos.shape[0]
     keys = torch.arange(m)
-    mask = torch.zeros(h, n, m, dtype=torch.bool)
+    mask = torch.zeros(h, q_pos.shape[0], m, dtype=torch.bool)
     mask |= torch.zeros(h, m, dtype=torch.bool).scatter(1, vs.verticals, True)[:, None, :]
     diag = q_pos[None, :, None] - keys[None, None, :]  # [1, n, m]
     mask |= (diag[..., None] == vs.slashes[:, None, None, :]).any(-1)

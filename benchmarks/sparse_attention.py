@@ -1,0 +1,127 @@
+"""Sparse prefill vs dense attention, layer by layer, on a real passkey prompt (the evaluation model with DCA).
+
+For each length: one prefill of a passkey prompt (depth 50 %) with Dual Chunk Attention and sparse prefill on
+(default budgets unless --sparse-config), then the answer. For every piece of every layer the sparse kernel's
+time, its index-estimation time and its density are recorded; for the --dense-layers the dense DCA attention of
+the same piece is computed right after on the same inputs (same process, same moment), which gives the dense
+time per layer and the attention recall exp(lse_sparse - lse_dense) (mean over rows and heads).
+
+Dense end-to-end TTFT at a length is projected (and marked so) when it is not measured: the sparse run's TTFT
+minus its sparse attention and estimation time plus the dense attention time of every layer (layers not timed
+densely get the mean of those that were).
+
+  python benchmarks/sparse_attention.py --model M.gguf --lengths 32768,65536,131072 --dense-layers 0,11,23
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megactx import LLM, SamplingParams  # noqa: E402
+from megactx.eval.backends import InProcessBackend  # noqa: E402
+from megactx.eval.fitting import largest_fitting  # noqa: E402
+from megactx.eval.passkey import MAX_NEW_TOKENS, build_prompt, make_key, score  # noqa: E402
+
+
+def instrument(backend, dense_layers: set[int] | None, record: dict) -> None:
+    """Wrap the DCA backend's sparse piece: after it, time the dense piece on the same inputs (chosen layers)."""
+    sparse_piece = backend.attend_piece_sparse
+
+    def timed(layer, s, a, b, queries, q_raw):
+        out = sparse_piece(layer, s, a, b, queries, q_raw)
+        if dense_layers is None or layer in dense_layers:
+            lse_sparse = backend.sparse.last_lse
+            keys = backend.keys(layer, s, q_raw.dtype)
+            t0 = time.perf_counter()
+            k_own, v_own = keys.span(a, b)
+            _, lse_dense = backend.attend_piece_lse(layer, s, a, b, queries, k_own, v_own)
+            record["dense_s"][layer] = record["dense_s"].get(layer, 0.0) + time.perf_counter() - t0
+            recall = torch.exp(lse_sparse - lse_dense).mean()
+            record["recall"].setdefault(layer, []).append((float(recall), b - a))
+        return out
+
+    backend.attend_piece_sparse = timed
+
+
+def run_length(args, length: int) -> dict:
+    llm = LLM(args.model, max_model_len=length + MAX_NEW_TOKENS + 8, max_num_seqs=1, dca=True, sparse=True,
+              sparse_config=args.sparse_config, sparse_threshold=args.threshold,
+              max_num_batched_tokens=args.chunk, num_threads=args.threads)
+    backend = InProcessBackend(llm)
+    key = make_key(0, length, 50, 0)
+    n = largest_fitting(lambda k: backend.count(build_prompt(k, 50, key)), length)
+    ids = backend.render(build_prompt(n, 50, key))
+    attn = llm.engine.runner.backend
+    layers = llm.engine.model_config.num_hidden_layers
+    dense_layers = None if args.dense_layers == "all" else {int(x) for x in args.dense_layers.split(",") if x}
+    record = {"dense_s": {}, "recall": {}}
+    instrument(attn, dense_layers, record)
+    answer = backend.generate(ids, MAX_NEW_TOKENS)
+    stats = attn.sparse.stats
+    dense_total = sum(record["dense_s"].values())
+    ttft = answer.ttft_s - dense_total  # the dense side ran inside the prefill: take it out
+    sparse_attn = sum(stats.attention_s.values())
+    estimate = sum(stats.estimate_s.values())
+    measured = sorted(record["dense_s"])
+    mean_dense = dense_total / len(measured) if measured else float("nan")
+    per_layer = []
+    for li in range(layers):
+        recalls = record["recall"].get(li, [])
+        weight = sum(w for _, w in recalls)
+        dens = stats.density.get(li, [])
+        per_layer.append({
+            "layer": li, "sparse_s": round(stats.attention_s.get(li, 0.0), 3),
+            "estimate_s": round(stats.estimate_s.get(li, 0.0), 3),
+            "dense_s": round(record["dense_s"][li], 3) if li in record["dense_s"] else None,
+            "density": round(sum(dens) / len(dens), 4) if dens else None,
+            "recall": round(sum(r * w for r, w in recalls) / weight, 4) if weight else None})
+    dense_projected = ttft - sparse_attn - estimate + sum(
+        record["dense_s"].get(li, mean_dense) for li in range(layers))
+    correct, _ = score(answer.text, key)
+    return {"length": length, "prompt_tokens": len(ids), "answer": answer.text, "passkey_correct": correct,
+            "ttft_sparse_s": round(ttft, 2), "ttft_dense_projected_s": round(dense_projected, 2),
+            "ttft_speedup_projected": round(dense_projected / ttft, 2),
+            "sparse_attention_s": round(sparse_attn, 2), "estimate_s": round(estimate, 2),
+            "estimate_share": round(estimate / sparse_attn, 3),
+            "dense_layers_measured": measured,
+            "attention_speedup": round(sum(record["dense_s"].values()) /
+                                       max(sum(stats.attention_s[li] + stats.estimate_s[li] for li in measured), 1e-9), 2),
+            "layers": per_layer, "chunk": args.chunk, "sparse_config": args.sparse_config or "default budgets"}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--lengths", default="32768,65536,131072")
+    ap.add_argument("--dense-layers", default="all", help="'all' or a comma list of layers timed densely too")
+    ap.add_argument("--sparse-config", default=None)
+    ap.add_argument("--threshold", type=int, default=32768)
+    ap.add_argument("--chunk", type=int, default=16384, help="prefill chunk (max_num_batched_tokens)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/results/sparse_attention_eval.json")
+    args = ap.parse_args()
+    results = json.load(open(args.out)) if os.path.exists(args.out) else {"rows": []}
+    for length in [int(x) for x in args.lengths.split(",")]:
+        row = run_length(args, length)
+        results["rows"] = [r for r in results["rows"] if r["length"] != length] + [row]
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"{length}: passkey {'ok' if row['passkey_correct'] else 'WRONG'}, TTFT sparse {row['ttft_sparse_s']} s, "
+              f"dense (projected) {row['ttft_dense_projected_s']} s ({row['ttft_speedup_projected']}x); attention "
+              f"{row['attention_speedup']}x on layers {row['dense_layers_measured']}; estimation "
+              f"{100 * row['estimate_share']:.1f}% of sparse attention", flush=True)
+        for li in row["layers"]:
+            print(f"  layer {li['layer']:2d}: sparse {li['sparse_s']:7.2f} s  estimate {li['estimate_s']:6.2f} s  "
+                  f"dense {li['dense_s'] if li['dense_s'] is not None else '-':>7}  density {li['density']}  "
+                  f"recall {li['recall']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Per-head sparse attention patterns for the prefill (MInference, arXiv 2407.02490; DESIGN.md 3.2).
+
+`sparse_attention_config.json` beside the model (the format MInference and vLLM read) is a list over layers of
+  {"<head>": [pattern, vertical_size, slash_size, score], ...}
+with pattern one of
+  vertical_and_slash   keep the top vertical_size columns and slash_size diagonals, estimated per prefill chunk
+  a_shape              keep the first vertical_size keys and the slash_size nearest diagonals ("stream_llm")
+  block_sparse         keep the top vertical_size 64-key blocks for each query block (mean-pooled scores)
+A layer or head the file does not name gets ("vertical_and_slash", 1000, 6096).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megactx.errors import ConfigError
+
+PATTERNS = ("vertical_and_slash", "a_shape", "block_sparse")
+ALIASES = {"stream_llm": "a_shape"}
+CONFIG_NAME = "sparse_attention_config.json"
+
+
+@dataclass(slots=True, frozen=True)
+class HeadPattern:
+    kind: str
+    vertical_size: int
+    slash_size: int
+
+
+DEFAULT_HEAD = HeadPattern("vertical_and_slash", 1000, 6096)
+
+
+@dataclass(slots=True)
+class SparseConfig:
+    threshold: int = 32768  # prompts longer than this many tokens are prefilled sparsely
+    last_q: int = 64  # queries per prefill chunk that estimate the pattern
+    block_size: int = 256  # query rows per block of the kernel
+    layers: list[dict[int, HeadPattern]] = field(default_factory=list)
+    source: str | None = None  # the file the budgets came from, for messages
+
+    def __post_init__(self):
+        if self.threshold < 0:
+            raise ConfigError(f"--sparse-threshold must be >= 0, got {self.threshold}")
+        if self.last_q < 1:
+            raise ConfigError(f"--sparse-last-q must be >= 1, got {self.last_q}")
+        if self.block_size < 16:
+            raise ConfigError(f"sparse block size must be >= 16, got {self.block_size}")
+
+    def head(self, layer: int, head: int) -> HeadPattern:
+        if layer < len(self.layers):
+            return self.layers[layer].get(head, DEFAULT_HEAD)
+        return DEFAULT_HEAD
+
+    def layer_patterns(self, layer: int, num_heads: int) -> list[HeadPattern]:
+        return [self.head(layer, h) for h in range(num_heads)]
+
+    def describe(self) -> str:
+        budgets = f"budgets from {self.source}" if self.source else "default budgets (1000 verticals, 6096 slashes)"
+        return f"threshold {self.threshold} tokens, last_q {self.last_q}, {budgets}"
+
+
+def parse_layers(data, where: str) -> list[dict[int, HeadPattern]]:
+    """The MInference / vLLM layer list -> per layer {head: HeadPattern}; errors name the entry."""
+    if isinstance(data, dict) and "layers" in data:
+        data = data["layers"]
+    if not isinstance(data, list):
+        raise ConfigError(f"{where}: expected a list over layers of {{head: [pattern, vertical, slash, score]}}")
+    layers = []
+    for li, layer in enumerate(data):
+        if not isinstance(layer, dict):
+            raise ConfigError(f"{where}: layer {li} is not an object mapping head to pattern")
+        heads = {}
+        for key, entry in layer.items():
+            if not str(key).isdigit():
+                raise ConfigError(f"{where}: layer {li}: head key {key!r} is not a head index")
+            if not isinstance(entry, (list, tuple)) or len(entry) < 3:
+                raise ConfigError(f"{where}: layer {li} head {key}: expected [pattern, vertical_size, slash_size, "
+                                  f"score], got {entry!r}")
+            kind = ALIASES.get(entry[0], entry[0])
+            if kind not in PATTERNS:
+                raise ConfigError(f"{where}: layer {li} head {key}: unknown pattern {entry[0]!r}; "
+                                  f"use one of {', '.join(PATTERNS)}")
+            try:
+                vertical, slash = int(entry[1]), int(entry[2])
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}: layer {li} head {key}: budgets must be integers, got {entry[1:3]!r}")
+            if vertical < 0 or slash < 0:
+                raise ConfigError(f"{where}: layer {li} head {key}: budgets must be >= 0")
+            heads[int(key)] = HeadPattern(kind, vertical, slash)
+        layers.append(heads)
+    return layers
+
+
+def load_sparse_config(path: str | Path, **settings) -> SparseConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: sparse attention config not found")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})")
+    return SparseConfig(layers=parse_layers(data, str(path)), source=str(path), **settings)
+
+
+def resolve_sparse(model_path: str | Path | None, enabled: bool = True, config_file: str | None = None,
+                   threshold: int = 32768, last_q: int = 64, block_size: int = 256) -> SparseConfig | None:
+    """--sparse-config FILE, else sparse_attention_config.json beside the model, else default budgets."""
+    if not enabled:
+        return None
+    settings = dict(threshold=threshold, last_q=last_q, block_size=block_size)
+    if config_file:
+        return load_sparse_config(config_file, **settings)
+    if model_path is not None:
+        beside = Path(model_path)
+        beside = (beside if beside.is_dir() else beside.parent) / CONFIG_NAME
+        if beside.is_file():
+            return load_sparse_config(beside, **settings)
+    return SparseConfig(**settings)
+
+
+def dump_layers(layers: list[dict[int, HeadPattern]], scores: list[dict[int, float]] | None = None) -> list:
+    """The inverse of parse_layers: what `megactx sparse search` writes."""
+    out = []
+    for li, heads in enumerate(layers):
+        out.append({str(h): [p.kind, p.vertical_size, p.slash_size,
+                             (scores[li].get(h, 0.0) if scores else 0.0)] for h, p in sorted(heads.items())})
+    return out

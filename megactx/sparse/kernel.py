@@ -1,0 +1,209 @@
+"""Sparse prefill attention on gathered keys, with the log-sum-exp, so it merges with DCA parts and earlier chunks.
+
+The queries of a prefill chunk are cut into blocks of `block` rows. Each head's query block [a, b) attends
+  its own block [a, b), causal, computed densely for all heads at once, and
+  a set of earlier keys (< a) chosen for that head and block: its "plan".
+A vertical-slash pattern becomes a plan as in MInference's GPU kernel: the slash with offset d covers, for the
+block's rows, the key range [a - d, b - d); the union of those ranges (the same relative offsets for every
+block) plus the verticals they do not cover. A block computes the whole ranges: a superset of the exact
+diagonals, at block granularity. Block-sparse patterns are plans directly.
+
+Why gathered keys and the dense kernel: on a CPU, SDPA with an explicit mask falls back to a slow path and
+FlexAttention is slower than dense SDPA (DESIGN.md 4). Gathering each head's chosen keys into a contiguous
+[m, D] tile and calling the flash kernel (non-causal, it returns the LSE) computes only the chosen keys at
+near-peak speed. The Python loop is over (head, query block), each call hundreds of rows by thousands of keys.
+
+plan_mask() writes a plan out as a dense [H, n, m] mask from its definition; reference_attention() under that
+mask is the tests' oracle.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megactx.attention.dense import attention
+from megactx.attention.merge import merge_attention
+from megactx.sparse.estimate import VerticalSlash
+
+@dataclass(slots=True)
+class BlockKeys:
+    """The earlier keys (all < the block's first position) one head's query block attends."""
+    ranges: list[tuple[int, int]]  # disjoint [lo, hi) spans: read as views of the cache, no copy
+    columns: torch.Tensor  # [c] single keys outside the spans: gathered
+
+    def indices(self) -> torch.Tensor:
+        parts = [torch.arange(lo, hi) for lo, hi in self.ranges] + [self.columns.cpu()]
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+
+    def size(self) -> int:
+        return sum(hi - lo for lo, hi in self.ranges) + len(self.columns)
+
+
+Plan = list[list[BlockKeys]]  # [H][num_blocks]
+
+
+def block_starts(q_start: int, n: int, block: int) -> list[int]:
+    return list(range(q_start, q_start + n, block))
+
+
+def _runs(sorted_values: torch.Tensor) -> list[tuple[int, int]]:
+    """Sorted distinct ints -> maximal runs of consecutive values as (first, last + 1)."""
+    if len(sorted_values) == 0:
+        return []
+    breaks = (sorted_values.diff() != 1).nonzero().flatten() + 1
+    starts = torch.cat([torch.tensor([0]), breaks])
+    ends = torch.cat([breaks, torch.tensor([len(sorted_values)])])
+    return [(int(sorted_values[a]), int(sorted_values[b - 1]) + 1) for a, b in zip(starts, ends)]
+
+
+def vertical_slash_plan(vs: VerticalSlash, q_start: int, n: int, block: int) -> Plan:
+    plans = []
+    starts = block_starts(q_start, n, block)
+    for head in range(vs.verticals.shape[0]):
+        d = vs.slashes[head].unique().cpu()
+        d = d[d > 0]
+        max_d = int(d.max()) if len(d) else 0
+        # covered[u]: the key a - u is in some slash's range [a - d, a - d + block), i.e. d - block < u <= d
+        diff = torch.zeros(max_d + 2, dtype=torch.int32)
+        diff.index_add_(0, (d - block).clamp(min=0) + 1, torch.ones_like(d, dtype=torch.int32))
+        diff.index_add_(0, d + 1, torch.full_like(d, -1, dtype=torch.int32))
+        covered = diff.cumsum(0) > 0
+        runs = _runs(covered.nonzero().flatten())  # (u_lo, u_hi): keys (a - u_hi, a - u_lo]
+        verticals = vs.verticals[head].unique().cpu()
+        per_block = []
+        for a in starts:
+            ranges = [(max(a - u_hi + 1, 0), a - u_lo + 1) for u_lo, u_hi in reversed(runs) if u_lo <= a]
+            v = verticals[verticals < a]
+            rel = a - v
+            free = (rel > max_d) | ~covered[rel.clamp(max=max_d + 1)]
+            per_block.append(BlockKeys(ranges, v[free]))
+        plans.append(per_block)
+    return plans
+
+
+def block_sparse_plan(q: torch.Tensor, k: torch.Tensor, q_start: int, block: int, top_blocks: torch.Tensor,
+                      key_block: int = 64) -> Plan:
+    """q: [n, H, D] rotated, k: [Hkv, >= q_start, D] rotated keys; per query block, the top_blocks[h] key blocks
+    (of key_block keys, entirely before the query block) by mean-pooled score, the first one always kept,
+    and the keys between the last whole key block and the query block."""
+    n, h, dim = q.shape
+    hkv = k.shape[0]
+    starts = block_starts(q_start, n, block)
+    nkb = q_start // key_block
+    pooled_k = k[:, :nkb * key_block].float().reshape(hkv, nkb, key_block, dim).mean(2)  # [Hkv, nkb, D]
+    pooled_k = pooled_k.repeat_interleave(h // hkv, dim=0)  # [H, nkb, D]
+    plans = [[] for _ in range(h)]
+    for i, a in enumerate(starts):
+        rows = q[i * block:min(n, (i + 1) * block)].float().mean(0)  # [H, D]
+        visible = min(a // key_block, nkb)  # key blocks entirely before a
+        score = torch.einsum("hd,hkd->hk", rows, pooled_k[:, :visible])  # [H, visible]
+        if visible:
+            score[:, 0] = float("inf")
+        for head in range(h):
+            top = min(max(int(top_blocks[head]), 1), visible)
+            chosen = torch.topk(score[head], top).indices.sort().values if top else torch.empty(0, dtype=torch.long)
+            ranges = [(lo * key_block, hi * key_block) for lo, hi in _runs(chosen)]
+            if visible * key_block < a:  # the partial block just before a: local context
+                ranges.append((visible * key_block, a))
+            per_block = BlockKeys(_merge(ranges), torch.empty(0, dtype=torch.long))
+            plans[head].append(per_block)
+    return plans
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def plan_mask(plan: Plan, q_start: int, n: int, block: int, m: int) -> torch.Tensor:
+    """[H, n, m] bool from the definition: own block causal, plus the planned earlier keys."""
+    h = len(plan)
+    mask = torch.zeros(h, n, m, dtype=torch.bool)
+    for i, a in enumerate(block_starts(q_start, n, block)):
+        rows = slice(a - q_start, min(n, a - q_start + block))
+        for p in range(rows.start, rows.stop):
+            mask[:, p, a:q_start + p + 1] = True
+        for head in range(h):
+            mask[head, rows, plan[head][i].indices()] = True
+    return mask
+
+
+def plan_density(plan: Plan, q_start: int, n: int, block: int) -> float:
+    """Fraction of the causal (query, key) pairs the plan computes (own blocks counted whole)."""
+    done = 0
+    for i, a in enumerate(block_starts(q_start, n, block)):
+        rows = min(block, q_start + n - a)
+        done += sum(plan[h][i].size() for h in range(len(plan))) * rows + len(plan) * rows * (rows + 1) / 2
+    causal = len(plan) * (n * q_start + n * (n + 1) / 2)
+    return done / causal if causal else 1.0
+
+
+class KeySource:
+    """One sequence's keys and values in the paged cache: k, v [Hkv, slots, D] and the slots of positions 0..."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor | slice, dtype: torch.dtype):
+        self.k, self.v, self.slots, self.dtype = k, v, slots, dtype
+
+    def span(self, lo: int, hi: int, kv_head: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        # -> k, v [Hkv, hi - lo, D] (or [1, hi - lo, D] of one KV head): views when the slots are contiguous
+        s = slice(self.slots.start + lo, self.slots.start + hi) if isinstance(self.slots, slice) else self.slots[lo:hi]
+        heads = slice(None) if kv_head is None else slice(kv_head, kv_head + 1)
+        return self.k[heads, s].to(self.dtype), self.v[heads, s].to(self.dtype)
+
+    def take(self, kv_head: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # idx: [m] positions -> k, v [1, m, D]
+        slots = idx + self.slots.start if isinstance(self.slots, slice) else self.slots[idx]
+        slots = slots.to(self.k.device)
+        return (self.k[kv_head].index_select(0, slots).to(self.dtype)[None],
+                self.v[kv_head].index_select(0, slots).to(self.dtype)[None])
+
+
+def _attend(q, k, v, scale, outs, lses):
+    o, s = attention(q, k, v, scale, causal=False)
+    outs.append(o)
+    lses.append(s)
+
+
+def sparse_attention(segments: list[tuple[int, int, torch.Tensor]], keys: KeySource, plan: Plan, q_start: int,
+                     block: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """segments: (lo, hi, q [n, H, D]): planned keys in [lo, hi) are scored with these queries (one segment for
+    plain attention; DCA's intra, successive and inter parts); the own block uses the segment holding it.
+    -> out [n, H, D], lse [n, H] (fp32)."""
+    q0 = segments[0][2]
+    n, h, d = q0.shape
+    group = h // keys.k.shape[0]
+    out = torch.empty_like(q0)
+    lse = torch.empty(n, h, dtype=torch.float32, device=q0.device)
+    for i, a in enumerate(block_starts(q_start, n, block)):
+        rows = slice(a - q_start, min(n, a - q_start + block))
+        b = q_start + rows.stop
+        q_own = next(q for lo, hi, q in segments if lo <= a < hi)
+        k_own, v_own = keys.span(a, b)
+        own_out, own_lse = attention(q_own[rows], k_own, v_own, scale, causal=True)  # [B, H, D], [B, H]
+        for head in range(h):
+            outs, lses = [own_out[:, head:head + 1]], [own_lse[:, head:head + 1]]
+            planned = plan[head][i]
+            kv_head = head // group
+            for lo, hi, q in segments:
+                q_rows = q[rows, head:head + 1]  # [B, 1, D]
+                for r_lo, r_hi in planned.ranges:  # spans: strided views of the cache
+                    r_lo, r_hi = max(r_lo, lo), min(r_hi, hi)
+                    if r_hi > r_lo:
+                        k, v = keys.span(r_lo, r_hi, kv_head)
+                        _attend(q_rows, k, v, scale, outs, lses)
+                cols = planned.columns
+                if len(segments) > 1:
+                    cols = cols[(cols >= lo) & (cols < hi)]
+                if len(cols):
+                    k, v = keys.take(kv_head, cols)
+                    _attend(q_rows, k, v, scale, outs, lses)
+            o, s = merge_attention(outs, lses)
+            out[rows, head:head + 1] = o
+            lse[rows, head:head + 1] = s
+    return out, lse

@@ -1,0 +1,111 @@
+"""Sparse prefill for one sequence's prefill chunk: estimate each head's pattern, plan, compute (DESIGN.md 3.2).
+
+Used by both attention backends for prompts longer than the threshold; decode and short prompts stay dense.
+The keys of the chunk are already in the cache, so the plan and the kernel read everything from there.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from megactx.sparse.config import HeadPattern, SparseConfig
+from megactx.sparse.estimate import VerticalSlash, estimate_vertical_slash
+from megactx.sparse.kernel import (KeySource, Plan, block_sparse_plan, plan_density, sparse_attention,
+                                   vertical_slash_plan)
+
+DCA_PART_COLUMNS = 8  # evenly spaced columns every DCA part keeps, so that no part is ever empty
+
+
+@dataclass
+class SparseStats:
+    """Accumulated per layer: seconds estimating, seconds in the kernel, density of each call."""
+    estimate_s: dict[int, float] = field(default_factory=dict)
+    attention_s: dict[int, float] = field(default_factory=dict)
+    density: dict[int, list[float]] = field(default_factory=dict)
+
+    def add(self, table: dict, layer: int, value: float) -> None:
+        table[layer] = table.get(layer, 0.0) + value
+
+
+class SparsePrefill:
+    def __init__(self, cfg: SparseConfig, num_layers: int, num_heads: int, scale: float):
+        self.cfg, self.scale = cfg, scale
+        self.patterns: list[list[HeadPattern]] = [cfg.layer_patterns(li, num_heads) for li in range(num_layers)]
+        self.stats = SparseStats()
+        self.last_lse: torch.Tensor | None = None  # [n, H] of the last call: benchmarks compute recall from it
+        self.plans: list | None = None  # tests: set to [] to record (layer, q_start, plan) of every call
+
+    def applies(self, prompt_len: int, num_new: int) -> bool:
+        return prompt_len > self.cfg.threshold and num_new >= min(self.cfg.last_q, 2)
+
+    def attend(self, layer: int, segments: list[tuple[int, int, torch.Tensor]],
+               estimate_segments: list[tuple[int, int, torch.Tensor]], keys: KeySource, q_start: int,
+               dca_parts: list[tuple[int, int]] = ()) -> torch.Tensor:
+        """segments: (lo, hi, q [n, H, D]) the rotated queries for each key range, as the attention uses them;
+        estimate_segments: (lo, hi, q_last [r, H, D]) the rotations that score the last r queries (DCA: the
+        critical positions). dca_parts: key ranges that must keep a few columns. -> out [n, H, D]"""
+        t0 = time.perf_counter()
+        n = segments[0][2].shape[0]
+        plan = self.plan(layer, segments, estimate_segments, keys, q_start, n, dca_parts)
+        if self.plans is not None:
+            self.plans.append((layer, q_start, plan))
+        t1 = time.perf_counter()
+        out, lse = sparse_attention(segments, keys, plan, q_start, self.cfg.block_size, self.scale)
+        t2 = time.perf_counter()
+        self.stats.add(self.stats.estimate_s, layer, t1 - t0)
+        self.stats.add(self.stats.attention_s, layer, t2 - t1)
+        self.stats.density.setdefault(layer, []).append(plan_density(plan, q_start, n, self.cfg.block_size))
+        self.last_lse = lse
+        return out
+
+    def plan(self, layer: int, segments, estimate_segments, keys: KeySource, q_start: int, n: int,
+             dca_parts) -> Plan:
+        patterns = self.patterns[layer]
+        h = len(patterns)
+        m = q_start + n
+        block = self.cfg.block_size
+        verticals = torch.tensor([p.vertical_size for p in patterns])
+        slashes = torch.tensor([p.slash_size for p in patterns])
+        kinds = [p.kind for p in patterns]
+        plans: list = [None] * h
+        if "vertical_and_slash" in kinds:
+            k_all = keys.span(0, m)[0]  # [Hkv, m, D]
+            r = estimate_segments[0][2].shape[0]
+            vs = estimate_vertical_slash(estimate_segments, k_all, torch.arange(m - r, m), self.scale,
+                                         verticals, slashes)
+            vs = _with_part_columns(vs, dca_parts)
+            for head, plan in enumerate(vertical_slash_plan(vs, q_start, n, block)):
+                if kinds[head] == "vertical_and_slash":
+                    plans[head] = plan
+        if "a_shape" in kinds:
+            sinks = [torch.arange(min(max(p.vertical_size, 1), m)) for p in patterns]
+            local = [torch.arange(min(max(p.slash_size, 1), m)) for p in patterns]
+            vs = VerticalSlash(_pad(sinks), _pad(local))
+            vs = _with_part_columns(vs, dca_parts)
+            for head, plan in enumerate(vertical_slash_plan(vs, q_start, n, block)):
+                if kinds[head] == "a_shape":
+                    plans[head] = plan
+        if "block_sparse" in kinds:
+            lo, hi, q = segments[0]
+            k_all = keys.span(0, m)[0]
+            for head, plan in enumerate(block_sparse_plan(q, k_all, q_start, block, verticals)):
+                if kinds[head] == "block_sparse":
+                    plans[head] = plan
+        return plans
+
+
+def _pad(rows: list[torch.Tensor]) -> torch.Tensor:
+    # per-head index lists of different lengths -> [H, max] by repeating each row's last index
+    width = max(len(r) for r in rows)
+    return torch.stack([torch.cat([r, r[-1:].expand(width - len(r))]) for r in rows])
+
+
+def _with_part_columns(vs: VerticalSlash, parts: list[tuple[int, int]]) -> VerticalSlash:
+    """DESIGN.md 3.2 step 4: a DCA part must not be empty; every head keeps a few evenly spaced columns of it."""
+    extra = [torch.linspace(lo, hi - 1, min(DCA_PART_COLUMNS, hi - lo)).round().long() for lo, hi in parts if hi > lo]
+    if not extra:
+        return vs
+    cols = torch.cat(extra)[None].expand(vs.verticals.shape[0], -1).to(vs.verticals.device)
+    return VerticalSlash(torch.cat([vs.verticals, cols], dim=1).sort(dim=1).values, vs.slashes)

@@ -1,0 +1,203 @@
+"""Sparse prefill: the kernel equals dense attention under the plan's mask (with the right LSE), plans agree with
+their naive definition, full budgets give dense attention exactly (plain and inside DCA), partial budgets inside
+DCA equal the naive DCA reference under the recorded plan's mask, and the config file's errors."""
+import json
+
+import pytest
+import torch
+
+from megactx.attention.backend import AttentionMetadata, KVCacheTensors, SeqAttention
+from megactx.attention.dca import DCAConfig, DualChunkAttentionBackend, reference_dual_chunk_attention
+from megactx.attention.dense import reference_attention
+from megactx.errors import ConfigError
+from megactx.layers.rotary import apply_rotary
+from megactx.sparse.config import DEFAULT_HEAD, HeadPattern, SparseConfig, load_sparse_config, resolve_sparse
+from megactx.sparse.estimate import VerticalSlash
+from megactx.sparse.kernel import (KeySource, block_sparse_plan, plan_mask, sparse_attention,
+                                   vertical_slash_plan)
+from megactx.sparse.prefill import SparsePrefill
+from helpers import engine_logits, token_ids
+from test_dca import D, H, HKV, _qkv, _rotary
+
+
+def _masked_reference(q, k, v, mask, scale):
+    # q: [n, H, D], k/v: [Hkv, m, D], mask [H, n, m] -> out [n, H, D], lse [n, H], head by head
+    g = q.shape[1] // k.shape[0]
+    outs, lses = zip(*[reference_attention(q[:, h:h + 1], k[h // g:h // g + 1], v[h // g:h // g + 1], scale, mask[h])
+                       for h in range(q.shape[1])])
+    return torch.cat(outs, 1), torch.cat(lses, 1)
+
+
+def _random_vs(m, n_vert, n_slash, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    verticals = torch.stack([torch.randperm(m, generator=g)[:n_vert].sort().values for _ in range(H)])
+    slashes = torch.stack([torch.randperm(m, generator=g)[:n_slash].sort().values for _ in range(H)])
+    return VerticalSlash(verticals, slashes)
+
+
+def _naive_vs_mask(vs, q_start, n, block, m):
+    """The block-granular vertical-slash set, pair by pair: key j for the query at p (block start a) when j <= p
+    and (j is a vertical, or j >= a, or a - d <= j < a - d + block for some slash d)."""
+    mask = torch.zeros(H, n, m, dtype=torch.bool)
+    for h in range(H):
+        verts = set(vs.verticals[h].tolist())
+        slashes = vs.slashes[h].tolist()
+        for i in range(n):
+            p = q_start + i
+            a = q_start + (i // block) * block
+            for j in range(p + 1):
+                mask[h, i, j] = j in verts or j >= a or any(a - d <= j < a - d + block for d in slashes)
+    return mask
+
+
+@pytest.mark.parametrize("q_start,n,block", [(0, 90, 16), (37, 61, 16), (100, 50, 32)])
+def test_vertical_slash_plan_is_its_naive_definition(q_start, n, block):
+    m = q_start + n
+    vs = _random_vs(m, 7, 5, seed=q_start)
+    plan = vertical_slash_plan(vs, q_start, n, block)
+    assert torch.equal(plan_mask(plan, q_start, n, block, m), _naive_vs_mask(vs, q_start, n, block, m))
+    for h in range(H):  # spans and gathered columns never overlap, nothing at or after the block start
+        for i, keys in enumerate(plan[h]):
+            idx = keys.indices()
+            assert len(idx) == len(set(idx.tolist())) and bool((idx < q_start + i * block).all())
+
+
+@pytest.mark.parametrize("q_start", [0, 64])
+def test_kernel_equals_masked_dense_attention_with_its_lse(q_start):
+    n, block = 150, 32
+    m = q_start + n
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(n, H, D, generator=g), torch.randn(HKV, m, D, generator=g), torch.randn(HKV, m, D, generator=g)
+    plan = vertical_slash_plan(_random_vs(m, 9, 6), q_start, n, block)
+    out, lse = sparse_attention([(0, m, q)], KeySource(k, v, slice(0, m), torch.float32), plan, q_start, block,
+                                D ** -0.5)
+    ref_out, ref_lse = _masked_reference(q, k, v, plan_mask(plan, q_start, n, block, m), D ** -0.5)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)
+
+
+def test_kernel_reads_paged_slots_and_half_precision_cache():
+    n, block, m = 70, 16, 70
+    g = torch.Generator().manual_seed(2)
+    q, k, v = torch.randn(n, H, D, generator=g), torch.randn(HKV, m, D, generator=g), torch.randn(HKV, m, D, generator=g)
+    perm = torch.randperm(m, generator=g)  # position p lives in slot perm[p] of a bf16 cache
+    ck, cv = torch.zeros(HKV, m, D, dtype=torch.bfloat16), torch.zeros(HKV, m, D, dtype=torch.bfloat16)
+    ck[:, perm], cv[:, perm] = k.bfloat16(), v.bfloat16()
+    plan = vertical_slash_plan(_random_vs(m, 5, 4), 0, n, block)
+    out, _ = sparse_attention([(0, m, q)], KeySource(ck, cv, perm, torch.float32), plan, 0, block, D ** -0.5)
+    ref, _ = _masked_reference(q, k.bfloat16().float(), v.bfloat16().float(), plan_mask(plan, 0, n, block, m), D ** -0.5)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_block_sparse_plan_keeps_the_top_pooled_blocks():
+    n, block, q_start, kb = 64, 32, 256, 16
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(n, H, D, generator=g), torch.randn(HKV, q_start + n, D, generator=g)
+    plan = block_sparse_plan(q, k, q_start, block, torch.tensor([3, 1, 5, 16]), key_block=kb)
+    for h in range(H):
+        for i, keys in enumerate(plan[h]):
+            a = q_start + i * block
+            rows = q[i * block:(i + 1) * block, h].mean(0)
+            pooled = k[h // 2, :q_start].reshape(-1, kb, D).mean(1) @ rows  # blocks before the chunk
+            pooled[0] = float("inf")
+            want = {int(x) for x in torch.topk(pooled, [3, 1, 5, 16][h]).indices}
+            want |= set(range(q_start // kb, a // kb))  # the chunk's own keys before the block: local
+            got = {int(x) // kb for x in keys.indices()}
+            assert got == want
+
+
+def _run_sparse_dca(q, k, v, dca, splits, budgets, block=16):
+    """The DCA backend with sparse prefill on, fed in chunks; returns outputs and the recorded plans."""
+    t = q.shape[0]
+    rotary = _rotary()
+    backend = DualChunkAttentionBackend(H, HKV, D, dca, rotary)
+    backend.cache = KVCacheTensors(1, HKV, D, t, torch.float32, torch.device("cpu"))
+    cfg = SparseConfig(threshold=0, last_q=8, block_size=block,
+                       layers=[{h: HeadPattern("vertical_and_slash", *budgets) for h in range(H)}])
+    backend.sparse = SparsePrefill(cfg, 1, H, backend.scale)
+    backend.sparse.plans = []
+    outs, c = [], 0
+    for n in splits:
+        pos = torch.arange(c, c + n)
+        backend.meta = AttentionMetadata([SeqAttention(0, n, c, slice(0, c + n), sparse=True)], slice(c, c + n))
+        backend.prepare_step(pos, torch.full((n,), c + n))
+        k_rot = apply_rotary(k[c:c + n], *rotary.cos_sin(backend.key_positions(pos)))
+        outs.append(backend(0, q[c:c + n], k_rot, v[c:c + n]))
+        c += n
+    return torch.cat(outs), backend.sparse.plans, rotary
+
+
+@pytest.mark.parametrize("splits", [[150], [61, 89], [33, 50, 67]])
+def test_full_budgets_inside_dca_equal_dense_dca(splits):
+    dca = DCAConfig(chunk_size=40, local_size=8, original_max_position_embeddings=20, temperature="none")
+    q, k, v = _qkv(150)
+    out, _, rotary = _run_sparse_dca(q, k, v, dca, splits, (1000, 1000))
+    expected = reference_dual_chunk_attention(q, k, v, rotary, dca, D ** -0.5)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_partial_budgets_inside_dca_equal_the_reference_under_the_plan():
+    dca = DCAConfig(chunk_size=40, local_size=8, original_max_position_embeddings=20, temperature="none")
+    t = 150
+    q, k, v = _qkv(t, seed=4)
+    out, plans, rotary = _run_sparse_dca(q, k, v, dca, [70, 80], (31, 50), block=16)
+    mask = torch.zeros(H, t, t, dtype=torch.bool)
+    for _, q_start, plan in plans:  # one plan per DCA piece; rows [q_start, q_start + n)
+        n = len(plan[0]) * 16
+        piece = plan_mask(plan, q_start, min(n, t - q_start), 16, t)
+        rows = slice(q_start, q_start + piece.shape[1])
+        mask[:, rows] = piece
+    assert not bool(mask.all(-1).all())  # really sparse
+    expected = reference_dual_chunk_attention(q, k, v, rotary, dca, D ** -0.5, mask=mask)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_engine_full_budgets_equal_dense_for_every_pattern(tiny_dir, tmp_path):
+    from megactx.engine.llm_engine import LLMEngine
+    from megactx.config import EngineConfig, SchedulerConfig
+    path = tiny_dir("qwen2")
+    cfg_file = tmp_path / "sparse.json"
+    heads = {"0": ["vertical_and_slash", 4096, 4096, 0.9], "1": ["a_shape", 4096, 4096, 0.9],
+             "2": ["block_sparse", 4096, 0, 0.9], "3": ["stream_llm", 4096, 4096, 0.9]}
+    cfg_file.write_text(json.dumps([heads, heads]))
+    ids = token_ids(300)
+
+    def logits(**kw):
+        e = LLMEngine(EngineConfig(model=path, scheduler=SchedulerConfig(max_num_batched_tokens=120), **kw))
+        return engine_logits(e, ids), e
+
+    dense, _ = logits(sparse=False)
+    sparse, engine = logits(sparse_threshold=0, sparse_config=str(cfg_file), sparse_block_size=32)
+    assert engine.runner.backend.sparse.stats.attention_s  # the sparse path ran
+    torch.testing.assert_close(sparse, dense, atol=1e-4, rtol=1e-4)
+
+
+def test_config_file_parsing_and_errors(tmp_path):
+    good = tmp_path / "sparse_attention_config.json"
+    good.write_text(json.dumps([{"0": ["vertical_and_slash", 100, 800, 0.95], "3": ["stream_llm", 64, 512, 0.9]}]))
+    cfg = load_sparse_config(good)
+    assert cfg.head(0, 0) == HeadPattern("vertical_and_slash", 100, 800)
+    assert cfg.head(0, 3) == HeadPattern("a_shape", 64, 512)
+    assert cfg.head(0, 1) == DEFAULT_HEAD == HeadPattern("vertical_and_slash", 1000, 6096)
+    assert cfg.head(5, 0) == DEFAULT_HEAD
+    (tmp_path / "model.gguf").write_bytes(b"")
+    assert resolve_sparse(tmp_path / "model.gguf").source == str(good)  # found beside the model
+    assert resolve_sparse(tmp_path / "model.gguf", enabled=False) is None
+    cases = {
+        "{": "not valid JSON",
+        '{"0": 1}': "expected a list over layers",
+        '[{"0": ["diagonal", 1, 2, 0]}]': "unknown pattern 'diagonal'",
+        '[{"0": ["a_shape", "x", 2, 0]}]': "budgets must be integers",
+        '[{"h": ["a_shape", 1, 2, 0]}]': "is not a head index",
+        '[{"0": ["a_shape", 1]}]': "expected [pattern, vertical_size, slash_size, score]",
+        '[{"0": ["a_shape", -1, 2, 0]}]': "budgets must be >= 0",
+    }
+    for text, message in cases.items():
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+            load_sparse_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_sparse_config(tmp_path / "missing.json")
+    with pytest.raises(ConfigError, match="sparse-last-q"):
+        SparseConfig(last_q=0)
