@@ -102,7 +102,7 @@ def main():
     ap.add_argument("--lengths", default="32768,65536,131072")
     ap.add_argument("--dense-layers", default="all", help="'all' or a comma list of layers timed densely too")
     ap.add_argument("--sparse-config", default=None)
-    ap.add_argument("--threshold", type=int, default=32768)
+    ap.add_argument("--threshold", type=int, default=0, help="sparse above this prompt length (0: at every length measured)")
     ap.add_argument("--chunk", type=int, default=16384, help="prefill chunk (max_num_batched_tokens)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/sparse_attention_eval.json")

@@ -1,4 +1,4 @@
-"""Command line: megactx serve | generate | chat | inspect | eval | bench.
+"""Command line: megactx serve | generate | chat | inspect | eval | bench | sparse.
 
 Every engine flag can also be set with an environment variable MEGACTX_<FLAG> (e.g. MEGACTX_MAX_MODEL_LEN).
 User errors print one line, `megactx: error: ...`, and exit with code 2.
@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from megactx.eval.cli import add_eval_parsers
     add_eval_parsers(sub, add_engine_args)
+    from megactx.sparse.cli import add_sparse_parsers
+    add_sparse_parsers(sub, add_engine_args)
 
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     bs = b.add_parser("serve", help="latency and throughput of a running server (loopback)")
