@@ -127,6 +127,9 @@ def cmd_ppl(args) -> int:
     dca = llm.engine.dca
     setting = f"window {args.window}" if args.window else (
         f"DCA, temperature {dca.temperature}" if dca else "full context, plain RoPE")
+    sparse = llm.engine.sparse
+    if sparse is not None and max(len(ids) - 1 if not args.window else args.window, 0) > sparse.threshold:
+        setting += ", sparse prefill"
     result = {"model": args.model, "length": args.length, "text": args.text or "python-stdlib",
               "setting": setting, "dca": llm.engine.dca.describe() if llm.engine.dca else None, "buckets": rows}
     if args.out:
