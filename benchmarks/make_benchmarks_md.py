@@ -85,10 +85,13 @@ def ttft_section() -> list[str]:
     for path in sorted(glob.glob(os.path.join(HERE, "results", "ttft_*.jsonl"))):
         rows = [json.loads(line) for line in open(path) if line.strip()]
         out += [f"### {os.path.basename(path)[5:-6]}", "",
-                "| engine | mode | length | TTFT s | prefill tok/s | peak RSS MB |", "|---|---|---:|---:|---:|---:|"]
+                "| engine | mode | length | TTFT s | prefill tok/s | peak RSS MB | TTFT / megactx's |",
+                "|---|---|---:|---:|---:|---:|---:|"]
         for r in rows:
+            base = next((b for b in rows if b["engine"] == "megactx" and b["length"] == r["length"]), None)
+            ratio = f"{r['ttft_s'] / base['ttft_s']:.2f}x" if base and base is not r else ""
             out.append(f"| {r['engine']} | {r['mode']} | {r['length']} | {r['ttft_s']:.2f} | {r['prefill_tok_s']:.0f} "
-                       f"| {r['peak_rss_mb']:.0f} |")
+                       f"| {r['peak_rss_mb']:.0f} | {ratio} |")
         out.append("")
     return out
 
@@ -101,7 +104,8 @@ def ppl_section() -> list[str]:
         runs.setdefault(model, {})[setting] = json.load(open(path))
     out = []
     for model, settings in runs.items():
-        names = [n for n in ("dca", "dca-total", "dca-none", "window8k", "window32k", "plain") if n in settings]
+        order = ("dca", "dca-total", "dca-none", "dca-sparse", "window8k", "window32k", "plain")
+        names = [n for n in order if n in settings] + sorted(n for n in settings if n not in order)
         any_run = settings[names[0]]
         out += [f"### {model}, {any_run['length']} tokens of {any_run['text']}", "",
                 "| positions | " + " | ".join(settings[n]["setting"] for n in names) + " |",
@@ -113,11 +117,55 @@ def ppl_section() -> list[str]:
                 b = next((x for x in settings[n]["buckets"] if x["start"] == start), None)
                 cells.append(f"{b['ppl']:.2f}" if b else "")
             out.append(f"| {start}-{end} | " + " | ".join(cells) + " |")
-        if "dca" in settings and any(n.startswith("window") for n in names):
-            ref = settings[next(n for n in names if n.startswith("window"))]["buckets"]
-            worst = max(d["ppl"] / r["ppl"] for d, r in zip(settings["dca"]["buckets"], ref))
-            out += ["", f"DCA's worst bucket: {worst:.2f}x the sliding window's perplexity."]
+        window = next((n for n in names if n.startswith("window")), None)
+        if window:
+            ref = settings[window]["buckets"]
+            out.append("")
+            for n in names:
+                if n.startswith("dca"):
+                    worst = max(d["ppl"] / r["ppl"] for d, r in zip(settings[n]["buckets"], ref))
+                    out.append(f"- {settings[n]['setting']} ({settings[n]['dca']}): worst bucket {worst:.3f}x "
+                               f"the sliding window's perplexity.")
         out.append("")
+    return out
+
+
+def sparse_section() -> list[str]:
+    path = os.path.join(HERE, "results", "sparse_attention_eval.json")
+    if not os.path.exists(path):
+        return []
+    rows = sorted(json.load(open(path))["rows"], key=lambda r: r["length"])
+    out = ["| length | prompt tokens | passkey (depth 50 %) | TTFT sparse s | TTFT dense s (projected) | speedup "
+           "| attention speedup (layers timed densely) | estimation / sparse attention | mean density | mean recall |",
+           "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        dens = [x["density"] for x in r["layers"] if x["density"] is not None]
+        rec = [x["recall"] for x in r["layers"] if x["recall"] is not None]
+        timed = r["dense_layers_measured"]
+        timed_s = "all" if len(timed) == len(r["layers"]) else ", ".join(map(str, timed))
+        out.append(f"| {r['length']} | {r['prompt_tokens']} | {'correct' if r['passkey_correct'] else 'wrong'} | "
+                   f"{r['ttft_sparse_s']:.0f} | {r['ttft_dense_projected_s']:.0f} | {r['ttft_speedup_projected']:.2f}x | "
+                   f"{r['attention_speedup']:.2f}x ({timed_s}) | {100 * r['estimate_share']:.1f} % | "
+                   f"{sum(dens) / len(dens):.3f} | {sum(rec) / len(rec):.4f} |")
+    out.append("")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
+        for r in rows:
+            xs = [x["layer"] for x in r["layers"] if x["recall"] is not None]
+            a1.plot(xs, [x["recall"] for x in r["layers"] if x["recall"] is not None], marker="o", label=f"{r['length']}")
+            a2.plot([x["layer"] for x in r["layers"]], [x["density"] for x in r["layers"]], marker=".",
+                    label=f"{r['length']}")
+        a1.set(title="attention recall per layer", xlabel="layer", ylabel="exp(lse_sparse - lse_dense)")
+        a2.set(title="computed fraction of causal pairs", xlabel="layer", ylabel="density")
+        a1.legend(title="tokens")
+        fig.tight_layout()
+        fig.savefig(os.path.join(HERE, "results", "sparse_layers.png"), dpi=100)
+        out += ["![recall and density per layer](benchmarks/results/sparse_layers.png)", ""]
+    except ImportError:
+        pass
     return out
 
 
@@ -168,6 +216,16 @@ def main() -> None:
                   "`megactx eval ppl --length 32768 --dca` / `--window 8192` / `--allow-long-context` (perplexity per "
                   "4K bucket of the Python standard library's source) and `python benchmarks/dca_cost.py --lengths "
                   "16384,65536` (dense and DCA engines alternating in one process).", ""] + ppl + cost
+    sparse = sparse_section()
+    if sparse:
+        lines += ["## Sparse prefill (evaluation model, DCA)", "",
+                  "`python benchmarks/sparse_attention.py --model EVAL --lengths ... --dense-layers ...`: one prefill "
+                  "of a passkey prompt with DCA and sparse prefill (default budgets: 1000 verticals, 6096 slashes per "
+                  "head; 16384-token prefill chunks); after every sparse piece the dense DCA attention of the same "
+                  "piece runs on the same inputs, which gives the dense time and the recall exp(lse_sparse - lse_dense) "
+                  "(mean over rows and heads). The dense TTFT is projected: the sparse run's TTFT minus its sparse "
+                  "attention and estimation time plus the dense attention time of every layer (layers not timed "
+                  "densely: the mean of those that were).", ""] + sparse
     ttft = ttft_section()
     if ttft:
         lines += ["## Time to first token (EVAL.md 3)", "", "`megactx bench ttft --model MODEL --lengths ... "

@@ -170,6 +170,8 @@ def test_engine_full_budgets_equal_dense_for_every_pattern(tiny_dir, tmp_path):
     sparse, engine = logits(sparse_threshold=0, sparse_config=str(cfg_file), sparse_block_size=32)
     assert engine.runner.backend.sparse.stats.attention_s  # the sparse path ran
     torch.testing.assert_close(sparse, dense, atol=1e-4, rtol=1e-4)
+    _, below = logits(sparse_threshold=300, sparse_config=str(cfg_file), sparse_block_size=32)
+    assert not below.runner.backend.sparse.stats.attention_s  # a prompt of 300 tokens is not above 300: dense
 
 
 def test_config_file_parsing_and_errors(tmp_path):

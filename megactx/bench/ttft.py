@@ -77,6 +77,9 @@ def run_llamacpp(model, ids, mode, threads, chunk=None) -> float:
     from megactx.loader import default_model_path
     llm = Llama(model_path=model or default_model_path(), n_ctx=len(ids) + 8, n_threads=threads,
                 n_batch=min(2048, len(ids)), verbose=False)
+    llm.eval(ids[:32])  # warm-up, as the other engines get
+    llm.sample(temp=0.0)
+    llm.reset()
     start = time.perf_counter()
     llm.eval(ids)
     llm.sample(temp=0.0)

@@ -35,7 +35,7 @@ DEFAULT_HEAD = HeadPattern("vertical_and_slash", 1000, 6096)
 class SparseConfig:
     threshold: int = 32768  # prompts longer than this many tokens are prefilled sparsely
     last_q: int = 64  # queries per prefill chunk that estimate the pattern
-    block_size: int = 256  # query rows per block of the kernel
+    block_size: int = 256  # query rows per kernel block (a slash costs this many keys per block: see kernel.py)
     layers: list[dict[int, HeadPattern]] = field(default_factory=list)
     source: str | None = None  # the file the budgets came from, for messages
 
