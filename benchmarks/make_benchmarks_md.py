@@ -96,6 +96,13 @@ def ttft_section() -> list[str]:
     return out
 
 
+def _label(run: dict) -> str:
+    """The setting, with DCA's local size (the knob besides the temperature)."""
+    if run.get("dca") and "local_size" in run["dca"]:
+        return f"{run['setting']}, local {run['dca'].split('local_size ')[1].split()[0]}"
+    return run["setting"]
+
+
 def ppl_section() -> list[str]:
     """Perplexity per bucket: one column per setting (DCA, sliding window, plain RoPE) of the same model."""
     runs: dict[str, dict[str, dict]] = {}
@@ -108,7 +115,7 @@ def ppl_section() -> list[str]:
         names = [n for n in order if n in settings] + sorted(n for n in settings if n not in order)
         any_run = settings[names[0]]
         out += [f"### {model}, {any_run['length']} tokens of {any_run['text']}", "",
-                "| positions | " + " | ".join(settings[n]["setting"] for n in names) + " |",
+                "| positions | " + " | ".join(_label(settings[n]) for n in names) + " |",
                 "|---|" + "---:|" * len(names)]
         buckets = [(b["start"], b["end"]) for b in any_run["buckets"]]
         for start, end in buckets:
@@ -124,7 +131,7 @@ def ppl_section() -> list[str]:
             for n in names:
                 if n.startswith("dca"):
                     worst = max(d["ppl"] / r["ppl"] for d, r in zip(settings[n]["buckets"], ref))
-                    out.append(f"- {settings[n]['setting']} ({settings[n]['dca']}): worst bucket {worst:.3f}x "
+                    out.append(f"- {_label(settings[n])} ({settings[n]['dca']}): worst bucket {worst:.3f}x "
                                f"the sliding window's perplexity.")
         out.append("")
     return out
@@ -134,16 +141,17 @@ def sparse_section() -> list[str]:
     path = os.path.join(HERE, "results", "sparse_attention_eval.json")
     if not os.path.exists(path):
         return []
-    rows = sorted(json.load(open(path))["rows"], key=lambda r: r["length"])
-    out = ["| length | prompt tokens | passkey (depth 50 %) | TTFT sparse s | TTFT dense s (projected) | speedup "
+    rows = sorted(json.load(open(path))["rows"], key=lambda r: (r.get("prompt", "passkey"), r["length"]))
+    out = ["| prompt | length | prompt tokens | passkey (depth 50 %) | TTFT sparse s | TTFT dense s (projected) | speedup "
            "| attention speedup (layers timed densely) | estimation / sparse attention | mean density | mean recall |",
-           "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+           "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         dens = [x["density"] for x in r["layers"] if x["density"] is not None]
         rec = [x["recall"] for x in r["layers"] if x["recall"] is not None]
         timed = r["dense_layers_measured"]
         timed_s = "all" if len(timed) == len(r["layers"]) else ", ".join(map(str, timed))
-        out.append(f"| {r['length']} | {r['prompt_tokens']} | {'correct' if r['passkey_correct'] else 'wrong'} | "
+        verdict = {True: "correct", False: "wrong", None: "-"}[r["passkey_correct"]]
+        out.append(f"| {r.get('prompt', 'passkey')} | {r['length']} | {r['prompt_tokens']} | {verdict} | "
                    f"{r['ttft_sparse_s']:.0f} | {r['ttft_dense_projected_s']:.0f} | {r['ttft_speedup_projected']:.2f}x | "
                    f"{r['attention_speedup']:.2f}x ({timed_s}) | {100 * r['estimate_share']:.1f} % | "
                    f"{sum(dens) / len(dens):.3f} | {sum(rec) / len(rec):.4f} |")
@@ -155,9 +163,9 @@ def sparse_section() -> list[str]:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
         for r in rows:
             xs = [x["layer"] for x in r["layers"] if x["recall"] is not None]
-            a1.plot(xs, [x["recall"] for x in r["layers"] if x["recall"] is not None], marker="o", label=f"{r['length']}")
-            a2.plot([x["layer"] for x in r["layers"]], [x["density"] for x in r["layers"]], marker=".",
-                    label=f"{r['length']}")
+            label = f"{r.get('prompt', 'passkey')} {r['length']}"
+            a1.plot(xs, [x["recall"] for x in r["layers"] if x["recall"] is not None], marker="o", label=label)
+            a2.plot([x["layer"] for x in r["layers"]], [x["density"] for x in r["layers"]], marker=".", label=label)
         a1.set(title="attention recall per layer", xlabel="layer", ylabel="exp(lse_sparse - lse_dense)")
         a2.set(title="computed fraction of causal pairs", xlabel="layer", ylabel="density")
         a1.legend(title="tokens")

@@ -1,6 +1,6 @@
 """Sparse prefill vs dense attention, layer by layer, on a real passkey prompt (the evaluation model with DCA).
 
-For each length: one prefill of a passkey prompt (depth 50 %) with Dual Chunk Attention and sparse prefill on
+For each length: one prefill of a passkey prompt (depth 50 %; or --prompt document: natural text) with DCA and sparse prefill on
 (default budgets unless --sparse-config), then the answer. For every piece of every layer the sparse kernel's
 time, its index-estimation time and its density are recorded; for the --dense-layers the dense DCA attention of
 the same piece is computed right after on the same inputs (same process, same moment), which gives the dense
@@ -56,8 +56,12 @@ def run_length(args, length: int) -> dict:
               max_num_batched_tokens=args.chunk, num_threads=args.threads)
     backend = InProcessBackend(llm)
     key = make_key(0, length, 50, 0)
-    n = largest_fitting(lambda k: backend.count(build_prompt(k, 50, key)), length)
-    ids = backend.render(build_prompt(n, 50, key))
+    if args.prompt == "passkey":
+        n = largest_fitting(lambda k: backend.count(build_prompt(k, 50, key)), length)
+        ids = backend.render(build_prompt(n, 50, key))
+    else:  # natural text: the ppl document (the standard library's source)
+        from megactx.eval.ppl import document_ids
+        ids = document_ids(llm.tokenizer, length)
     attn = llm.engine.runner.backend
     layers = llm.engine.model_config.num_hidden_layers
     dense_layers = None if args.dense_layers == "all" else {int(x) for x in args.dense_layers.split(",") if x}
@@ -84,8 +88,8 @@ def run_length(args, length: int) -> dict:
             "recall": round(sum(r * w for r, w in recalls) / weight, 4) if weight else None})
     dense_projected = ttft - sparse_attn - estimate + sum(
         record["dense_s"].get(li, mean_dense) for li in range(layers))
-    correct, _ = score(answer.text, key)
-    return {"length": length, "prompt_tokens": len(ids), "answer": answer.text, "passkey_correct": correct,
+    correct = score(answer.text, key)[0] if args.prompt == "passkey" else None
+    return {"prompt": args.prompt, "length": length, "prompt_tokens": len(ids), "answer": answer.text, "passkey_correct": correct,
             "ttft_sparse_s": round(ttft, 2), "ttft_dense_projected_s": round(dense_projected, 2),
             "ttft_speedup_projected": round(dense_projected / ttft, 2),
             "sparse_attention_s": round(sparse_attn, 2), "estimate_s": round(estimate, 2),
@@ -100,6 +104,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
     ap.add_argument("--lengths", default="32768,65536,131072")
+    ap.add_argument("--prompt", choices=["passkey", "document"], default="passkey",
+                    help="a passkey prompt (depth 50 %%) or natural text (the standard library's source)")
     ap.add_argument("--dense-layers", default="all", help="'all' or a comma list of layers timed densely too")
     ap.add_argument("--sparse-config", default=None)
     ap.add_argument("--threshold", type=int, default=0, help="sparse above this prompt length (0: at every length measured)")
@@ -110,10 +116,12 @@ def main():
     results = json.load(open(args.out)) if os.path.exists(args.out) else {"rows": []}
     for length in [int(x) for x in args.lengths.split(",")]:
         row = run_length(args, length)
-        results["rows"] = [r for r in results["rows"] if r["length"] != length] + [row]
+        results["rows"] = [r for r in results["rows"]
+                           if (r["length"], r.get("prompt", "passkey")) != (length, args.prompt)] + [row]
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
-        print(f"{length}: passkey {'ok' if row['passkey_correct'] else 'WRONG'}, TTFT sparse {row['ttft_sparse_s']} s, "
+        verdict = {True: "ok", False: "WRONG", None: "-"}[row["passkey_correct"]]
+        print(f"{length} ({args.prompt}): passkey {verdict}, TTFT sparse {row['ttft_sparse_s']} s, "
               f"dense (projected) {row['ttft_dense_projected_s']} s ({row['ttft_speedup_projected']}x); attention "
               f"{row['attention_speedup']}x on layers {row['dense_layers_measured']}; estimation "
               f"{100 * row['estimate_share']:.1f}% of sparse attention", flush=True)
