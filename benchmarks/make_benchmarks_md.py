@@ -155,6 +155,7 @@ def sparse_section() -> list[str]:
                    f"{r['ttft_sparse_s']:.0f} | {r['ttft_dense_projected_s']:.0f} | {r['ttft_speedup_projected']:.2f}x | "
                    f"{r['attention_speedup']:.2f}x ({timed_s}) | {100 * r['estimate_share']:.1f} % | "
                    f"{sum(dens) / len(dens):.3f} | {sum(rec) / len(rec):.4f} |")
+    out += [f"- {r.get('prompt', 'passkey')} {r['length']}: {r['note']}" for r in rows if r.get("note")]
     out.append("")
     try:
         import matplotlib

@@ -54,8 +54,11 @@ def _naive_vs_mask(vs, q_start, n, block, m):
 def test_vertical_slash_plan_is_its_naive_definition(q_start, n, block):
     m = q_start + n
     vs = _random_vs(m, 7, 5, seed=q_start)
-    plan = vertical_slash_plan(vs, q_start, n, block)
-    assert torch.equal(plan_mask(plan, q_start, n, block, m), _naive_vs_mask(vs, q_start, n, block, m))
+    plan = vertical_slash_plan(vs, q_start, n, block, merge_gap=0)
+    naive = _naive_vs_mask(vs, q_start, n, block, m)
+    assert torch.equal(plan_mask(plan, q_start, n, block, m), naive)
+    merged = plan_mask(vertical_slash_plan(vs, q_start, n, block, merge_gap=8), q_start, n, block, m)
+    assert bool((merged >= naive).all()) and bool((merged <= torch.ones_like(naive).tril(q_start)).all())
     for h in range(H):  # spans and gathered columns never overlap, nothing at or after the block start
         for i, keys in enumerate(plan[h]):
             idx = keys.indices()

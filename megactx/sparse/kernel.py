@@ -62,7 +62,11 @@ def _runs(sorted_values: torch.Tensor) -> list[tuple[int, int]]:
     return [(int(sorted_values[a]), int(sorted_values[b - 1]) + 1) for a, b in zip(starts, ends)]
 
 
-def vertical_slash_plan(vs: VerticalSlash, q_start: int, n: int, block: int) -> Plan:
+MERGE_GAP = 256  # spans closer than this many keys are computed as one: a call costs about as much as 256 keys
+
+
+def vertical_slash_plan(vs: VerticalSlash, q_start: int, n: int, block: int, merge_gap: int = MERGE_GAP) -> Plan:
+    """merge_gap: spans separated by fewer keys are joined (a superset: fewer, longer kernel calls)."""
     plans = []
     starts = block_starts(q_start, n, block)
     for head in range(vs.verticals.shape[0]):
@@ -75,6 +79,14 @@ def vertical_slash_plan(vs: VerticalSlash, q_start: int, n: int, block: int) -> 
         diff.index_add_(0, d + 1, torch.full_like(d, -1, dtype=torch.int32))
         covered = diff.cumsum(0) > 0
         runs = _runs(covered.nonzero().flatten())  # (u_lo, u_hi): keys (a - u_hi, a - u_lo]
+        joined = []
+        for lo, hi in runs:
+            if joined and lo - joined[-1][1] < merge_gap:
+                covered[joined[-1][1]:lo] = True
+                joined[-1] = (joined[-1][0], hi)
+            else:
+                joined.append((lo, hi))
+        runs = joined
         verticals = vs.verticals[head].unique().cpu()
         per_block = []
         for a in starts:
