@@ -40,6 +40,9 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = False) 
     p.add_argument("--dtype", default=env_default("--dtype", "fp32"), help="compute dtype (fp32 is fastest on CPUs)")
     p.add_argument("--weight-dtype", default=env_default("--weight-dtype", "auto"),
                    help="storage of the weight matrices: auto (fp16 for quantized GGUF on CPU, else --dtype), fp32, fp16, bf16")
+    p.add_argument("--packed-weights", default=env_default("--packed-weights", "auto"), choices=["auto", "on", "off"],
+                   help="an extra fp32 copy of the weights packed for oneDNN, for batched decoding on CPU "
+                        "(auto: when max-num-seqs > 1 and the copy takes at most 4 GiB)")
     p.add_argument("--device", default=env_default("--device", "cpu"))
     p.add_argument("--threads", type=int, default=env_default("--threads", None, int))
     add_dca_args(p)
@@ -78,7 +81,8 @@ def add_dca_args(p: argparse.ArgumentParser) -> None:
 def engine_kwargs(args) -> dict:
     return dict(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
-                kv_cache_dtype=args.kv_cache_dtype, dtype=args.dtype, weight_dtype=args.weight_dtype, device=args.device,
+                kv_cache_dtype=args.kv_cache_dtype, dtype=args.dtype, weight_dtype=args.weight_dtype,
+                packed_weights=args.packed_weights, device=args.device,
                 num_threads=args.threads, **dca_kwargs(args))
 
 

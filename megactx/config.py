@@ -168,6 +168,9 @@ class EngineConfig:
     tokenizer: str | None = None  # defaults to the model's own
     dtype: str = "fp32"  # compute dtype; fp32 is the fastest on CPUs (DESIGN.md 4)
     weight_dtype: str = "auto"  # storage of the matrices; auto = fp16 for quantized GGUF on CPU, else dtype
+    # an extra fp32 copy of the matrices packed for oneDNN, for batched decoding on CPU (layers/linear.py):
+    # auto = on when more than one sequence may run and the copy takes at most 4 GiB
+    packed_weights: str = "auto"
     device: str = "cpu"
     seed: int = 0
     num_threads: int | None = None
@@ -190,6 +193,8 @@ class EngineConfig:
     def __post_init__(self):
         parse_dtype(self.dtype)
         parse_dtype(self.weight_dtype)
+        if self.packed_weights not in ("auto", "on", "off"):
+            raise ConfigError(f"packed_weights must be auto, on or off, got {self.packed_weights!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError(f"num_threads must be >= 1, got {self.num_threads}")
 

@@ -69,3 +69,20 @@ def test_allocator_keeps_a_sequence_contiguous_and_frees_everything():
     alloc.release(a)
     alloc.release(b)
     assert alloc.num_free == 32 and alloc.free == list(range(32))
+
+
+def test_packed_weights_batch_decode_gives_the_same_tokens(qwen_path):
+    from megactx.layers.linear import packing_available
+    prompts = [token_ids(n, seed=20 + n) for n in (9, 17, 30, 4, 12, 25, 6, 40)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
+    plain = LLM(qwen_path, packed_weights="off").generate(prompts, params)
+    llm = LLM(qwen_path, packed_weights="on")
+    layers = llm.engine.runner.model.linear_layers()
+    assert all(m.packed is not None for m in layers) == packing_available(torch.device("cpu"))
+    packed = llm.generate(prompts, params)
+    for a, b in zip(plain, packed):
+        assert a.token_ids == b.token_ids
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
+    single = LLM(qwen_path, max_num_seqs=1).engine.runner.model.linear_layers()
+    assert all(m.packed is None for m in single)  # auto: one sequence at a time never batches

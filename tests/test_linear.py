@@ -1,4 +1,5 @@
 """Half-stored weights: the fp32 upcast path (scratch buffer, row blocks) equals F.linear on the upcast weight."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -33,3 +34,22 @@ def test_gemv_path_and_fp32_path():
     torch.testing.assert_close(half(x), expected)
     full = _layer(50, 64, bias=True, dtype=torch.float32)
     assert torch.equal(full(x), F.linear(x, full.weight, full.bias))
+
+
+needs_onednn = pytest.mark.skipif(not linear.packing_available(torch.device("cpu")),
+                                  reason="this torch build has no oneDNN weight packing")
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_packed_weight_serves_small_batches_and_equals_the_fp32_product(dtype):
+    layer = _layer(300, 64, bias=True, dtype=dtype)
+    assert layer.pack() == 300 * 64 * 4
+    w, b = layer.weight.float(), layer.bias.float()
+    for rows in (1, 2, 8, 32, 33):  # 2..32 rows take the packed copy; 1 and 33 the other paths
+        x = torch.randn(rows, 64)
+        tol = dict(atol=2e-2, rtol=2e-3) if dtype == torch.float16 and rows == 1 else dict(atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(layer(x), F.linear(x, w, b), **tol)
+    with torch.inference_mode():  # as the engine calls it
+        x = torch.randn(8, 64)
+        torch.testing.assert_close(layer(x), F.linear(x, w, b), atol=1e-4, rtol=1e-5)

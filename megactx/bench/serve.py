@@ -1,7 +1,9 @@
 """`megactx bench serve`: load a running OpenAI-compatible server (loopback only) and report latency percentiles.
 
 Streams N chat requests with C in flight. TTFT: from sending to the first chunk carrying text (vLLM's rule);
-inter-token latency: gaps between text chunks; throughput: generated tokens / wall time.
+inter-token latency: gaps between text chunks; throughput: generated tokens / wall time (prefills included);
+decode rate: each stream's tokens after its first over the time from its first token to its last, times the
+streams in flight (what the decode steps deliver, prefill excluded).
 Optionally one long prompt (`--long-prompt-tokens`) is sent first, to measure the others' latency while it is
 being prefilled.
 """
@@ -43,7 +45,9 @@ async def one_request(client, url, headers, body) -> dict:
                     stamps.append(time.perf_counter())
                     text += piece
     tokens = usage["completion_tokens"] if usage else len(stamps)
+    span = stamps[-1] - stamps[0] if len(stamps) > 1 else 0.0
     return {"ttft": stamps[0] - t0 if stamps else float("nan"), "itl": [b - a for a, b in zip(stamps, stamps[1:])],
+            "decode_rate": (tokens - 1) / span if span > 0 else float("nan"),
             "tokens": tokens, "latency": time.perf_counter() - t0}
 
 
@@ -66,8 +70,11 @@ async def run(args) -> dict:
         long_task = None
         if args.long_prompt_tokens:
             filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+            # sized with the server's own tokenizer, so that the prompt has about the tokens asked for
+            r = await client.post(base + "/tokenize", headers=headers, json={"model": model, "prompt": filler * 8})
+            per_filler = max(1, len(r.json()["tokens"]) // 8) if r.status_code == 200 else 20
             long_task = asyncio.create_task(one_request(
-                client, url, headers, body(-1, filler * (args.long_prompt_tokens // 20), 1)))
+                client, url, headers, body(-1, filler * (args.long_prompt_tokens // per_filler), 1)))
             await asyncio.sleep(args.long_prompt_delay)
         sem = asyncio.Semaphore(args.concurrency)
 
@@ -83,6 +90,7 @@ async def run(args) -> dict:
     tokens = sum(r["tokens"] for r in results)
     report = {"concurrency": args.concurrency, "requests": args.requests, "max_tokens": args.max_tokens,
               "wall_s": wall, "output_tok_s": tokens / wall,
+              "decode_tok_s": min(args.concurrency, args.requests) * statistics.fmean(r["decode_rate"] for r in results),
               "ttft_s": {p: pct(ttft, p) for p in (50, 90, 99)},
               "itl_ms": {p: 1000 * pct(itl, p) for p in (50, 90, 99)},
               "itl_mean_ms": 1000 * statistics.fmean(itl) if itl else float("nan")}
@@ -93,14 +101,20 @@ async def run(args) -> dict:
 
 
 def main(args) -> int:
-    report = asyncio.run(run(args))
+    import httpx
+    try:
+        report = asyncio.run(run(args))
+    except httpx.HTTPError as e:
+        raise MegactxError(f"{args.base_url}: cannot reach the server ({e or type(e).__name__}); is it running?") from None
     if args.json:
         print(json.dumps(report))
         return 0
     print(f"requests {report['requests']}, concurrency {report['concurrency']}, {report['max_tokens']} tokens each")
     print(f"throughput        {report['output_tok_s']:8.1f} output tokens/s ({report['wall_s']:.1f} s)")
-    print("TTFT (s)          p50 {50:7.3f}  p90 {90:7.3f}  p99 {99:7.3f}".format(**report["ttft_s"]))
-    print("inter-token (ms)  p50 {50:7.1f}  p90 {90:7.1f}  p99 {99:7.1f}".format(**report["itl_ms"]))
+    print(f"decode rate       {report['decode_tok_s']:8.1f} tokens/s (after each stream's first token)")
+    t, i = report["ttft_s"], report["itl_ms"]
+    print(f"TTFT (s)          p50 {t[50]:7.3f}  p90 {t[90]:7.3f}  p99 {t[99]:7.3f}")
+    print(f"inter-token (ms)  p50 {i[50]:7.1f}  p90 {i[90]:7.1f}  p99 {i[99]:7.1f}")
     if "long_prompt_ttft_s" in report:
         print(f"long prompt       {report['long_prompt_tokens']} tokens, TTFT {report['long_prompt_ttft_s']:.1f} s")
     return 0

@@ -89,7 +89,8 @@ class LLMEngine:
         logger.info("KV cache: %d blocks of %d tokens (%s, %s)", num_blocks, cc.block_size,
                     log_fmt_bytes(num_blocks * cc.block_size * per_token), dtype)
         self.runner = ModelRunner(self.source, config.dtype, config.device, num_blocks, cc.block_size,
-                                  cc.kv_cache_dtype, config.weight_dtype, self.dca, self.sparse)
+                                  cc.kv_cache_dtype, config.weight_dtype, self.dca, self.sparse,
+                                  config.packed_weights, sc.max_num_seqs)
         self.source.iter_weights = None  # drop the file mapping (a GGUF's pages would stay in RSS)
         self.allocator = BlockAllocator(num_blocks, cc.block_size)
         self.scheduler = Scheduler(sc, self.allocator)

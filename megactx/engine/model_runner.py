@@ -9,6 +9,7 @@ from megactx.attention.backend import AttentionMetadata, DenseAttentionBackend, 
 from megactx.attention.dca import DCAConfig, DualChunkAttentionBackend
 from megactx.config import ModelConfig, parse_dtype
 from megactx.engine.scheduler import ScheduledChunk
+from megactx.layers.linear import packing_available
 from megactx.layers.rotary import RotaryEmbedding
 from megactx.loader import ModelSource
 from megactx.models.decoder import DecoderLM
@@ -16,6 +17,21 @@ from megactx.sparse.config import SparseConfig
 from megactx.sparse.prefill import SparsePrefill
 
 logger = logging.getLogger(__name__)
+PACKED_AUTO_LIMIT = 4 * 2**30  # auto packs only when the fp32 copy is at most this size
+
+
+def pack_weights(model: DecoderLM, mode: str, max_num_seqs: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Pack an fp32 copy of every matrix for batched decoding (see layers/linear.py); returns the bytes used."""
+    layers = model.linear_layers()
+    size = sum(m.weight.numel() * 4 for m in layers)
+    usable = packing_available(device) and dtype == torch.float32
+    if mode == "on" and not usable:
+        logger.warning("packed weights need fp32 compute on a CPU build of torch with oneDNN; not packing")
+    if mode == "off" or not usable or (mode == "auto" and (max_num_seqs == 1 or size > PACKED_AUTO_LIMIT)):
+        return 0
+    for m in layers:
+        m.pack()
+    return size
 
 
 def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device,
@@ -43,12 +59,15 @@ def resolve_weight_dtype(name: str, source: ModelSource, dtype: torch.dtype, dev
 class ModelRunner:
     def __init__(self, source: ModelSource, dtype: str, device: str, num_blocks: int, block_size: int,
                  kv_dtype: str, weight_dtype: str = "auto", dca: DCAConfig | None = None,
-                 sparse: SparseConfig | None = None):
+                 sparse: SparseConfig | None = None, packed_weights: str = "off", max_num_seqs: int = 1):
         self.config: ModelConfig = source.config
         self.device = torch.device(device)
         self.dtype = parse_dtype(dtype) or torch.float32
         self.weight_dtype = resolve_weight_dtype(weight_dtype, source, self.dtype, self.device)
         self.model = build_model(source, self.dtype, self.device, self.weight_dtype)
+        packed = pack_weights(self.model, packed_weights, max_num_seqs, self.dtype, self.device)
+        if packed:
+            logger.info("Packed weights for batched decoding: %.0f MiB", packed / 2**20)
         c = self.config
         self.block_size = block_size
         self.kv_dtype = parse_dtype(kv_dtype) or self.dtype

@@ -124,6 +124,9 @@ class DecoderLM(nn.Module):
             if isinstance(module, (Linear, nn.Embedding)):
                 module.weight.data = module.weight.data.to(dtype)
 
+    def linear_layers(self) -> list[Linear]:
+        return [m for m in self.modules() if isinstance(m, Linear)]
+
     def shard_sizes(self, fused: str) -> list[int]:
         c = self.config
         if fused == "qkv_proj":
