@@ -43,8 +43,14 @@ def test_default_fp16_weight_storage_stays_close_to_fp32(llm, smollm2_path):
     got = torch.cat([x for _, x in fast.engine.iter_logits(ids)])
     assert (got - ref).abs().max() < 0.02 * ref.abs().max()
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.98
-    params = SamplingParams(temperature=0, max_tokens=16)
-    assert fast.generate(PROMPT, params)[0].text == llm.generate(PROMPT, params)[0].text
+    # greedy continuations agree until a near tie of the fp32 model, if any (fp16 logits can flip only those)
+    params = SamplingParams(temperature=0, max_tokens=16, logprobs=5)
+    ours, ref = fast.generate(PROMPT, params)[0], llm.generate(PROMPT, params)[0]
+    diff = [i for i, (a, b) in enumerate(zip(ours.token_ids, ref.token_ids)) if a != b]
+    if diff:
+        top = dict(ref.outputs[0].logprobs[diff[0]].top_logprobs)
+        assert ours.token_ids[diff[0]] in top
+        assert top[ref.token_ids[diff[0]]] - top[ours.token_ids[diff[0]]] < 0.05
 
 
 def test_stop_string_across_a_token_boundary(llm):
