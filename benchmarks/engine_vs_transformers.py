@@ -34,7 +34,7 @@ class Megactx:
     def __init__(self, model: str, max_len: int, chunk: int):
         from megactx import LLM
         self.llm = LLM(model, max_num_batched_tokens=chunk, max_model_len=max_len, num_threads=2,
-                       weight_dtype=self.weight_dtype)
+                       max_num_seqs=1, weight_dtype=self.weight_dtype)
 
     def generate(self, ids: list[int], n: int) -> None:
         from megactx import SamplingParams

@@ -24,9 +24,9 @@ def run_chat(args) -> int:
     from tqdm import tqdm
 
     from megactx import LLM, SamplingParams
-    from megactx.cli import engine_kwargs, model_arg
+    from megactx.cli import model_arg, single_stream_kwargs
     attachments = read_attachments(args.file)
-    llm = LLM(model_arg(args), **engine_kwargs(args))
+    llm = LLM(model_arg(args), **single_stream_kwargs(args))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()

@@ -93,13 +93,22 @@ def dca_kwargs(args) -> dict:
                 sparse_threshold=args.sparse_threshold, sparse_last_q=args.sparse_last_q)
 
 
+def single_stream_kwargs(args) -> dict:
+    """Engine arguments for commands that run one sequence at a time (generate, chat): a decode step never
+    batches there, so auto does not keep the packed copy of the weights."""
+    kw = engine_kwargs(args)
+    if kw["packed_weights"] == "auto":
+        kw["packed_weights"] = "off"
+    return kw
+
+
 def model_arg(args) -> str | None:
     return getattr(args, "model_pos", None) or args.model
 
 
 def cmd_generate(args) -> int:
     from megactx import LLM, SamplingParams
-    llm = LLM(model_arg(args), **engine_kwargs(args))
+    llm = LLM(model_arg(args), **single_stream_kwargs(args))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=args.stop or [])
     printed = 0
