@@ -52,7 +52,7 @@ def instrument(backend, dense_layers: set[int] | None, record: dict) -> None:
 
 def run_length(args, length: int) -> dict:
     llm = LLM(args.model, max_model_len=length + MAX_NEW_TOKENS + 8, max_num_seqs=1, dca=True, sparse=True,
-              sparse_config=args.sparse_config, sparse_threshold=args.threshold,
+              sparse_config=args.sparse_config, sparse_threshold=args.threshold, sparse_mass=args.mass,
               max_num_batched_tokens=args.chunk, num_threads=args.threads)
     backend = InProcessBackend(llm)
     key = make_key(0, length, 50, 0)
@@ -97,7 +97,8 @@ def run_length(args, length: int) -> dict:
             "dense_layers_measured": measured,
             "attention_speedup": round(sum(record["dense_s"].values()) /
                                        max(sum(stats.attention_s[li] + stats.estimate_s[li] for li in measured), 1e-9), 2),
-            "layers": per_layer, "chunk": args.chunk, "sparse_config": args.sparse_config or "default budgets"}
+            "layers": per_layer, "chunk": args.chunk, "sparse_config": args.sparse_config or "default budgets",
+            "mass": args.mass}
 
 
 def main():
@@ -109,6 +110,8 @@ def main():
     ap.add_argument("--dense-layers", default="all", help="'all' or a comma list of layers timed densely too")
     ap.add_argument("--sparse-config", default=None)
     ap.add_argument("--threshold", type=int, default=0, help="sparse above this prompt length (0: at every length measured)")
+    ap.add_argument("--mass", type=float, default=None, help="--sparse-mass: cut budgets at this share of the "
+                    "estimated attention (default: whole budgets)")
     ap.add_argument("--chunk", type=int, default=16384, help="prefill chunk (max_num_batched_tokens)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/sparse_attention_eval.json")
@@ -117,7 +120,8 @@ def main():
     for length in [int(x) for x in args.lengths.split(",")]:
         row = run_length(args, length)
         results["rows"] = [r for r in results["rows"]
-                           if (r["length"], r.get("prompt", "passkey")) != (length, args.prompt)] + [row]
+                           if (r["length"], r.get("prompt", "passkey"), r.get("mass")) !=
+                           (length, args.prompt, args.mass)] + [row]
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
         verdict = {True: "ok", False: "WRONG", None: "-"}[row["passkey_correct"]]

@@ -76,6 +76,9 @@ def add_dca_args(p: argparse.ArgumentParser) -> None:
                    help="prompts longer than this many tokens are prefilled sparsely (default 32768)")
     g.add_argument("--sparse-last-q", type=int, default=env_default("--sparse-last-q", 64, int),
                    help="last queries of each prefill chunk that estimate the pattern (default 64)")
+    g.add_argument("--sparse-mass", type=float, default=env_default("--sparse-mass", None, float),
+                   help="per head, keep only the best verticals and slashes (within the budgets) that reach this share "
+                        "of the estimated attention, e.g. 0.95 (default: the whole budget)")
 
 
 def engine_kwargs(args) -> dict:
@@ -90,7 +93,8 @@ def dca_kwargs(args) -> dict:
     return dict(dca=args.dca, dca_chunk_size=args.dca_chunk_size, dca_local_size=args.dca_local_size,
                 dca_original_max_position=args.dca_original_max_position, dca_temperature=args.dca_temperature,
                 allow_long_context=args.allow_long_context, sparse=args.sparse, sparse_config=args.sparse_config,
-                sparse_threshold=args.sparse_threshold, sparse_last_q=args.sparse_last_q)
+                sparse_threshold=args.sparse_threshold, sparse_last_q=args.sparse_last_q,
+                sparse_mass=args.sparse_mass)
 
 
 def single_stream_kwargs(args) -> dict:

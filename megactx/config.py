@@ -188,6 +188,7 @@ class EngineConfig:
     sparse_config: str | None = None  # default: sparse_attention_config.json beside the model, else default budgets
     sparse_threshold: int = 32768
     sparse_last_q: int = 64
+    sparse_mass: float | None = None  # keep only the best indices reaching this share of the estimated score
     sparse_block_size: int = 256  # query rows per kernel block (Python only: tests use small blocks)
 
     def __post_init__(self):

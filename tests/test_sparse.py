@@ -206,3 +206,12 @@ def test_config_file_parsing_and_errors(tmp_path):
         load_sparse_config(tmp_path / "missing.json")
     with pytest.raises(ConfigError, match="sparse-last-q"):
         SparseConfig(last_q=0)
+
+
+def test_mass_setting_is_checked():
+    from megactx.errors import ConfigError
+    from megactx.sparse.config import SparseConfig
+    assert "mass cut-off 0.95" in SparseConfig(mass=0.95).describe()
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ConfigError, match="--sparse-mass"):
+            SparseConfig(mass=bad)

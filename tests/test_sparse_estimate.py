@@ -49,3 +49,30 @@ def test_mask_is_verticals_and_slashes_under_causality():
     mask = vertical_slash_mask(vs, torch.tensor([3, 7]), 10)[0]
     assert mask[0].nonzero().flatten().tolist() == [0, 1, 3]  # query at 3: verticals 0 (5 is in its future), diagonals 3, 1
     assert mask[1].nonzero().flatten().tolist() == [0, 5, 7]  # query at 7: 0, 5 and diagonals 7, 5
+
+
+def test_mass_cut_off_keeps_the_fewest_best_indices_reaching_the_share():
+    g = torch.Generator().manual_seed(1)
+    h, hkv, d, m, r = 4, 2, 8, 600, 16
+    q = torch.randn(r, h, d, generator=g) * 6  # peaked attention: a few keys hold most of the mass
+    k = torch.randn(hkv, m, d, generator=g)
+    q_pos = torch.arange(m - r, m)
+    budget_v, budget_s = 300, 400
+    full = estimate_vertical_slash(q, k, q_pos, d ** -0.5, budget_v, budget_s)
+    same = estimate_vertical_slash(q, k, q_pos, d ** -0.5, budget_v, budget_s, mass=1.0)
+    assert torch.equal(full.verticals, same.verticals) and torch.equal(full.slashes, same.slashes)
+    cut = estimate_vertical_slash(q, k, q_pos, d ** -0.5, budget_v, budget_s, mass=0.9)
+    vert, slash = _naive_scores(q, k, q_pos, d ** -0.5)
+    for head in range(h):
+        for chosen, budgeted, raw, forced in ((cut.verticals, full.verticals, vert, SINK_KEYS),
+                                             (cut.slashes, full.slashes, slash, LOCAL_DIAGONALS)):
+            kept = set(chosen[head].tolist())
+            assert kept <= set(budgeted[head].tolist()) and set(range(forced)) <= kept
+            covered = float(raw[head, sorted(kept)].sum())
+            whole_budget = float(raw[head, sorted(set(budgeted[head].tolist()))].sum())
+            assert covered >= min(0.9 * float(raw[head].sum()), whole_budget) - 1e-6  # the share, or the budget
+            # the fewest: without its weakest unforced index the head would fall short of the share
+            weakest = min((j for j in kept if j >= forced), key=lambda j: float(raw[head, j]), default=None)
+            if weakest is not None:
+                assert covered - float(raw[head, weakest]) < 0.9 * float(raw[head].sum()) + 1e-6
+        assert len(set(cut.verticals[head].tolist())) < budget_v  # the share is reached well within the budget

@@ -6,6 +6,9 @@
 3. Slash score of diagonal offset d: sum_r A[r, pos_r - d]; the `local` nearest diagonals are always kept;
    the top s = max(slash_size, 50) offsets are the slashes.
 A query at position p then attends keys {verticals <= p} and {p - d for each slash offset d, d <= p}.
+Optional mass cut-off (`mass`, FlexPrefill's cumulative-attention rule applied to each list): a head keeps, of its
+budget, only the best-scored indices that reach `mass` of its total vertical (or slash) score, never fewer than
+the minimum. A budget is then an upper bound: a head whose attention is concentrated computes far fewer pairs.
 
 Under Dual Chunk Attention the keys fall in segments scored with different query rotations (the "critical",
 continuous positions, DESIGN.md 3.1): attention_probs() takes one rotated query set per key segment.
@@ -63,27 +66,37 @@ def slash_scores(probs: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
 
 
 def estimate_vertical_slash(q_last: torch.Tensor | list, k: torch.Tensor, q_pos: torch.Tensor, scale: float,
-                            vertical_size: torch.Tensor | int, slash_size: torch.Tensor | int) -> VerticalSlash:
+                            vertical_size: torch.Tensor | int, slash_size: torch.Tensor | int,
+                            mass: float | None = None) -> VerticalSlash:
     """q_last: rotated queries [r, H, D] (or DCA segments, see attention_probs). Per-head budgets may differ
     (tensors [H]); the result is padded to the largest budget by repeating a chosen index, which changes no mask."""
     m = k.shape[1]
     segments = q_last if isinstance(q_last, list) else [(0, m, q_last)]
     probs = attention_probs(segments, k, q_pos, scale)  # [H, r, m]
     h = probs.shape[0]
-    vertical = probs.sum(1)  # [H, m]
+    vertical_raw = probs.sum(1)  # [H, m]
+    vertical = vertical_raw.clone()
     vertical[:, :SINK_KEYS] = float("inf")
-    slash = slash_scores(probs, q_pos)
+    slash_raw = slash_scores(probs, q_pos)
     del probs
+    slash = slash_raw.clone()
     slash[:, :LOCAL_DIAGONALS] = float("inf")
     slash[:, int(q_pos[-1]) + 1:] = float("-inf")  # offsets no query reaches
-    return VerticalSlash(_top(vertical, vertical_size, SINK_KEYS, h), _top(slash, slash_size, MIN_SLASHES, h))
+    return VerticalSlash(_top(vertical, vertical_size, SINK_KEYS, h, vertical_raw, mass),
+                         _top(slash, slash_size, MIN_SLASHES, h, slash_raw, mass))
 
 
-def _top(score: torch.Tensor, size: torch.Tensor | int, minimum: int, h: int) -> torch.Tensor:
-    # score: [H, m] -> [H, k] sorted indices of each head's top max(size_h, minimum) (at most m)
+def _top(score: torch.Tensor, size: torch.Tensor | int, minimum: int, h: int, raw: torch.Tensor | None = None,
+         mass: float | None = None) -> torch.Tensor:
+    # score: [H, m] -> [H, k] sorted indices of each head's top max(size_h, minimum) (at most m); with a mass,
+    # each head's count is cut to the fewest best indices whose raw scores reach mass * the head's total
     sizes = torch.as_tensor(size).expand(h).clamp(min=minimum).clamp(max=score.shape[1])
     k = int(sizes.max())
     idx = torch.topk(score, k, dim=-1).indices  # [H, k], best first
+    if mass is not None and mass < 1.0:
+        cum = raw.gather(1, idx).cumsum(-1)  # [H, k]: raw score covered by the best j + 1 indices
+        needed = (cum < mass * raw.sum(-1, keepdim=True)).sum(-1) + 1  # [H]
+        sizes = torch.minimum(sizes.to(needed.device), needed.clamp(min=minimum)).cpu()
     # heads with a smaller budget: repeat their last wanted index into the padding
     pad = torch.arange(k, device=score.device)[None, :] >= sizes[:, None].to(score.device)
     idx = torch.where(pad, idx.gather(1, (sizes.to(score.device) - 1)[:, None]).expand(-1, k), idx)

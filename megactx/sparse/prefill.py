@@ -74,7 +74,7 @@ class SparsePrefill:
             k_all = keys.span(0, m)[0]  # [Hkv, m, D]
             r = estimate_segments[0][2].shape[0]
             vs = estimate_vertical_slash(estimate_segments, k_all, torch.arange(m - r, m), self.scale,
-                                         verticals, slashes)
+                                         verticals, slashes, self.cfg.mass)
             vs = _with_part_columns(vs, dca_parts)
             for head, plan in enumerate(vertical_slash_plan(vs, q_start, n, block)):
                 if kinds[head] == "vertical_and_slash":
