@@ -131,7 +131,8 @@ def cmd_ppl(args) -> int:
     if sparse is not None and max(len(ids) - 1 if not args.window else args.window, 0) > sparse.threshold:
         setting += ", sparse prefill"
     # The file name only: a results file should not carry the local directory layout.
-    result = {"model": os.path.basename(args.model.rstrip("/")) if args.model else None, "length": args.length, "text": args.text or "python-stdlib",
+    model_name = os.path.basename(args.model.rstrip("/")) if args.model else None
+    result = {"model": model_name, "length": args.length, "text": args.text or "python-stdlib",
               "setting": setting, "dca": llm.engine.dca.describe() if llm.engine.dca else None, "buckets": rows}
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

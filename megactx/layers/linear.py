@@ -80,7 +80,7 @@ class Linear(nn.Module):
         if rows is not None:
             w, bias = w[rows], (None if bias is None else bias[rows])
         elif self.packed is not None and 1 < x.shape[0] <= HALF_GEMV_MAX_ROWS and x.dtype == torch.float32:
-            b = None if bias is None else bias.float()
+            b = None if bias is None else bias.float()  # a no-op for the model's biases, kept in fp32
             return _mkldnn._linear_pointwise(x.contiguous(), self.packed, b, "none", [], "")
         if w.dtype == x.dtype:
             return F.linear(x, w, bias)

@@ -74,12 +74,13 @@ def estimate_vertical_slash(q_last: torch.Tensor | list, k: torch.Tensor, q_pos:
     segments = q_last if isinstance(q_last, list) else [(0, m, q_last)]
     probs = attention_probs(segments, k, q_pos, scale)  # [H, r, m]
     h = probs.shape[0]
-    vertical_raw = probs.sum(1)  # [H, m]
-    vertical = vertical_raw.clone()
+    cut = mass is not None and mass < 1.0  # the raw scores are kept (copied) only for the cut-off
+    vertical = probs.sum(1)  # [H, m]
+    vertical_raw = vertical.clone() if cut else None
     vertical[:, :SINK_KEYS] = float("inf")
-    slash_raw = slash_scores(probs, q_pos)
+    slash = slash_scores(probs, q_pos)
     del probs
-    slash = slash_raw.clone()
+    slash_raw = slash.clone() if cut else None
     slash[:, :LOCAL_DIAGONALS] = float("inf")
     slash[:, int(q_pos[-1]) + 1:] = float("-inf")  # offsets no query reaches
     return VerticalSlash(_top(vertical, vertical_size, SINK_KEYS, h, vertical_raw, mass),
@@ -88,12 +89,12 @@ def estimate_vertical_slash(q_last: torch.Tensor | list, k: torch.Tensor, q_pos:
 
 def _top(score: torch.Tensor, size: torch.Tensor | int, minimum: int, h: int, raw: torch.Tensor | None = None,
          mass: float | None = None) -> torch.Tensor:
-    # score: [H, m] -> [H, k] sorted indices of each head's top max(size_h, minimum) (at most m); with a mass,
-    # each head's count is cut to the fewest best indices whose raw scores reach mass * the head's total
+    # score: [H, m] -> [H, k] sorted indices of each head's top max(size_h, minimum) (at most m); with raw scores
+    # (the cut-off), each head's count is cut to the fewest best indices whose raw scores reach mass * its total
     sizes = torch.as_tensor(size).expand(h).clamp(min=minimum).clamp(max=score.shape[1])
     k = int(sizes.max())
     idx = torch.topk(score, k, dim=-1).indices  # [H, k], best first
-    if mass is not None and mass < 1.0:
+    if raw is not None:
         cum = raw.gather(1, idx).cumsum(-1)  # [H, k]: raw score covered by the best j + 1 indices
         needed = (cum < mass * raw.sum(-1, keepdim=True)).sum(-1) + 1  # [H]
         sizes = torch.minimum(sizes.to(needed.device), needed.clamp(min=minimum)).cpu()
