@@ -146,17 +146,20 @@ def ppl_section() -> list[str]:
 
 
 def sparse_table(rows: list[dict]) -> list[str]:
-    out = ["| prompt | length | prompt tokens | mass cut-off | passkey (depth 50 %) | TTFT sparse s | TTFT dense s (projected) "
-           "| speedup | attention speedup (layers timed densely) | estimation / sparse attention | mean density "
-           "| mean recall |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    out = ["| prompt | length | prompt tokens | mass cut-off | dense above density (chunks dense) | passkey (depth 50 %) "
+           "| TTFT sparse s | TTFT dense s (projected) | speedup | attention speedup (layers timed densely) "
+           "| estimation / sparse attention | mean density | mean recall |",
+           "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         dens = [x["density"] for x in r["layers"] if x["density"] is not None]
         rec = [x["recall"] for x in r["layers"] if x["recall"] is not None]
         timed = r["dense_layers_measured"]
         timed_s = "all" if len(timed) == len(r["layers"]) else ", ".join(map(str, timed))
         verdict = {True: "correct", False: "wrong", None: "-"}[r["passkey_correct"]]
+        fallback = (f"{r['max_density']} ({r['dense_fallbacks']}/{r['chunks']})" if "max_density" in r
+                    else "never")  # rows measured before the dense fallback existed
         out.append(f"| {r.get('prompt', 'passkey')} | {r['length']} | {r['prompt_tokens']} | {r.get('mass') or '-'} | "
-                   f"{verdict} | {r['ttft_sparse_s']:.0f} | {r['ttft_dense_projected_s']:.0f} | "
+                   f"{fallback} | {verdict} | {r['ttft_sparse_s']:.0f} | {r['ttft_dense_projected_s']:.0f} | "
                    f"{r['ttft_speedup_projected']:.2f}x | {r['attention_speedup']:.2f}x ({timed_s}) | "
                    f"{100 * r['estimate_share']:.1f} % | {sum(dens) / len(dens):.3f} | {sum(rec) / len(rec):.4f} |")
     return out

@@ -53,6 +53,7 @@ def instrument(backend, dense_layers: set[int] | None, record: dict) -> None:
 def run_length(args, length: int) -> dict:
     llm = LLM(args.model, max_model_len=length + MAX_NEW_TOKENS + 8, max_num_seqs=1, dca=True, sparse=True,
               sparse_config=args.sparse_config, sparse_threshold=args.threshold, sparse_mass=args.mass,
+              sparse_max_density=args.max_density,
               max_num_batched_tokens=args.chunk, num_threads=args.threads)
     backend = InProcessBackend(llm)
     key = make_key(0, length, 50, 0)
@@ -80,11 +81,14 @@ def run_length(args, length: int) -> dict:
         recalls = record["recall"].get(li, [])
         weight = sum(w for _, w in recalls)
         dens = stats.density.get(li, [])
+        planned = stats.planned.get(li, [])
         per_layer.append({
             "layer": li, "sparse_s": round(stats.attention_s.get(li, 0.0), 3),
             "estimate_s": round(stats.estimate_s.get(li, 0.0), 3),
             "dense_s": round(record["dense_s"][li], 3) if li in record["dense_s"] else None,
             "density": round(sum(dens) / len(dens), 4) if dens else None,
+            "planned_density": round(sum(planned) / len(planned), 4) if planned else None,
+            "dense_fallbacks": stats.fallbacks.get(li, 0), "chunks": len(planned),
             "recall": round(sum(r * w for r, w in recalls) / weight, 4) if weight else None})
     dense_projected = ttft - sparse_attn - estimate + sum(
         record["dense_s"].get(li, mean_dense) for li in range(layers))
@@ -98,7 +102,8 @@ def run_length(args, length: int) -> dict:
             "attention_speedup": round(sum(record["dense_s"].values()) /
                                        max(sum(stats.attention_s[li] + stats.estimate_s[li] for li in measured), 1e-9), 2),
             "layers": per_layer, "chunk": args.chunk, "sparse_config": args.sparse_config or "default budgets",
-            "mass": args.mass}
+            "mass": args.mass, "max_density": args.max_density,
+            "dense_fallbacks": sum(stats.fallbacks.values()), "chunks": sum(len(d) for d in stats.planned.values())}
 
 
 def main():
@@ -112,6 +117,8 @@ def main():
     ap.add_argument("--threshold", type=int, default=0, help="sparse above this prompt length (0: at every length measured)")
     ap.add_argument("--mass", type=float, default=None, help="--sparse-mass: cut budgets at this share of the "
                     "estimated attention (default: whole budgets)")
+    ap.add_argument("--max-density", type=float, default=0.6, help="--sparse-max-density: chunks planned denser "
+                    "than this are computed densely (1: the sparse kernel on every chunk)")
     ap.add_argument("--chunk", type=int, default=16384, help="prefill chunk (max_num_batched_tokens)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/sparse_attention_eval.json")
@@ -120,8 +127,8 @@ def main():
     for length in [int(x) for x in args.lengths.split(",")]:
         row = run_length(args, length)
         results["rows"] = [r for r in results["rows"]
-                           if (r["length"], r.get("prompt", "passkey"), r.get("mass")) !=
-                           (length, args.prompt, args.mass)] + [row]
+                           if (r["length"], r.get("prompt", "passkey"), r.get("mass"), r.get("max_density", 1.0)) !=
+                           (length, args.prompt, args.mass, args.max_density)] + [row]
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
         verdict = {True: "ok", False: "WRONG", None: "-"}[row["passkey_correct"]]
@@ -131,7 +138,8 @@ def main():
               f"{100 * row['estimate_share']:.1f}% of sparse attention", flush=True)
         for li in row["layers"]:
             print(f"  layer {li['layer']:2d}: sparse {li['sparse_s']:7.2f} s  estimate {li['estimate_s']:6.2f} s  "
-                  f"dense {li['dense_s'] if li['dense_s'] is not None else '-':>7}  density {li['density']}  "
+                  f"dense {li['dense_s'] if li['dense_s'] is not None else '-':>7}  density {li['density']} "
+                  f"(planned {li['planned_density']}, {li['dense_fallbacks']}/{li['chunks']} chunks dense)  "
                   f"recall {li['recall']}", flush=True)
 
 

@@ -79,6 +79,9 @@ def add_dca_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sparse-mass", type=float, default=env_default("--sparse-mass", None, float),
                    help="per head, keep only the best verticals and slashes (within the budgets) that reach this share "
                         "of the estimated attention, e.g. 0.95 (default: the whole budget)")
+    g.add_argument("--sparse-max-density", type=float, default=env_default("--sparse-max-density", 0.6, float),
+                   help="a prefill chunk whose plan computes more than this share of the causal pairs is computed "
+                        "densely, where sparse would be slower (default 0.6; 1 always runs the sparse kernel)")
 
 
 def engine_kwargs(args) -> dict:
@@ -94,7 +97,7 @@ def dca_kwargs(args) -> dict:
                 dca_original_max_position=args.dca_original_max_position, dca_temperature=args.dca_temperature,
                 allow_long_context=args.allow_long_context, sparse=args.sparse, sparse_config=args.sparse_config,
                 sparse_threshold=args.sparse_threshold, sparse_last_q=args.sparse_last_q,
-                sparse_mass=args.sparse_mass)
+                sparse_mass=args.sparse_mass, sparse_max_density=args.sparse_max_density)
 
 
 def single_stream_kwargs(args) -> dict:

@@ -109,13 +109,14 @@ def test_block_sparse_plan_keeps_the_top_pooled_blocks():
             assert got == want
 
 
-def _run_sparse_dca(q, k, v, dca, splits, budgets, block=16):
-    """The DCA backend with sparse prefill on, fed in chunks; returns outputs and the recorded plans."""
+def _run_sparse_dca(q, k, v, dca, splits, budgets, block=16, max_density=1.0, stats=None):
+    """The DCA backend with sparse prefill on, fed in chunks; returns outputs and the recorded plans.
+    max_density 1.0: the sparse kernel computes every chunk (no dense fallback) unless the test says otherwise."""
     t = q.shape[0]
     rotary = _rotary()
     backend = DualChunkAttentionBackend(H, HKV, D, dca, rotary)
     backend.cache = KVCacheTensors(1, HKV, D, t, torch.float32, torch.device("cpu"))
-    cfg = SparseConfig(threshold=0, last_q=8, block_size=block,
+    cfg = SparseConfig(threshold=0, last_q=8, block_size=block, max_density=max_density,
                        layers=[{h: HeadPattern("vertical_and_slash", *budgets) for h in range(H)}])
     backend.sparse = SparsePrefill(cfg, 1, H, backend.scale)
     backend.sparse.plans = []
@@ -127,6 +128,8 @@ def _run_sparse_dca(q, k, v, dca, splits, budgets, block=16):
         k_rot = apply_rotary(k[c:c + n], *rotary.cos_sin(backend.key_positions(pos)))
         outs.append(backend(0, q[c:c + n], k_rot, v[c:c + n]))
         c += n
+    if stats is not None:
+        stats.append(backend.sparse.stats)
     return torch.cat(outs), backend.sparse.plans, rotary
 
 
@@ -155,6 +158,23 @@ def test_partial_budgets_inside_dca_equal_the_reference_under_the_plan():
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
 
 
+def test_dense_fallback_above_max_density_inside_dca():
+    # full budgets plan every key: above max_density each chunk is computed by the dense DCA path instead,
+    # which equals the reference exactly; partial budgets planned below it still run the kernel
+    dca = DCAConfig(chunk_size=40, local_size=8, original_max_position_embeddings=20, temperature="none")
+    q, k, v = _qkv(150)
+    stats = []
+    out, _, rotary = _run_sparse_dca(q, k, v, dca, [61, 89], (1000, 1000), max_density=0.6, stats=stats)
+    expected = reference_dual_chunk_attention(q, k, v, rotary, dca, D ** -0.5)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+    pieces = len(stats[0].planned[0])
+    assert stats[0].fallbacks[0] == pieces and all(p > 0.6 for p in stats[0].planned[0])
+    assert stats[0].density[0] == [1.0] * pieces  # what was computed
+    _run_sparse_dca(q, k, v, dca, [61, 89], (31, 50), max_density=0.99, stats=stats)
+    sparse_pieces = sum(p <= 0.99 for p in stats[1].planned[0])
+    assert sparse_pieces > 0 and stats[1].fallbacks.get(0, 0) == len(stats[1].planned[0]) - sparse_pieces
+
+
 def test_engine_full_budgets_equal_dense_for_every_pattern(tiny_dir, tmp_path):
     from megactx.engine.llm_engine import LLMEngine
     from megactx.config import EngineConfig, SchedulerConfig
@@ -170,9 +190,15 @@ def test_engine_full_budgets_equal_dense_for_every_pattern(tiny_dir, tmp_path):
         return engine_logits(e, ids), e
 
     dense, _ = logits(sparse=False)
-    sparse, engine = logits(sparse_threshold=0, sparse_config=str(cfg_file), sparse_block_size=32)
-    assert engine.runner.backend.sparse.stats.attention_s  # the sparse path ran
+    sparse, engine = logits(sparse_threshold=0, sparse_config=str(cfg_file), sparse_block_size=32,
+                            sparse_max_density=1.0)
+    stats = engine.runner.backend.sparse.stats
+    assert stats.attention_s and not stats.fallbacks  # the sparse kernel ran on every chunk
     torch.testing.assert_close(sparse, dense, atol=1e-4, rtol=1e-4)
+    fallback, engine = logits(sparse_threshold=0, sparse_config=str(cfg_file), sparse_block_size=32)
+    stats = engine.runner.backend.sparse.stats
+    assert sum(stats.fallbacks.values()) == sum(len(d) for d in stats.planned.values())  # dense plans: dense path
+    torch.testing.assert_close(fallback, dense, atol=1e-4, rtol=1e-4)
     _, below = logits(sparse_threshold=300, sparse_config=str(cfg_file), sparse_block_size=32)
     assert not below.runner.backend.sparse.stats.attention_s  # a prompt of 300 tokens is not above 300: dense
 
@@ -215,3 +241,5 @@ def test_mass_setting_is_checked():
     for bad in (0.0, 1.5, -0.1):
         with pytest.raises(ConfigError, match="--sparse-mass"):
             SparseConfig(mass=bad)
+        with pytest.raises(ConfigError, match="--sparse-max-density"):
+            SparseConfig(max_density=bad)

@@ -81,16 +81,21 @@ class DenseAttentionBackend:
             m = s.num_computed + s.num_new
             r = min(self.sparse.cfg.last_q, s.num_new)
             return self.sparse.attend(layer, [(0, m, q)], [(0, m, q[-r:])], self.keys(layer, s, q.dtype),
-                                      s.num_computed)
-        if s.num_computed == 0:
-            return attention(q, k_new, v_new, self.scale, causal=True)[0]
+                                      s.num_computed, dense=lambda: self.attend_dense(layer, s, q, k_new, v_new))
         if s.num_new == 1:
             k, v = self.cache.read(layer, s.key_slots, q.dtype)
             return attention(q, k, v, self.scale, causal=False)[0]
+        return self.attend_dense(layer, s, q, k_new, v_new)[0]
+
+    def attend_dense(self, layer: int, s: SeqAttention, q: torch.Tensor, k_new: torch.Tensor,
+                     v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # a prefill chunk: earlier keys (non-causal) and the chunk itself (causal) -> out [n, H, D], lse [n, H]
+        own = attention(q, k_new, v_new, self.scale, causal=True)
+        if s.num_computed == 0:
+            return own
         k, v = self.cache.read(layer, _prefix(s.key_slots, s.num_computed), q.dtype)
         past = attention(q, k, v, self.scale, causal=False)
-        own = attention(q, k_new, v_new, self.scale, causal=True)
-        return merge_attention([past[0], own[0]], [past[1], own[1]])[0]
+        return merge_attention([past[0], own[0]], [past[1], own[1]])
 
     def keys(self, layer: int, s: SeqAttention, dtype: torch.dtype) -> KeySource:
         return KeySource(self.cache.k[layer], self.cache.v[layer], s.key_slots, dtype)

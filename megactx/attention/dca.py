@@ -179,7 +179,9 @@ class DualChunkAttentionBackend(DenseAttentionBackend):
         critical = [queries[0][-r:]] + [apply_rotary(q_raw[-r:], *self.rotary.cos_sin(intra + shift))
                                         for shift in (L, cfg.chunk_size)]
         estimate = [(lo, hi, q) for (lo, hi), q in zip(parts, critical) if hi > lo]
-        return self.sparse.attend(layer, segments, estimate, self.keys(layer, s, q_raw.dtype), a,
+        keys = self.keys(layer, s, q_raw.dtype)
+        return self.sparse.attend(layer, segments, estimate, keys, a,
+                                  dense=lambda: self.attend_piece_lse(layer, s, a, b, queries, *keys.span(a, b)),
                                   dca_parts=[p for p in parts[1:] if p[1] > p[0]])
 
 

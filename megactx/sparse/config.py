@@ -37,6 +37,9 @@ class SparseConfig:
     last_q: int = 64  # queries per prefill chunk that estimate the pattern
     block_size: int = 256  # query rows per kernel block (a slash costs this many keys per block: see kernel.py)
     mass: float | None = None  # keep only the best indices reaching this share of the estimated score (estimate.py)
+    # a chunk whose plan computes more than this share of the causal pairs is computed densely: the gathered
+    # kernel runs at roughly 70-80 % of the dense kernel's speed per pair, so a denser plan would be slower
+    max_density: float = 0.6
     layers: list[dict[int, HeadPattern]] = field(default_factory=list)
     source: str | None = None  # the file the budgets came from, for messages
 
@@ -47,6 +50,8 @@ class SparseConfig:
             raise ConfigError(f"--sparse-last-q must be >= 1, got {self.last_q}")
         if self.mass is not None and not 0 < self.mass <= 1:
             raise ConfigError(f"--sparse-mass must be in (0, 1], got {self.mass}")
+        if not 0 < self.max_density <= 1:
+            raise ConfigError(f"--sparse-max-density must be in (0, 1], got {self.max_density}")
         if self.block_size < 16:
             raise ConfigError(f"sparse block size must be >= 16, got {self.block_size}")
 
@@ -61,7 +66,8 @@ class SparseConfig:
     def describe(self) -> str:
         budgets = f"budgets from {self.source}" if self.source else "default budgets (1000 verticals, 6096 slashes)"
         cut = f", mass cut-off {self.mass}" if self.mass is not None else ""
-        return f"threshold {self.threshold} tokens, last_q {self.last_q}, {budgets}{cut}"
+        return (f"threshold {self.threshold} tokens, last_q {self.last_q}, {budgets}{cut}, "
+                f"dense above density {self.max_density}")
 
 
 def parse_layers(data, where: str) -> list[dict[int, HeadPattern]]:
@@ -109,11 +115,11 @@ def load_sparse_config(path: str | Path, **settings) -> SparseConfig:
 
 def resolve_sparse(model_path: str | Path | None, enabled: bool = True, config_file: str | None = None,
                    threshold: int = 32768, last_q: int = 64, block_size: int = 256,
-                   mass: float | None = None) -> SparseConfig | None:
+                   mass: float | None = None, max_density: float = 0.6) -> SparseConfig | None:
     """--sparse-config FILE, else sparse_attention_config.json beside the model, else default budgets."""
     if not enabled:
         return None
-    settings = dict(threshold=threshold, last_q=last_q, block_size=block_size, mass=mass)
+    settings = dict(threshold=threshold, last_q=last_q, block_size=block_size, mass=mass, max_density=max_density)
     if config_file:
         return load_sparse_config(config_file, **settings)
     if model_path is not None:

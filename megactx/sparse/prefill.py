@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -22,8 +23,10 @@ DCA_PART_COLUMNS = 8  # evenly spaced columns every DCA part keeps, so that no p
 class SparseStats:
     """Accumulated per layer: seconds estimating, seconds in the kernel, density of each call."""
     estimate_s: dict[int, float] = field(default_factory=dict)
-    attention_s: dict[int, float] = field(default_factory=dict)
-    density: dict[int, list[float]] = field(default_factory=dict)
+    attention_s: dict[int, float] = field(default_factory=dict)  # the sparse kernel, or the dense fallback
+    density: dict[int, list[float]] = field(default_factory=dict)  # computed share: 1.0 for a dense fallback
+    planned: dict[int, list[float]] = field(default_factory=dict)  # the plan's share, whether computed or not
+    fallbacks: dict[int, int] = field(default_factory=dict)  # chunks computed densely
 
     def add(self, table: dict, layer: int, value: float) -> None:
         table[layer] = table.get(layer, 0.0) + value
@@ -42,21 +45,29 @@ class SparsePrefill:
 
     def attend(self, layer: int, segments: list[tuple[int, int, torch.Tensor]],
                estimate_segments: list[tuple[int, int, torch.Tensor]], keys: KeySource, q_start: int,
+               dense: Callable[[], tuple[torch.Tensor, torch.Tensor]],
                dca_parts: list[tuple[int, int]] = ()) -> torch.Tensor:
         """segments: (lo, hi, q [n, H, D]) the rotated queries for each key range, as the attention uses them;
         estimate_segments: (lo, hi, q_last [r, H, D]) the rotations that score the last r queries (DCA: the
-        critical positions). dca_parts: key ranges that must keep a few columns. -> out [n, H, D]"""
+        critical positions). dense: the backend's dense attention of the same rows -> (out, lse), used when the
+        plan is denser than cfg.max_density. dca_parts: key ranges that must keep a few columns. -> out [n, H, D]"""
         t0 = time.perf_counter()
         n = segments[0][2].shape[0]
         plan = self.plan(layer, segments, estimate_segments, keys, q_start, n, dca_parts)
         if self.plans is not None:
             self.plans.append((layer, q_start, plan))
+        density = plan_density(plan, q_start, n, self.cfg.block_size)
         t1 = time.perf_counter()
-        out, lse = sparse_attention(segments, keys, plan, q_start, self.cfg.block_size, self.scale)
+        if density > self.cfg.max_density:
+            out, lse = dense()
+            self.stats.fallbacks[layer] = self.stats.fallbacks.get(layer, 0) + 1
+        else:
+            out, lse = sparse_attention(segments, keys, plan, q_start, self.cfg.block_size, self.scale)
         t2 = time.perf_counter()
         self.stats.add(self.stats.estimate_s, layer, t1 - t0)
         self.stats.add(self.stats.attention_s, layer, t2 - t1)
-        self.stats.density.setdefault(layer, []).append(plan_density(plan, q_start, n, self.cfg.block_size))
+        self.stats.planned.setdefault(layer, []).append(density)
+        self.stats.density.setdefault(layer, []).append(1.0 if density > self.cfg.max_density else density)
         self.last_lse = lse
         return out
 
