@@ -152,16 +152,22 @@ class DualChunkAttentionBackend(DenseAttentionBackend):
         L = self.cfg.chunk_len
         cur = (a // L) * L
         q_intra, q_succ, q_inter = queries
+        # one row (decode) sees its own key non-causally: the intra part reads it from the cache, one call less
+        intra_end = b if b - a == 1 else a
         outs, lses = [], []
-        for part_q, lo, hi in ((q_intra, cur, a), (q_succ, max(cur - L, 0), cur), (q_inter, 0, max(cur - L, 0))):
-            if hi > lo:  # cached keys at [lo, hi), all before the rows: non-causal
+        for part_q, lo, hi in ((q_intra, cur, intra_end), (q_succ, max(cur - L, 0), cur),
+                               (q_inter, 0, max(cur - L, 0))):
+            if hi > lo:  # cached keys at [lo, hi), all before the rows (or the one row itself): non-causal
                 k, v = self.cache.read(layer, _range(s.key_slots, lo, hi), part_q.dtype)
                 o, lse = attention(part_q, k, v, self.scale, causal=False)
                 outs.append(o)
                 lses.append(lse)
-        o, lse = attention(q_intra, k_own, v_own, self.scale, causal=True)  # the piece itself
-        outs.append(o)
-        lses.append(lse)
+        if intra_end == a:
+            o, lse = attention(q_intra, k_own, v_own, self.scale, causal=True)  # the piece itself
+            outs.append(o)
+            lses.append(lse)
+        if len(outs) == 1:
+            return outs[0], lses[0]
         return merge_attention(outs, lses)
 
     def attend_piece_sparse(self, layer: int, s: SeqAttention, a: int, b: int, queries: list[torch.Tensor],
