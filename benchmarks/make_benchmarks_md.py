@@ -209,7 +209,9 @@ def dca_cost_section() -> list[str]:
     out = []
     for path in sorted(glob.glob(os.path.join(HERE, "results", "dca_cost_*.json"))):
         d = json.load(open(path))
-        out += [f"### {d['model']}", "", "| length | dense prefill s | DCA prefill s | DCA / dense | dense decode tok/s "
+        scope = d.get("scope", "the whole model, end to end")
+        title = f"### {d['model']}: {scope}" + (f"; DCA {d['dca']}" if "dca" in d else "")
+        out += [title, "", "| length | dense prefill s | DCA prefill s | DCA / dense | dense decode tok/s "
                 "| DCA decode tok/s | dense / DCA |", "|---:|---:|---:|---:|---:|---:|---:|"]
         for n in sorted({r["length"] for r in d["rows"]}):
             dn, dc = (next(r for r in d["rows"] if r["mode"] == m and r["length"] == n) for m in ("dense", "dca"))
@@ -254,7 +256,10 @@ def main() -> None:
         lines += ["## Dual Chunk Attention", "",
                   "`megactx eval ppl --length 32768 --dca` / `--window 8192` / `--allow-long-context` (perplexity per "
                   "4K bucket of the Python standard library's source) and `python benchmarks/dca_cost.py --lengths "
-                  "16384,65536` (dense and DCA engines alternating in one process).", ""] + ppl + cost
+                  "16384` (dense and DCA engines alternating in one process, sparse prefill off); `--attention-only "
+                  "--lengths 16384,65536`: one attention layer of the model's shape, the two backends alternating "
+                  "(a whole-model 64K prefill takes tens of minutes per side here, and attention is all DCA changes).",
+                  ""] + ppl + cost
     sparse = sparse_section()
     if sparse:
         lines += ["## Sparse prefill (evaluation model, DCA)", "",
@@ -289,8 +294,9 @@ def main() -> None:
               "The cause is the tile: a slash far from the others costs a whole 256-key span per 256-row query block, "
               "and 6096 scattered slashes x 256 keys cover the whole prefix. Any tile-based kernel (MInference's GPU "
               "kernel uses 64-row tiles) has the same superset; at these lengths smaller budgets (`megactx sparse "
-              "search`) are the lever. At densities above ~0.7 the sparse kernel is slower than dense attention "
-              "(0.47x at 32K): a fallback to dense for such chunks is not built yet.",
+              "search`) and the mass cut-off are the levers. At densities above ~0.7 the sparse kernel is slower than "
+              "dense attention (0.47x at 32K, rows marked 'never'): chunks planned denser than `--sparse-max-density` "
+              "(default 0.6) are now computed densely.",
               "- `--sparse-mass 0.95` cuts each head's budget to the indices that carry 95 % of its estimated attention: "
               "on SmolLM2 at 16K density fell from 0.87 to 0.33 and attention became 1.70x faster than dense (0.29x "
               "without it), with mean recall 0.93 instead of 0.97. Not yet measured on the 0.5B model at 64K/128K, so "
