@@ -76,3 +76,27 @@ def test_mass_cut_off_keeps_the_fewest_best_indices_reaching_the_share():
             if weakest is not None:
                 assert covered - float(raw[head, weakest]) < 0.9 * float(raw[head].sum()) + 1e-6
         assert len(set(cut.verticals[head].tolist())) < budget_v  # the share is reached well within the budget
+
+
+def test_scores_per_key_segment_and_queries_before_the_last_key():
+    # DCA scores each key segment with its own query rotation; the queries need not be the last positions
+    from megactx.sparse.estimate import attention_probs, slash_scores
+    g = torch.Generator().manual_seed(2)
+    h, hkv, d, m, r = 4, 2, 8, 90, 12
+    qs = [torch.randn(r, h, d, generator=g) for _ in range(3)]
+    k = torch.randn(hkv, m, d, generator=g)
+    segments = [(0, 20, qs[0]), (20, 55, qs[1]), (55, m, qs[2])]
+    for first in (70, 78, 5):  # queries at [first, first + r): keys after them exist, or few keys before them
+        q_pos = torch.arange(first, first + r)
+        probs = attention_probs(segments, k, q_pos, 0.4)
+        want = torch.zeros(h, r, m, dtype=torch.float64)
+        slash = torch.zeros(h, m, dtype=torch.float64)
+        for head in range(h):
+            for i in range(r):
+                p = int(q_pos[i])
+                s = torch.cat([k[head // 2, lo:hi].double() @ q[i, head].double() for lo, hi, q in segments]) * 0.4
+                want[head, i, :p + 1] = torch.softmax(s[:p + 1], 0)
+                for j in range(p + 1):
+                    slash[head, p - j] += want[head, i, j]
+        torch.testing.assert_close(probs.double(), want, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(slash_scores(probs, q_pos).double(), slash, atol=1e-6, rtol=1e-5)

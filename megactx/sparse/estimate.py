@@ -37,32 +37,40 @@ def attention_probs(segments: list[tuple[int, int, torch.Tensor]], k: torch.Tens
     cover [0, m). k: [Hkv, m, D], q_pos: [r] key indices of the queries -> A: [H, r, m] fp32, causal."""
     hkv, m, d = k.shape
     r, h, _ = segments[0][2].shape
-    scores = torch.empty(h, r, m, dtype=torch.float32, device=k.device)
+    g = h // hkv
+    scores = torch.empty(hkv, g * r, m, dtype=torch.float32, device=k.device)  # rows (kv head, group, query)
     for lo, hi, q in segments:
         if hi > lo:
-            qg = q.float().view(r, hkv, h // hkv, d)
-            # [Hkv, G, r, hi - lo] written into the head-major score rows
-            scores[:, :, lo:hi] = torch.einsum("rkgd,kmd->kgrm", qg, k[:, lo:hi].float()).reshape(h, r, hi - lo)
-    scores *= scale
-    future = torch.arange(m, device=k.device)[None, :] > q_pos[:, None]  # [r, m]: keys after each query
-    scores.masked_fill_(future, float("-inf"))
-    return torch.softmax(scores, dim=-1)
+            qg = q.float().reshape(r, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * r, d)
+            # scale * q k^T written straight into the columns [lo, hi) of the score rows: no temporary
+            scores[:, :, lo:hi].baddbmm_(qg, k[:, lo:hi].float().transpose(1, 2), beta=0, alpha=scale)
+    first = int(q_pos.min()) + 1  # keys before this one are visible to every query
+    if first < m:
+        future = torch.arange(first, m, device=k.device)[None, :] > q_pos[:, None]  # [r, m - first]
+        scores.view(hkv, g, r, m)[..., first:].masked_fill_(future, float("-inf"))
+    return torch.softmax(scores, dim=-1).view(h, r, m)
 
 
 def slash_scores(probs: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
-    """[H, r, m] probabilities of consecutive queries -> [H, m] score of each diagonal offset d = pos_r - j.
-    Row i is shifted right by r - 1 - i so that every diagonal becomes one column; then a column sum."""
+    """[H, r, m] probabilities of consecutive queries -> [H, m] score of each diagonal offset d = pos_i - j.
+    Row i's element j + i is offset p0 - j for every row: read with a row stride of m + 1, each diagonal is a
+    column of a view (no copy), then a column sum. The few offsets beyond p0 that only later rows reach are
+    gathered separately. (Keys after a query have probability 0: their negative offsets are dropped.)"""
     h, r, m = probs.shape
     if r > 1 and not bool((q_pos.diff() == 1).all()):
         raise ValueError("slash estimation needs consecutive query positions")
-    aligned = torch.zeros(h, r, m + r, dtype=probs.dtype, device=probs.device)
-    # element (i, j) of row i lands at column j + r - 1 - i
-    aligned.as_strided((h, r, m), (r * (m + r), m + r - 1, 1), storage_offset=r - 1).copy_(probs)
-    by_column = aligned.sum(1)  # [H, m + r]; column c holds offset d = pos_0 + r - 1 - c
-    p_last = int(q_pos[-1])
-    # offset d for d in [0, m): column p_last - d (negative columns: offsets beyond every query, none)
-    cols = p_last - torch.arange(m, device=probs.device)
-    return torch.where(cols >= 0, by_column[:, cols.clamp(min=0)], torch.zeros((), dtype=probs.dtype))
+    p0, p_last = int(q_pos[0]), int(q_pos[-1])
+    probs = probs.contiguous()
+    out = torch.zeros(h, m, dtype=probs.dtype, device=probs.device)
+    width = min(p0 + 1, m - r + 1)  # offsets p0 - width + 1 .. p0, every row inside [0, m)
+    diagonals = probs.as_strided((h, r, width), (r * m, m + 1, 1)).sum(1)  # [H, width]: column c is offset p0 - c
+    out[:, p0 - width + 1:p0 + 1] = diagonals.flip(-1)
+    i = torch.arange(r, device=probs.device)[:, None]
+    d = torch.arange(p0 + 1, p_last + 1, device=probs.device)[None, :]  # offsets only rows i >= d - p0 reach
+    j = p0 + i - d
+    ok = (j >= 0) & (j < m)
+    out.index_add_(1, d.expand_as(j)[ok], probs[:, i.expand_as(j)[ok], j[ok]])
+    return out
 
 
 def estimate_vertical_slash(q_last: torch.Tensor | list, k: torch.Tensor, q_pos: torch.Tensor, scale: float,
