@@ -12,7 +12,9 @@ def _nll(logits, ids, t):
     return float(torch.logsumexp(logits, -1) - logits[ids[t]])
 
 
-def test_full_and_windowed_perplexity_equal_direct_computation(tiny_dir):
+def test_full_and_windowed_perplexity_equal_direct_computation(tiny_dir, monkeypatch):
+    import megactx.engine.llm_engine as llm_engine
+    monkeypatch.setattr(llm_engine, "LOGIT_ROWS", 5)  # logits come in slices smaller than the prefill chunks
     path = tiny_dir("qwen2", num_key_value_heads=2)
     ids = token_ids(100, seed=5)
     engine = make_engine(path)
@@ -20,6 +22,7 @@ def test_full_and_windowed_perplexity_equal_direct_computation(tiny_dir):
     expected = {}
     for t in range(1, 100):
         expected.setdefault(t // 32, []).append(_nll(full[t - 1], ids, t))
+    assert [start for start, _ in engine.iter_logits(ids[:20], 16)] == [0, 5, 10, 15, 16]
     rows = perplexity_by_bucket(engine, ids, bucket=32, chunk=16)
     assert [r["tokens"] for r in rows] == [31, 32, 32, 4]
     for r, b in zip(rows, sorted(expected)):

@@ -27,6 +27,7 @@ from megactx.sampling import SampledToken, SamplingParams, sample
 
 logger = logging.getLogger(__name__)
 DEFAULT_KV_BUDGET = 4 * 2**30
+LOGIT_ROWS = 1024  # iter_logits yields at most this many rows of logits at a time
 
 
 @dataclass
@@ -150,8 +151,9 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     def iter_logits(self, token_ids: list[int], chunk_size: int | None = None):
-        """Score one token sequence by chunked prefill: yield (start, logits [n, vocab]) chunk by chunk, so that
-        full-length logits are never materialised. Runs alone (call between requests)."""
+        """Score one token sequence by chunked prefill: yield (start, logits [n, vocab]) slice by slice, so that
+        full-length logits are never materialised: each prefill chunk's logits come in slices of at most
+        LOGIT_ROWS rows (a 16K-token chunk of a 152K-token vocabulary would be 10 GB at once). Runs alone."""
         if self.scheduler.has_work():
             raise RuntimeError("iter_logits needs an idle engine")
         if len(token_ids) > self.max_model_len:
@@ -162,8 +164,9 @@ class LLMEngine:
             while seq.num_computed_tokens < seq.num_tokens:
                 n = min(chunk_size, seq.num_pending_tokens)
                 self.allocator.allocate(seq, n)
-                logits = self.runner.run([ScheduledChunk(seq, n)], all_rows=True)
-                yield seq.num_computed_tokens, logits
+                hidden, _ = self.runner.forward([ScheduledChunk(seq, n)])
+                for a in range(0, n, LOGIT_ROWS):
+                    yield seq.num_computed_tokens + a, self.runner.logits(hidden[a:a + LOGIT_ROWS])
                 seq.num_computed_tokens += n
         finally:
             self.allocator.release(seq)

@@ -118,7 +118,23 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk], all_rows: bool = False) -> torch.Tensor:
         """Compute the chunks; return logits [N, vocab] for the chunks that complete their sequence
-        (all_rows: for every computed token, [T, vocab], as scoring needs)."""
+        (all_rows: for every computed token, [T, vocab])."""
+        hidden, last_rows = self.forward(chunks)
+        if all_rows:
+            return self.model.compute_logits(hidden).cpu()
+        if len(last_rows) == 0:
+            return torch.empty(0, self.config.vocab_size)
+        return self.model.compute_logits(hidden[last_rows]).cpu()
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden: [n, hidden] rows of forward() -> logits [n, vocab] on the CPU
+        return self.model.compute_logits(hidden).cpu()
+
+    @torch.inference_mode()
+    def forward(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compute the chunks (the KV cache is written) -> final hidden states [T, hidden] of every computed token
+        and the rows of the chunks that complete their sequence."""
         input_ids, positions, meta, last_rows = self.prepare(chunks)
         self.backend.meta = meta
         seq_len = max(ch.seq.num_computed_tokens + ch.num_tokens for ch in chunks)
@@ -127,9 +143,4 @@ class ModelRunner:
                                 for ch in chunks]).to(self.device)
             self.backend.prepare_step(positions, totals)
             positions = self.backend.key_positions(positions)  # keys are rotated (and cached) at p % L
-        hidden = self.model(input_ids, positions, self.backend, seq_len=seq_len)
-        if all_rows:
-            return self.model.compute_logits(hidden).cpu()
-        if len(last_rows) == 0:
-            return torch.empty(0, self.config.vocab_size)
-        return self.model.compute_logits(hidden[last_rows]).cpu()
+        return self.model(input_ids, positions, self.backend, seq_len=seq_len), last_rows
