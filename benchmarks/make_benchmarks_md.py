@@ -202,7 +202,23 @@ def sparse_section() -> list[str]:
         out += ["![recall and density per layer](benchmarks/results/sparse_layers.png)", ""]
     except ImportError:
         pass
-    return out + sparse_smollm2()
+    return out + sparse_smollm2() + sparse_threshold_section()
+
+
+def sparse_threshold_section() -> list[str]:
+    path = os.path.join(HERE, "results", "sparse_threshold.json")
+    if not os.path.exists(path):
+        return []
+    d = json.load(open(path))
+    out = [f"### Below the threshold ({d['model']})", "",
+           "`python benchmarks/sparse_threshold.py`: sparse prefill on (threshold "
+           f"{d['threshold']}) vs `--no-sparse`, alternating in one process, best of 3, while other work shared the "
+           "CPU. Below the threshold the engine takes the dense path: no sparse chunk ran, and the times agree within "
+           "the machine's noise.", "",
+           "| length | TTFT sparse on s | TTFT --no-sparse s | on / off | sparse chunks |", "|---:|---:|---:|---:|---:|"]
+    out += [f"| {r['length']} | {r['ttft_sparse_on_s']:.2f} | {r['ttft_sparse_off_s']:.2f} | {r['ratio']:.2f} | "
+            f"{r['sparse_chunks']} |" for r in d["rows"]]
+    return out + [""]
 
 
 def dca_cost_section() -> list[str]:
