@@ -51,6 +51,17 @@ def serve_tables() -> list[str]:
     return out
 
 
+PASSKEY_RUNS = {  # what each results folder was run with (the folder name is the key)
+    "eval": "the evaluation model inside its trained length: `--lengths 4K,8K,16K,32K --depths 0,25,50,75,100`",
+    "eval_dca": "DCA with dense attention (`--dca --no-sparse --max-model-len 65600`)",
+    "eval_dca_sparse": "DCA with sparse prefill at its defaults (`--dca --max-model-len 65600 "
+                       "--max-num-batched-tokens 16384`); the first 48K cell ran before chunks planned denser than "
+                       "0.6 fell back to dense attention, the rest after",
+    "eval_plain": "the ablation: plain RoPE beyond the trained 32K (`--allow-long-context --max-model-len 65600`), "
+                  "sparse prefill at its defaults",
+}
+
+
 def passkey_section() -> list[str]:
     from megactx.eval.passkey import summarize
     from megactx.eval.results import read_rows
@@ -61,7 +72,8 @@ def passkey_section() -> list[str]:
             continue
         folder = os.path.dirname(path)
         name = os.path.basename(folder)[len("passkey_"):]
-        out += [f"### {name}", "", f"![passkey heatmap]({os.path.relpath(folder, ROOT)}/passkey_heatmap.png)", "",
+        about = [PASSKEY_RUNS[name], ""] if name in PASSKEY_RUNS else []
+        out += [f"### {name}", ""] + about + [f"![passkey heatmap]({os.path.relpath(folder, ROOT)}/passkey_heatmap.png)", "",
                 "| length | cells | accuracy % | key anywhere % | mean TTFT s |", "|---:|---:|---:|---:|---:|"]
         for t in summarize(rows):
             out.append(f"| {t['length']} | {t['cells']} | {t['accuracy']:.0f} | {t['substring']:.0f} | {t['mean_ttft_s']:.1f} |")
