@@ -329,6 +329,10 @@ def main() -> None:
               "on SmolLM2 at 16K density fell from 0.87 to 0.33 and attention became 1.70x faster than dense (0.29x "
               "without it), with mean recall 0.93 instead of 0.97. Not yet measured on the 0.5B model at 64K/128K, so "
               "it is off by default.",
+              "- DCA decode measured on one attention layer of the 0.5B model: 1.21x dense's time at 64K but 2.07x at 16K "
+              "(3.2 vs 6.6 ms a step); that harness charges each step's DCA set-up (three query rotations, the "
+              "temperature) to one layer, and the whole SmolLM2 model at 16K decoded with DCA at 0.90x dense's time. "
+              "Not yet explained; a rerun of the 16K decode alone under load gave 1.2-1.4x.",
               "- DCA perplexity on SmolLM2 at 32K with the default local size (chunk / 16 = 512): worst bucket 1.18x "
               "the 8K sliding window's (temperature `position`), 1.11x (`none`); with `--dca-local-size 2048 "
               "--dca-temperature none` 1.07x. The 0.5B model at 64K with the defaults: 1.02x.", ""]
