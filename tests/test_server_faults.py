@@ -31,12 +31,12 @@ def faulty_server():
     marker_ids = engine.tokenizer.encode(MARKER, add_special_tokens=False)
     real_run = engine.runner.run
 
-    def run(chunks, all_rows=False):
+    def run(chunks):
         for ch in chunks:
             ids = ch.seq.prompt_token_ids
             if any(ids[i:i + len(marker_ids)] == marker_ids for i in range(len(ids))):
                 raise RuntimeError("injected fault")
-        return real_run(chunks, all_rows)
+        return real_run(chunks)
     engine.runner.run = run
     port = _port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
