@@ -66,36 +66,36 @@ MERGE_GAP = 256  # spans closer than this many keys are computed as one: a call 
 
 
 def vertical_slash_plan(vs: VerticalSlash, q_start: int, n: int, block: int, merge_gap: int = MERGE_GAP) -> Plan:
-    """merge_gap: spans separated by fewer keys are joined (a superset: fewer, longer kernel calls)."""
+    """merge_gap: spans separated by fewer keys are joined (a superset: fewer, longer kernel calls).
+    Vectorised over heads and blocks (it runs for every layer of every prefill chunk); the tests check it
+    pair by pair against the definition."""
+    h = vs.verticals.shape[0]
+    slashes, verticals = vs.slashes.cpu(), vs.verticals.cpu()
+    max_d = max(int(slashes.max()), 0) if slashes.numel() else 0
+    # covered[h, u]: the key a - u is in some slash's range [a - d, a - d + block), i.e. d - block < u <= d
+    # (u = 0, the block's own first key, never is: d > 0 only)
+    real = (slashes > 0).to(torch.int32)
+    diff = torch.zeros(h, max_d + 2, dtype=torch.int32)
+    diff.scatter_add_(1, (slashes - block).clamp(min=0) + 1, real)
+    diff.scatter_add_(1, slashes.clamp(min=0) + 1, -real)
+    covered = diff.cumsum(1) > 0
+    if merge_gap > 0:  # fill the uncovered gaps shorter than merge_gap between two covered runs
+        u = torch.arange(max_d + 2).expand(h, -1)
+        prev = torch.where(covered, u, -1).cummax(1).values
+        nxt = torch.where(covered, u, max_d + 2).flip(1).cummin(1).values.flip(1)
+        covered |= (prev >= 0) & (nxt <= max_d) & (nxt - prev - 1 < merge_gap)
+    starts = torch.tensor(block_starts(q_start, n, block))  # [B]
+    # a vertical is gathered for a block when it is before the block and no span covers it
+    rel = starts[:, None, None] - verticals[None]  # [B, H, V]
+    in_span = covered.gather(1, rel.clamp(0, max_d + 1).permute(1, 0, 2).reshape(h, -1)).view(h, len(starts), -1)
+    first = torch.ones_like(verticals, dtype=torch.bool)
+    first[:, 1:] = verticals[:, 1:] != verticals[:, :-1]  # the padding repeats an index: keep it once
+    free = (rel > 0) & ((rel > max_d) | ~in_span.transpose(0, 1)) & first[None]  # [B, H, V]
     plans = []
-    starts = block_starts(q_start, n, block)
-    for head in range(vs.verticals.shape[0]):
-        d = vs.slashes[head].unique().cpu()
-        d = d[d > 0]
-        max_d = int(d.max()) if len(d) else 0
-        # covered[u]: the key a - u is in some slash's range [a - d, a - d + block), i.e. d - block < u <= d
-        diff = torch.zeros(max_d + 2, dtype=torch.int32)
-        diff.index_add_(0, (d - block).clamp(min=0) + 1, torch.ones_like(d, dtype=torch.int32))
-        diff.index_add_(0, d + 1, torch.full_like(d, -1, dtype=torch.int32))
-        covered = diff.cumsum(0) > 0
-        runs = _runs(covered.nonzero().flatten())  # (u_lo, u_hi): keys (a - u_hi, a - u_lo]
-        joined = []
-        for lo, hi in runs:
-            if joined and lo - joined[-1][1] < merge_gap:
-                covered[joined[-1][1]:lo] = True
-                joined[-1] = (joined[-1][0], hi)
-            else:
-                joined.append((lo, hi))
-        runs = joined
-        verticals = vs.verticals[head].unique().cpu()
-        per_block = []
-        for a in starts:
-            ranges = [(max(a - u_hi + 1, 0), a - u_lo + 1) for u_lo, u_hi in reversed(runs) if u_lo <= a]
-            v = verticals[verticals < a]
-            rel = a - v
-            free = (rel > max_d) | ~covered[rel.clamp(max=max_d + 1)]
-            per_block.append(BlockKeys(ranges, v[free]))
-        plans.append(per_block)
+    for head in range(h):
+        runs = _runs(covered[head].nonzero().flatten())  # (u_lo, u_hi): keys (a - u_hi, a - u_lo]
+        plans.append([BlockKeys([(max(a - u_hi + 1, 0), a - u_lo + 1) for u_lo, u_hi in reversed(runs) if u_lo <= a],
+                                verticals[head][free[i, head]]) for i, a in enumerate(starts.tolist())])
     return plans
 
 
