@@ -344,10 +344,11 @@ def main() -> None:
               "the others' latency.",
               "- Sparse prefill with the default budgets (1000 verticals, 6096 slashes per head) computes 46-84 % of the "
               "causal pairs at 64K on both a passkey prompt and natural text, so it is only 1.1x-1.3x faster than dense. "
-              "The cause is the tile: a slash far from the others costs a whole 256-key span per 256-row query block, "
-              "and 6096 scattered slashes x 256 keys cover the whole prefix. Any tile-based kernel (MInference's GPU "
-              "kernel uses 64-row tiles) has the same superset; at these lengths smaller budgets (`megactx sparse "
-              "search`) and the mass cut-off are the levers. At densities above ~0.7 the sparse kernel is slower than "
+              "The cause is the budgets more than the tile. Planned from one prefill's estimates at 32K "
+              "(`benchmarks/sparse_density.py`, piece ending at 30720 keys), 256-row tiles compute 0.73 of the pairs, "
+              "64-row tiles without span merging 0.59, and the mass cut-off 0.95 with 256-row tiles 0.41. Smaller "
+              "tiles also run the flash kernel less efficiently, so the levers are smaller budgets (`megactx sparse "
+              "search`) and the mass cut-off. At densities above ~0.7 the sparse kernel is slower than "
               "dense attention (0.47x at 32K, rows marked 'never'): chunks planned denser than `--sparse-max-density` "
               "(default 0.6) are now computed densely.",
               "- `--sparse-mass 0.95` cuts each head's budget to the indices that carry 95 % of its estimated attention: "
