@@ -70,7 +70,7 @@ def vertical_slash_plan(vs: VerticalSlash, q_start: int, n: int, block: int, mer
     Vectorised over heads and blocks (it runs for every layer of every prefill chunk); the tests check it
     pair by pair against the definition."""
     h = vs.verticals.shape[0]
-    slashes, verticals = vs.slashes.cpu(), vs.verticals.cpu()
+    slashes, verticals = vs.slashes.cpu(), vs.verticals.cpu().sort(dim=-1).values  # sorted: duplicates adjacent
     max_d = max(int(slashes.max()), 0) if slashes.numel() else 0
     # covered[h, u]: the key a - u is in some slash's range [a - d, a - d + block), i.e. d - block < u <= d
     # (u = 0, the block's own first key, never is: d > 0 only)
