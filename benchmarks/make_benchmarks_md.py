@@ -59,6 +59,8 @@ PASSKEY_RUNS = {  # what each results folder was run with (the folder name is th
                        "0.6 fell back to dense attention, the rest after",
     "eval_plain": "the ablation: plain RoPE beyond the trained 32K (`--allow-long-context --max-model-len 65600`), "
                   "sparse prefill at its defaults",
+    "eval_dca_sparse_mass": "DCA with sparse prefill and the mass cut-off (`--dca --sparse-mass 0.95 --max-model-len "
+                            "65600 --max-num-batched-tokens 16384`)",
 }
 
 
