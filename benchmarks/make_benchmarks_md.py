@@ -236,22 +236,15 @@ def sparse_threshold_section() -> list[str]:
 
 
 def sparse_density_section() -> list[str]:
+    from sparse_density import density_table  # the benchmark's own table (it imports torch: only when needed)
     out = []
     for path in sorted(glob.glob(os.path.join(HERE, "results", "sparse_density_*.json"))):
         d = json.load(open(path))
-        pieces = sorted({r["keys"] for r in d["rows"]})
-        settings = list(dict.fromkeys((r["mass"], r["block"], r["merge_gap"]) for r in d["rows"]))
         out += [f"### Planned density by tile and mass cut-off ({d['model']}, {d['prompt_tokens']}-token passkey prompt)",
                 "", f"`python benchmarks/sparse_density.py --length {d['length']}`: the plans the estimates of one "
                 "prefill give at each setting (share of causal pairs computed, mean over layers), per prefill piece "
                 "(its last key). Default budgets; the engine's tile is 256 rows with span merging.", "",
-                "| mass cut-off | tile rows | span merging | " + " | ".join(f"piece to {p}" for p in pieces) + " |",
-                "|---|---:|---|" + "---:|" * len(pieces)]
-        for ms, b, g in settings:
-            cells = [next((r["density"] for r in d["rows"] if (r["keys"], r["mass"], r["block"], r["merge_gap"]) ==
-                           (p, ms, b, g)), None) for p in pieces]
-            out.append(f"| {ms or 'none'} | {b} | {'yes' if g else 'no'} | "
-                       + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + " |")
+                ] + density_table(d["rows"])
         out.append("")
     return out
 

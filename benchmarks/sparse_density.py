@@ -58,6 +58,19 @@ def record_plans(masses: list[float | None], blocks: list[int], rows: list) -> N
     prefill.SparsePrefill.plan = planned
 
 
+def density_table(rows: list[dict]) -> list[str]:
+    """Markdown rows: one per setting (mass, tile, merging), one column per piece (its last key)."""
+    pieces = sorted({r["keys"] for r in rows})
+    density = {(r["mass"], r["block"], r["merge_gap"], r["keys"]): r["density"] for r in rows}
+    out = ["| mass cut-off | tile rows | span merging | " + " | ".join(f"piece to {p}" for p in pieces) + " |",
+           "|---|---:|---|" + "---:|" * len(pieces)]
+    for ms, b, g in dict.fromkeys((r["mass"], r["block"], r["merge_gap"]) for r in rows):
+        cells = [density.get((ms, b, g, p)) for p in pieces]
+        out.append(f"| {ms or 'none'} | {b} | {'yes' if g else 'no'} | "
+                   + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + " |")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None)
@@ -84,16 +97,8 @@ def main() -> None:
     for r in rows:
         table[(r["keys"], r["mass"], r["block"], r["merge_gap"])].append(r["density"])
     summary = [{"keys": k, "mass": ms, "block": b, "merge_gap": g, "density": round(sum(v) / len(v), 4)}
-               for (k, ms, b, g), v in sorted(table.items(), key=lambda x: (x[0][0], str(x[0][1]), x[0][2], -x[0][3]))]
-    settings = sorted({(s["mass"], s["block"], s["merge_gap"]) for s in summary},
-                      key=lambda x: (str(x[0]), x[1], -x[2]))
-    pieces = sorted({s["keys"] for s in summary})
-    print("| mass | tile rows | span merging | " + " | ".join(f"keys {p}" for p in pieces) + " |")
-    print("|---|---:|---|" + "---:|" * len(pieces))
-    for ms, b, g in settings:
-        cells = [next(s["density"] for s in summary if (s["keys"], s["mass"], s["block"], s["merge_gap"]) ==
-                      (p, ms, b, g)) for p in pieces]
-        print(f"| {ms or 'none'} | {b} | {'yes' if g else 'no'} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+               for (k, ms, b, g), v in sorted(table.items(), key=lambda x: (str(x[0][1]), x[0][2], -x[0][3], x[0][0]))]
+    print("\n".join(density_table(summary)))
     name = os.path.basename(args.model or "smollm2").removesuffix(".gguf")
     out = args.out or os.path.join(HERE, "results", f"sparse_density_{name}.json")
     with open(out, "w") as f:
