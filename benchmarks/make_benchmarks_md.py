@@ -160,10 +160,10 @@ def ppl_section() -> list[str]:
 
 
 def sparse_table(rows: list[dict]) -> list[str]:
-    out = ["| prompt | length | prompt tokens | mass cut-off | dense above density (chunks dense) | passkey (depth 50 %) "
+    out = ["| prompt | length | prompt tokens | budgets | mass cut-off | dense above density (chunks dense) | passkey (depth 50 %) "
            "| TTFT sparse s | TTFT dense s (projected) | speedup | attention speedup (layers timed densely) "
            "| estimation / sparse attention | mean density | mean recall |",
-           "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+           "|---|---:|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         dens = [x["density"] for x in r["layers"] if x["density"] is not None]
         rec = [x["recall"] for x in r["layers"] if x["recall"] is not None]
@@ -172,7 +172,10 @@ def sparse_table(rows: list[dict]) -> list[str]:
         verdict = {True: "correct", False: "wrong", None: "-"}[r["passkey_correct"]]
         fallback = (f"{r['max_density']} ({r['dense_fallbacks']}/{r['chunks']})" if "max_density" in r
                     else "never")  # rows measured before the dense fallback existed
-        out.append(f"| {r.get('prompt', 'passkey')} | {r['length']} | {r['prompt_tokens']} | {r.get('mass') or '-'} | "
+        budgets = ("default" if r["sparse_config"] == "default budgets"
+                   else f"searched (`{os.path.basename(r['sparse_config'])}`)")
+        out.append(f"| {r.get('prompt', 'passkey')} | {r['length']} | {r['prompt_tokens']} | {budgets} | "
+                   f"{r.get('mass') or '-'} | "
                    f"{fallback} | {verdict} | {r['ttft_sparse_s']:.0f} | {r['ttft_dense_projected_s']:.0f} | "
                    f"{r['ttft_speedup_projected']:.2f}x | {r['attention_speedup']:.2f}x ({timed_s}) | "
                    f"{100 * r['estimate_share']:.1f} % | {sum(dens) / len(dens):.3f} | {sum(rec) / len(rec):.4f} |")

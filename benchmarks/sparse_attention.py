@@ -127,8 +127,9 @@ def main():
     for length in [int(x) for x in args.lengths.split(",")]:
         row = run_length(args, length)
         results["rows"] = [r for r in results["rows"]
-                           if (r["length"], r.get("prompt", "passkey"), r.get("mass"), r.get("max_density", 1.0)) !=
-                           (length, args.prompt, args.mass, args.max_density)] + [row]
+                           if (r["length"], r.get("prompt", "passkey"), r.get("mass"), r.get("max_density", 1.0),
+                               r["sparse_config"]) !=
+                           (length, args.prompt, args.mass, args.max_density, row["sparse_config"])] + [row]
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
         verdict = {True: "ok", False: "WRONG", None: "-"}[row["passkey_correct"]]
