@@ -70,3 +70,15 @@ def test_refine_recall_is_one_for_full_budgets_and_raises_the_others(tiny_dir, t
         for head in ("1", "2"):
             assert layer[head][3] < 0.999  # one key and one diagonal lose attention mass
             assert layer[head][:3] == ["vertical_and_slash", 1 + 2048, 1 + 2048]
+
+
+def test_search_cli_stays_within_the_trained_length(tiny_dir, tmp_path):
+    from test_errors import cli
+    path = tiny_dir("llama")  # trained to 512 positions
+    out = tmp_path / "searched.json"
+    r = cli("sparse", "search", path, "--length", "512", "--out", str(out))
+    assert r.returncode == 2 and "use --length 511 or less" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
+    r = cli("sparse", "search", path, "--length", "511", "--rows", "64", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert len(load_sparse_config(str(out)).layers) == 2

@@ -54,7 +54,13 @@ def cmd_search(args) -> int:
                    on_pass=lambda p, raised: (bar.update(1), bar.set_postfix(raised=raised)))
         bar.close()
     else:
-        kw.update(sparse=False)
+        from megactx.engine.llm_engine import derived_max_len
+        from megactx.loader import open_model
+        trained = derived_max_len(open_model(model).config)
+        if args.length >= trained:  # one generated token beyond the document must fit
+            raise MegactxError(f"--length {args.length}: the search measures dense attention within the model's "
+                               f"context length {trained}; use --length {trained - 1} or less")
+        kw.update(sparse=False, max_model_len=args.length + 1)
         llm = LLM(model, **kw)
         ids = document_ids(llm.tokenizer, args.length, args.text)
         n_layers = llm.engine.model_config.num_hidden_layers
