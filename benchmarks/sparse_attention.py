@@ -103,6 +103,7 @@ def run_length(args, length: int) -> dict:
                                        max(sum(stats.attention_s[li] + stats.estimate_s[li] for li in measured), 1e-9), 2),
             "layers": per_layer, "chunk": args.chunk, "sparse_config": args.sparse_config or "default budgets",
             "mass": args.mass, "max_density": args.max_density,
+            "dca_temperature": llm.engine.dca.temperature,
             "dense_fallbacks": sum(stats.fallbacks.values()), "chunks": sum(len(d) for d in stats.planned.values())}
 
 
@@ -128,8 +129,9 @@ def main():
         row = run_length(args, length)
         results["rows"] = [r for r in results["rows"]
                            if (r["length"], r.get("prompt", "passkey"), r.get("mass"), r.get("max_density", 1.0),
-                               r["sparse_config"]) !=
-                           (length, args.prompt, args.mass, args.max_density, row["sparse_config"])] + [row]
+                               r["sparse_config"], r.get("dca_temperature", "position")) !=
+                           (length, args.prompt, args.mass, args.max_density, row["sparse_config"],
+                            row["dca_temperature"])] + [row]
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
         verdict = {True: "ok", False: "WRONG", None: "-"}[row["passkey_correct"]]

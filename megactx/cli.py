@@ -62,8 +62,10 @@ def add_dca_args(p: argparse.ArgumentParser) -> None:
                    help="exact-position window into the previous chunk (default: chunk size / 16)")
     g.add_argument("--dca-original-max-position", type=int, default=env_default("--dca-original-max-position", None, int),
                    help="trained length used by the attention temperature (default: the trained length)")
-    g.add_argument("--dca-temperature", default=env_default("--dca-temperature", "position"),
-                   choices=["position", "total", "none"], help="YaRN-style attention temperature (default: position)")
+    g.add_argument("--dca-temperature", default=env_default("--dca-temperature"),
+                   choices=["position", "total", "none"],
+                   help="YaRN-style attention temperature (default: position for a model whose config declares "
+                        "dual_chunk_attention_config, as Qwen2.5-1M's recipe; none with --dca)")
     g.add_argument("--allow-long-context", action="store_true", default=env_default("--allow-long-context", False, _flag),
                    help="allow --max-model-len beyond the trained length with plain RoPE (ablations)")
     g = p.add_argument_group("Sparse prefill (MInference vertical-slash, for prompts above a threshold)")

@@ -181,7 +181,7 @@ class EngineConfig:
     dca_chunk_size: int | None = None  # default: the trained length
     dca_local_size: int | None = None  # default: chunk_size / 16
     dca_original_max_position: int | None = None  # default: the trained length
-    dca_temperature: str = "position"  # position | total | none (see attention/dca.py)
+    dca_temperature: str | None = None  # position | total | none; None: by source (attention/dca.py resolve_dca)
     allow_long_context: bool = False  # run plain RoPE beyond the trained length anyway (ablations)
     # Sparse prefill (MInference vertical-slash): prompts longer than sparse_threshold tokens
     sparse: bool = True

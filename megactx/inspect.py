@@ -26,7 +26,7 @@ def describe(model: str | None, tokens: int | None = None, dca: dict | None = No
     ]
     dca = dca or {}
     effective = resolve_dca(c, dca.get("dca", False), dca.get("dca_chunk_size"), dca.get("dca_local_size"),
-                            dca.get("dca_original_max_position"), dca.get("dca_temperature", "position"))
+                            dca.get("dca_original_max_position"), dca.get("dca_temperature"))
     lines.append("dual chunk attn: " + (effective.describe() if effective else "off (turn on with --dca)"))
     from megactx.sparse.config import resolve_sparse
     sparse = resolve_sparse(src.path, dca.get("sparse", True), dca.get("sparse_config"),

@@ -102,9 +102,13 @@ def test_settings_resolution_and_errors(tiny_dir):
     d = resolve_dca(mc, enabled=True)
     trained = mc.trained_context_length
     assert (d.chunk_size, d.local_size, d.original_max_position_embeddings) == (trained, trained // 16, trained)
+    assert d.temperature == "none"  # --dca on a model not made for it: no temperature unless asked
+    assert resolve_dca(mc, enabled=True, temperature="total").temperature == "total"
     mc.dual_chunk_attention_config = {"chunk_size": 64, "local_size": 8, "original_max_position_embeddings": 32}
     d = resolve_dca(mc, enabled=False, local_size=4)
     assert (d.chunk_size, d.local_size, d.original_max_position_embeddings, d.chunk_len) == (64, 4, 32, 60)
+    assert d.temperature == "position"  # a model that declares DCA gets its recipe's temperature
+    assert resolve_dca(mc, enabled=False, temperature="none").temperature == "none"
     with pytest.raises(ConfigError, match="local_size < chunk_size"):
         resolve_dca(mc, enabled=True, chunk_size=8, local_size=8)
 

@@ -10,9 +10,10 @@ The parts are merged by log-sum-exp in fp32, which equals one softmax over the c
 sequence of at most chunk_size + 1 tokens every query and key sits at its true position: plain RoPE.
 
 Temperature: logits x factor^2 with factor = max(1, 0.1 ln(x / original_max_position_embeddings) + 1), applied by
-scaling the queries, so cached keys never depend on the total length. x is the query position + 1 ("position",
-the default: queries inside the trained length see exactly the trained model), the sequence's current total
-length ("total"), or the factor is 1 ("none"). vLLM instead multiplies the cached keys by the total-length
+scaling the queries, so cached keys never depend on the total length. x is the query position + 1 ("position":
+queries inside the trained length see exactly the trained model), the sequence's current total
+length ("total"), or the factor is 1 ("none"; the default unless the model's config declares DCA, see
+resolve_dca). vLLM instead multiplies the cached keys by the total-length
 factor, which makes a cached prefix wrong as soon as the sequence grows.
 
 The fast path computes each part with the dense kernel over slices of the paged cache (no Python loop over heads
@@ -62,9 +63,11 @@ class DCAConfig:
 
 
 def resolve_dca(model_config, enabled: bool, chunk_size: int | None = None, local_size: int | None = None,
-                original_max_position: int | None = None, temperature: str = "position") -> DCAConfig | None:
+                original_max_position: int | None = None, temperature: str | None = None) -> DCAConfig | None:
     """The effective DCA settings: the model's dual_chunk_attention_config turns it on; `enabled` (--dca) turns
-    it on for any RoPE model with defaults from the trained length; explicit values override either."""
+    it on for any RoPE model with defaults from the trained length; explicit values override either.
+    Default temperature: "position" for a model that declares the block (Qwen2.5-1M's recipe applies one), "none"
+    for a model put under DCA by --dca (measured: as good or better in perplexity, passkey retrieved; BENCHMARKS.md)."""
     block = model_config.dual_chunk_attention_config or {}
     if not block and not enabled:
         return None
@@ -72,7 +75,7 @@ def resolve_dca(model_config, enabled: bool, chunk_size: int | None = None, loca
     chunk = chunk_size or block.get("chunk_size") or trained
     local = local_size or block.get("local_size") or max(1, chunk // 16)
     original = original_max_position or block.get("original_max_position_embeddings") or trained
-    return DCAConfig(int(chunk), int(local), int(original), temperature)
+    return DCAConfig(int(chunk), int(local), int(original), temperature or ("position" if block else "none"))
 
 
 def query_positions(positions: torch.Tensor, cfg: DCAConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
