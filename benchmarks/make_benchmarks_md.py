@@ -223,7 +223,29 @@ def sparse_section() -> list[str]:
         out += ["![recall and density per layer](benchmarks/results/sparse_layers.png)", ""]
     except ImportError:
         pass
-    return out + sparse_smollm2() + sparse_threshold_section() + sparse_density_section()
+    return out + searched_config_section() + sparse_smollm2() + sparse_threshold_section() + sparse_density_section()
+
+
+def searched_config_section() -> list[str]:
+    out = []
+    for path in sorted(glob.glob(os.path.join(HERE, "results", "sparse_config_*.json"))):
+        layers = json.load(open(path))
+        kinds: dict[str, int] = {}
+        for layer in layers:
+            for kind, *_ in layer.values():
+                kinds[kind] = kinds.get(kind, 0) + 1
+        means = [sum(e[3] for e in layer.values()) / len(layer) for layer in layers]
+        worst = min(e[3] for layer in layers for e in layer.values())
+        out += [f"### Searched budgets (`{os.path.relpath(path, ROOT)}`)", "",
+                "`megactx sparse search EVAL --length 32000 --text TORCH_SOURCE --out FILE`, where TORCH_SOURCE is the "
+                "installed torch package's Python source concatenated in path order (`find .../site-packages/torch "
+                "-name '*.py' | LC_ALL=C sort | xargs cat`): real code, but not the perplexity document. Each head "
+                "takes the cheapest of MInference's candidates whose recall on the last 256 rows reaches 0.95, else "
+                "the best one. Rows 'searched' above use it through `--sparse-config FILE`.", "",
+                f"- heads: {', '.join(f'{v} {k}' for k, v in sorted(kinds.items()))}",
+                f"- recall at 32000 tokens (mean per layer): {min(means):.3f} to {max(means):.3f}; worst head "
+                f"{worst:.3f}", ""]
+    return out
 
 
 def sparse_threshold_section() -> list[str]:
