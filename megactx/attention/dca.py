@@ -11,10 +11,10 @@ sequence of at most chunk_size + 1 tokens every query and key sits at its true p
 
 Temperature: logits x factor^2 with factor = max(1, 0.1 ln(x / original_max_position_embeddings) + 1), applied by
 scaling the queries, so cached keys never depend on the total length. x is the query position + 1 ("position":
-queries inside the trained length see exactly the trained model), the sequence's current total
-length ("total"), or the factor is 1 ("none"; the default unless the model's config declares DCA, see
-resolve_dca). vLLM instead multiplies the cached keys by the total-length
-factor, which makes a cached prefix wrong as soon as the sequence grows.
+queries inside the trained length see exactly the trained model), the sequence's current total length ("total"),
+or the factor is 1 ("none"; the default unless the model's config declares DCA, see resolve_dca). vLLM instead
+multiplies the cached keys by the total-length factor, which makes a cached prefix wrong as soon as the sequence
+grows.
 
 The fast path computes each part with the dense kernel over slices of the paged cache (no Python loop over heads
 or tokens); reference_dual_chunk_attention() builds the full score matrix and is the tests' oracle.
