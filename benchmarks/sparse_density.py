@@ -40,12 +40,12 @@ def record_plans(masses: list[float | None], blocks: list[int], rows: list) -> N
         piece.update(q_start=q_start, n=n)  # the rows being planned: the estimator only sees the keys
         return plan_piece(self, layer, segments, estimate_segments, keys, q_start, n, dca_parts)
 
-    def wrapped(segments, k, q_pos, scale, verticals, slashes, mass):
+    def wrapped(segments, k, q_pos, scale, verticals, slashes, mass, heads=None):
         q_start, n = piece["q_start"], piece["n"]
         m = k.shape[1]
         first = None
         for ms in masses:
-            vs = estimate(segments, k, q_pos, scale, verticals, slashes, ms)
+            vs = estimate(segments, k, q_pos, scale, verticals, slashes, ms, heads)
             first = first if first is not None else vs
             for block in blocks:
                 for gap in ([MERGE_GAP, 0] if block == min(blocks) else [MERGE_GAP]):

@@ -100,3 +100,24 @@ def test_scores_per_key_segment_and_queries_before_the_last_key():
                     slash[head, p - j] += want[head, i, j]
         torch.testing.assert_close(probs.double(), want, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(slash_scores(probs, q_pos).double(), slash, atol=1e-6, rtol=1e-5)
+
+
+def test_estimating_a_subset_of_heads_equals_those_rows_of_the_full_estimate():
+    # a layer's A-shape and block-sparse heads are not estimated: the vertical-slash heads must come out the same
+    from megactx.sparse.estimate import attention_probs
+    g = torch.Generator().manual_seed(3)
+    h, hkv, d, m, r = 6, 2, 8, 300, 16
+    segments = [(0, 120, torch.randn(r, h, d, generator=g)), (120, m, torch.randn(r, h, d, generator=g))]
+    k = torch.randn(hkv, m, d, generator=g)
+    q_pos = torch.arange(m - r, m)
+    budgets_v, budgets_s = torch.tensor([40, 60, 31, 45, 50, 35]), torch.tensor([120, 130, 150, 101, 90, 110])
+    full = estimate_vertical_slash(segments, k, q_pos, d ** -0.5, budgets_v, budgets_s, mass=0.9)
+    full_probs = attention_probs(segments, k, q_pos, d ** -0.5)
+    for heads in ([1, 4], [0, 1, 2], [5], [2, 3]):  # within one KV group, across both, the last head alone
+        sel = torch.tensor(heads)
+        torch.testing.assert_close(attention_probs(segments, k, q_pos, d ** -0.5, sel), full_probs[sel])
+        part = estimate_vertical_slash(segments, k, q_pos, d ** -0.5, budgets_v[sel], budgets_s[sel], mass=0.9,
+                                       heads=sel)
+        for row, head in enumerate(heads):  # compare as sets: padding repeats an index up to the widest budget
+            assert set(part.verticals[row].tolist()) == set(full.verticals[head].tolist())
+            assert set(part.slashes[row].tolist()) == set(full.slashes[head].tolist())

@@ -32,23 +32,30 @@ class VerticalSlash:
 
 
 def attention_probs(segments: list[tuple[int, int, torch.Tensor]], k: torch.Tensor, q_pos: torch.Tensor,
-                    scale: float) -> torch.Tensor:
+                    scale: float, heads: torch.Tensor | None = None) -> torch.Tensor:
     """segments: (lo, hi, q_last [r, H, D]) -- keys [lo, hi) are scored with these rotated queries; together they
-    cover [0, m). k: [Hkv, m, D], q_pos: [r] key indices of the queries -> A: [H, r, m] fp32, causal."""
+    cover [0, m). k: [Hkv, m, D], q_pos: [r] key indices of the queries, heads: sorted query heads to score (default
+    all) -> A: [len(heads), r, m] fp32, causal."""
     hkv, m, d = k.shape
     r, h, _ = segments[0][2].shape
     g = h // hkv
-    scores = torch.empty(hkv, g * r, m, dtype=torch.float32, device=k.device)  # rows (kv head, group, query)
+    heads = torch.arange(h) if heads is None else heads.cpu()
+    scores = torch.empty(len(heads), r, m, dtype=torch.float32, device=k.device)
+    # heads sorted: those of KV head j are the contiguous rows bounds[j]:bounds[j + 1]
+    bounds = torch.searchsorted(heads, torch.arange(hkv + 1) * g).tolist()
     for lo, hi, q in segments:
         if hi > lo:
-            qg = q.float().reshape(r, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * r, d)
-            # scale * q k^T written straight into the columns [lo, hi) of the score rows: no temporary
-            scores[:, :, lo:hi].baddbmm_(qg, k[:, lo:hi].float().transpose(1, 2), beta=0, alpha=scale)
+            for j in range(hkv):
+                a, b = bounds[j], bounds[j + 1]
+                if b > a:
+                    qj = q[:, heads[a:b].to(q.device)].float().transpose(0, 1).reshape((b - a) * r, d)
+                    # scale * q k^T written straight into the columns [lo, hi) of the score rows: no temporary
+                    scores[a:b].view((b - a) * r, m)[:, lo:hi].addmm_(qj, k[j, lo:hi].float().t(), beta=0, alpha=scale)
     first = int(q_pos.min()) + 1  # keys before this one are visible to every query
     if first < m:
         future = torch.arange(first, m, device=k.device)[None, :] > q_pos[:, None]  # [r, m - first]
-        scores.view(hkv, g, r, m)[..., first:].masked_fill_(future, float("-inf"))
-    return torch.softmax(scores, dim=-1).view(h, r, m)
+        scores[..., first:].masked_fill_(future, float("-inf"))
+    return torch.softmax(scores, dim=-1)
 
 
 def slash_scores(probs: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
@@ -75,12 +82,14 @@ def slash_scores(probs: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
 
 def estimate_vertical_slash(q_last: torch.Tensor | list, k: torch.Tensor, q_pos: torch.Tensor, scale: float,
                             vertical_size: torch.Tensor | int, slash_size: torch.Tensor | int,
-                            mass: float | None = None) -> VerticalSlash:
+                            mass: float | None = None, heads: torch.Tensor | None = None) -> VerticalSlash:
     """q_last: rotated queries [r, H, D] (or DCA segments, see attention_probs). Per-head budgets may differ
-    (tensors [H]); the result is padded to the largest budget by repeating a chosen index, which changes no mask."""
+    (tensors [H]); the result is padded to the largest budget by repeating a chosen index, which changes no mask.
+    heads: only these (sorted) query heads are estimated, budgets given for them; the result has len(heads) rows
+    (a layer whose other heads are A-shape or block-sparse does not pay for them)."""
     m = k.shape[1]
     segments = q_last if isinstance(q_last, list) else [(0, m, q_last)]
-    probs = attention_probs(segments, k, q_pos, scale)  # [H, r, m]
+    probs = attention_probs(segments, k, q_pos, scale, heads)  # [H or len(heads), r, m]
     h = probs.shape[0]
     cut = mass is not None and mass < 1.0  # the raw scores are kept (copied) only for the cut-off
     vertical = probs.sum(1)  # [H, m]

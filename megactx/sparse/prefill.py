@@ -81,15 +81,17 @@ class SparsePrefill:
         slashes = torch.tensor([p.slash_size for p in patterns])
         kinds = [p.kind for p in patterns]
         plans: list = [None] * h
-        if "vertical_and_slash" in kinds:
+        vs_heads = torch.tensor([i for i, kind in enumerate(kinds) if kind == "vertical_and_slash"], dtype=torch.long)
+        if len(vs_heads):
             k_all = keys.span(0, m)[0]  # [Hkv, m, D]
             r = estimate_segments[0][2].shape[0]
+            # only the vertical-slash heads are estimated: the others never read the estimate
             vs = estimate_vertical_slash(estimate_segments, k_all, torch.arange(m - r, m), self.scale,
-                                         verticals, slashes, self.cfg.mass)
+                                         verticals[vs_heads], slashes[vs_heads], self.cfg.mass,
+                                         heads=vs_heads if len(vs_heads) < h else None)
             vs = _with_part_columns(vs, dca_parts)
-            for head, plan in enumerate(vertical_slash_plan(vs, q_start, n, block)):
-                if kinds[head] == "vertical_and_slash":
-                    plans[head] = plan
+            for head, plan in zip(vs_heads.tolist(), vertical_slash_plan(vs, q_start, n, block)):
+                plans[head] = plan
         if "a_shape" in kinds:
             sinks = [torch.arange(min(max(p.vertical_size, 1), m)) for p in patterns]
             local = [torch.arange(min(max(p.slash_size, 1), m)) for p in patterns]
