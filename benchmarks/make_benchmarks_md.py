@@ -340,7 +340,8 @@ def main() -> None:
                   "where plain RoPE still works; SmolLM2 shows what it saves where plain RoPE fails.", "",
                   "The temperature (DESIGN.md 3.1): on both models `none` gave the lowest perplexity (the 0.5B model "
                   "1.017x the window's worst bucket, `position` 1.020x; SmolLM2 1.11x vs 1.18x, `total` worse still) "
-                  "and the 64K passkey was retrieved with `none` (depths 10, 50, 90) as with `position` (Passkey above), so "
+                  "and the passkey was retrieved with `none` at 64K (depths 10, 50, 90) and 128K (depth 50) as with `position` "
+                  "(Passkey above), so "
                   "`none` is the "
                   "default under `--dca`. A model whose config declares `dual_chunk_attention_config` (Qwen2.5-1M) "
                   "keeps `position`: its recipe applies a temperature, and it was not measured here.", ""] + ppl + cost
