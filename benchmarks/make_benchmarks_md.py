@@ -390,12 +390,11 @@ def main() -> None:
               "timed layers, passkey correct; at 128K attention 2.77x, TTFT 2.82x the projected dense (6197 -> 2197 s), "
               "estimation 8.1 %, passkey correct. Perplexity with it is not measured yet, so it is off by default.",
               "- The searched budgets (`megactx sparse search`, 32000 tokens of torch's source) at 64K: density 0.19, "
-              "attention 3.32x faster than dense, TTFT 2.17x the projected dense (505 vs 1097 s), passkey correct; "
-              "but recall on the timed layers is 0.70-0.95 (mean 0.81) and estimation is 19 % of the sparse attention "
-              "(target 10 %): the estimate scores every head of a layer, while 47 % of the heads (158 of 336) are A-shape or "
-              "block-sparse and use none of it. Only the vertical-slash heads are estimated since (one 64K-key estimate, "
-              "measured alone: 0.21 s for 7 heads vs 0.45 s for 14); the 64K run has not been repeated with it. "
-              "Not yet measured at 128K nor on perplexity; not the default.",
+              "attention 3.55x faster than dense, TTFT 2.24x the projected dense (499 vs 1119 s), passkey correct; "
+              "but recall on the timed layers is 0.70-0.95 (mean 0.81), and estimation is 13.1 % of the sparse "
+              "attention (target 10 %). It was 19.0 % (attention 3.32x) before the estimate skipped the A-shape and "
+              "block-sparse heads, 47 % of them (158 of 336). Not yet measured at 128K nor on perplexity; not the "
+              "default.",
               "- DCA decode measured on one attention layer of the 0.5B model: 1.21x dense's time at 64K but 2.07x at 16K "
               "(3.2 vs 6.6 ms a step). That harness charges each step's DCA set-up (three query rotations, the "
               "temperature) to one layer; the whole 0.5B model at 16K decoded with DCA at 0.73x dense's time and the "
