@@ -93,7 +93,7 @@ def test_kernel_reads_paged_slots_and_half_precision_cache():
 
 
 def test_block_sparse_plan_keeps_the_top_pooled_blocks():
-    n, block, q_start, kb = 64, 32, 256, 16
+    n, block, q_start, kb = 80, 32, 256, 16  # the last query block is partial
     g = torch.Generator().manual_seed(3)
     q, k = torch.randn(n, H, D, generator=g), torch.randn(HKV, q_start + n, D, generator=g)
     plan = block_sparse_plan(q, k, q_start, block, torch.tensor([3, 1, 5, 16]), key_block=kb)
@@ -107,6 +107,19 @@ def test_block_sparse_plan_keeps_the_top_pooled_blocks():
             want |= set(range(q_start // kb, a // kb))  # the chunk's own keys before the block: local
             got = {int(x) // kb for x in keys.indices()}
             assert got == want
+
+
+def test_block_sparse_plan_of_a_subset_of_heads_equals_those_rows_of_the_full_plan():
+    n, block, q_start, kb = 80, 32, 320, 16  # the last query block is partial
+    g = torch.Generator().manual_seed(4)
+    q, k = torch.randn(n, H, D, generator=g), torch.randn(HKV, q_start + n, D, generator=g)
+    tops = torch.tensor([3, 1, 5, 16])
+    full = block_sparse_plan(q, k, q_start, block, tops, key_block=kb)
+    heads = torch.tensor([1, 3])
+    part = block_sparse_plan(q, k, q_start, block, tops[heads], key_block=kb, heads=heads)
+    assert len(part) == 2
+    for j, h in enumerate(heads.tolist()):
+        assert [b.ranges for b in part[j]] == [b.ranges for b in full[h]]
 
 
 def _run_sparse_dca(q, k, v, dca, splits, budgets, block=16, max_density=1.0, stats=None):

@@ -100,32 +100,51 @@ def vertical_slash_plan(vs: VerticalSlash, q_start: int, n: int, block: int, mer
 
 
 def block_sparse_plan(q: torch.Tensor, k: torch.Tensor, q_start: int, block: int, top_blocks: torch.Tensor,
-                      key_block: int = 64) -> Plan:
+                      key_block: int = 64, heads: torch.Tensor | None = None) -> Plan:
     """q: [n, H, D] rotated, k: [Hkv, >= q_start, D] rotated keys; per query block, the top_blocks[h] key blocks
-    (of key_block keys, entirely before the query block) by mean-pooled score, the first one always kept,
-    and the keys between the last whole key block and the query block."""
+    (of key_block keys, all before the chunk) by mean-pooled score, the first one always kept, and the keys
+    between the last whole key block and the query block. heads: only these (top_blocks given for them) -> a
+    plan of len(heads) rows. Scored for every block and head at once: it runs per layer and prefill chunk."""
     n, h, dim = q.shape
-    hkv = k.shape[0]
+    heads = torch.arange(h) if heads is None else heads.cpu()
+    group = h // k.shape[0]
     starts = block_starts(q_start, n, block)
-    nkb = q_start // key_block
-    pooled_k = k[:, :nkb * key_block].float().reshape(hkv, nkb, key_block, dim).mean(2)  # [Hkv, nkb, D]
-    pooled_k = pooled_k.repeat_interleave(h // hkv, dim=0)  # [H, nkb, D]
-    plans = [[] for _ in range(h)]
-    for i, a in enumerate(starts):
-        rows = q[i * block:min(n, (i + 1) * block)].float().mean(0)  # [H, D]
-        visible = min(a // key_block, nkb)  # key blocks entirely before a
-        score = torch.einsum("hd,hkd->hk", rows, pooled_k[:, :visible])  # [H, visible]
-        if visible:
-            score[:, 0] = float("inf")
-        for head in range(h):
-            top = min(max(int(top_blocks[head]), 1), visible)
-            chosen = torch.topk(score[head], top).indices.sort().values if top else torch.empty(0, dtype=torch.long)
-            ranges = [(lo * key_block, hi * key_block) for lo, hi in _runs(chosen)]
-            if visible * key_block < a:  # the partial block just before a: local context
-                ranges.append((visible * key_block, a))
-            per_block = BlockKeys(_merge(ranges), torch.empty(0, dtype=torch.long))
-            plans[head].append(per_block)
+    nkb = q_start // key_block  # every query block starts at or after q_start: it sees all nkb key blocks
+    tops = torch.as_tensor(top_blocks).clamp(min=1, max=nkb).tolist()
+    chosen = [[[] for _ in starts] for _ in heads]
+    if nkb:
+        pooled_k = k[:, :nkb * key_block].float().reshape(k.shape[0], nkb, key_block, dim).mean(2)  # [Hkv, nkb, D]
+        qs = q[:, heads.to(q.device)].float()  # [n, Hs, D]
+        pad = len(starts) * block - n
+        sums = torch.nn.functional.pad(qs, (0, 0, 0, 0, 0, pad)).reshape(len(starts), block, len(heads), dim).sum(1)
+        rows = sums / torch.tensor([min(block, n - i * block) for i in range(len(starts))], device=q.device)[:, None, None]
+        score = torch.einsum("bhd,hkd->bhk", rows, pooled_k[(heads // group).to(k.device)])  # [B, Hs, nkb]
+        score[..., 0] = float("inf")
+        best = torch.topk(score, max(tops), dim=-1).indices.cpu()  # [B, Hs, max top], best first
+        for j, top in enumerate(tops):
+            for i, picked in enumerate(best[:, j, :top].sort(dim=-1).values.tolist()):
+                chosen[j][i] = picked
+    plans = []
+    for j in range(len(heads)):
+        per_head = []
+        for i, a in enumerate(starts):
+            ranges = [(lo * key_block, hi * key_block) for lo, hi in _list_runs(chosen[j][i])]
+            if nkb * key_block < a:  # the keys between the last whole key block and the query block: local
+                ranges.append((nkb * key_block, a))
+            per_head.append(BlockKeys(_merge(ranges), torch.empty(0, dtype=torch.long)))
+        plans.append(per_head)
     return plans
+
+
+def _list_runs(values: list[int]) -> list[tuple[int, int]]:
+    """Sorted distinct ints -> maximal runs of consecutive values as (first, last + 1)."""
+    runs = []
+    for x in values:
+        if runs and runs[-1][1] == x:
+            runs[-1][1] = x + 1
+        else:
+            runs.append([x, x + 1])
+    return [(lo, hi) for lo, hi in runs]
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

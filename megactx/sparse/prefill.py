@@ -92,20 +92,20 @@ class SparsePrefill:
             vs = _with_part_columns(vs, dca_parts)
             for head, plan in zip(vs_heads.tolist(), vertical_slash_plan(vs, q_start, n, block)):
                 plans[head] = plan
-        if "a_shape" in kinds:
-            sinks = [torch.arange(min(max(p.vertical_size, 1), m)) for p in patterns]
-            local = [torch.arange(min(max(p.slash_size, 1), m)) for p in patterns]
-            vs = VerticalSlash(_pad(sinks), _pad(local))
-            vs = _with_part_columns(vs, dca_parts)
-            for head, plan in enumerate(vertical_slash_plan(vs, q_start, n, block)):
-                if kinds[head] == "a_shape":
-                    plans[head] = plan
-        if "block_sparse" in kinds:
+        a_heads = [i for i, kind in enumerate(kinds) if kind == "a_shape"]
+        if a_heads:
+            sinks = [torch.arange(min(max(patterns[i].vertical_size, 1), m)) for i in a_heads]
+            local = [torch.arange(min(max(patterns[i].slash_size, 1), m)) for i in a_heads]
+            vs = _with_part_columns(VerticalSlash(_pad(sinks), _pad(local)), dca_parts)
+            for head, plan in zip(a_heads, vertical_slash_plan(vs, q_start, n, block)):
+                plans[head] = plan
+        bs_heads = torch.tensor([i for i, kind in enumerate(kinds) if kind == "block_sparse"], dtype=torch.long)
+        if len(bs_heads):
             lo, hi, q = segments[0]
             k_all = keys.span(0, m)[0]
-            for head, plan in enumerate(block_sparse_plan(q, k_all, q_start, block, verticals)):
-                if kinds[head] == "block_sparse":
-                    plans[head] = plan
+            for head, plan in zip(bs_heads.tolist(), block_sparse_plan(q, k_all, q_start, block, verticals[bs_heads],
+                                                                        heads=bs_heads)):
+                plans[head] = plan
         return plans
 
 
