@@ -243,7 +243,10 @@ def sparse_attention(segments: list[tuple[int, int, torch.Tensor]], keys: KeySou
                 cols = planned.columns
                 if len(segments) > 1:
                     cols = cols[(cols >= lo) & (cols < hi)]
-                if len(cols):
+                if len(cols) and len(cols) == len(union) and torch.equal(cols.to(union.device), union):
+                    # every gathered column (common: all the verticals are before the block): no copy
+                    _attend(q_rows, k_cols, v_cols, scale, outs, lses)
+                elif len(cols):
                     at = torch.searchsorted(union, cols).to(k_cols.device)
                     _attend(q_rows, k_cols.index_select(1, at), v_cols.index_select(1, at), scale, outs, lses)
             out[rows, head:head + 1], lse[rows, head:head + 1] = merge_attention(outs, lses)
