@@ -13,7 +13,7 @@ from megactx.errors import ConfigError
 from megactx.layers.rotary import apply_rotary
 from megactx.sparse.config import DEFAULT_HEAD, HeadPattern, SparseConfig, load_sparse_config, resolve_sparse
 from megactx.sparse.estimate import VerticalSlash
-from megactx.sparse.kernel import (KeySource, block_sparse_plan, plan_mask, sparse_attention,
+from megactx.sparse.kernel import (BlockKeys, KeySource, block_sparse_plan, plan_mask, shared_keys, sparse_attention,
                                    vertical_slash_plan)
 from megactx.sparse.prefill import SparsePrefill
 from helpers import engine_logits, token_ids
@@ -72,6 +72,25 @@ def test_kernel_equals_masked_dense_attention_with_its_lse(q_start):
     g = torch.Generator().manual_seed(1)
     q, k, v = torch.randn(n, H, D, generator=g), torch.randn(HKV, m, D, generator=g), torch.randn(HKV, m, D, generator=g)
     plan = vertical_slash_plan(_random_vs(m, 9, 6), q_start, n, block)
+    out, lse = sparse_attention([(0, m, q)], KeySource(k, v, slice(0, m), torch.float32), plan, q_start, block,
+                                D ** -0.5)
+    ref_out, ref_lse = _masked_reference(q, k, v, plan_mask(plan, q_start, n, block, m), D ** -0.5)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)
+
+
+def test_keys_every_block_reads_are_computed_once_and_still_equal_the_masked_reference():
+    n, block, q_start = 100, 16, 300
+    m = q_start + n
+    g = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(n, H, D, generator=g), torch.randn(HKV, m, D, generator=g), torch.randn(HKV, m, D, generator=g)
+    sinks_and_far = torch.cat([torch.arange(4), torch.tensor([50, 51, 120, 290])])  # before the chunk: every block
+    verticals = torch.stack([torch.cat([sinks_and_far, torch.tensor([310 + 20 * h, 330 + 20 * h])]) for h in range(H)])
+    slashes = torch.tensor([[1, 2, 3]] * H)
+    plan = vertical_slash_plan(VerticalSlash(verticals, slashes), q_start, n, block, merge_gap=0)
+    plan[0] = [BlockKeys([(0, 8)] + b.ranges, b.columns[b.columns >= 8]) for b in plan[0]]  # a span every block has
+    ranges, cols = shared_keys(plan[0])
+    assert (0, 8) in ranges and {50, 51, 120, 290} <= set(cols.tolist())
     out, lse = sparse_attention([(0, m, q)], KeySource(k, v, slice(0, m), torch.float32), plan, q_start, block,
                                 D ** -0.5)
     ref_out, ref_lse = _masked_reference(q, k, v, plan_mask(plan, q_start, n, block, m), D ** -0.5)

@@ -16,8 +16,10 @@ def merge_attention(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple
         return outs[0], lses[0]
     lse = torch.stack([x.float() for x in lses])  # [P, ..., n]
     total = torch.logsumexp(lse, dim=0)
-    # all parts empty for a row -> total = -inf; keep weights finite (0) there
-    weights = torch.exp(lse - torch.where(torch.isinf(total), torch.zeros_like(total), total))
-    weights = torch.nan_to_num(weights, nan=0.0)
-    out = sum(w.unsqueeze(-1) * o.float() for w, o in zip(weights, outs))
+    # all parts empty for a row -> total = -inf; subtract 0 there so that its weights are exp(-inf) = 0, not NaN
+    weights = (lse - torch.where(torch.isinf(total), torch.zeros_like(total), total)).exp_()
+    # accumulated in place, part by part: a few small ops per part (the sparse kernel merges per query block)
+    out = outs[0].float() * weights[0].unsqueeze(-1)
+    for w, o in zip(weights[1:], outs[1:]):
+        out.addcmul_(o.float(), w.unsqueeze(-1))
     return out.to(outs[0].dtype), total

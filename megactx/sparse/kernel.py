@@ -206,11 +206,24 @@ def _attend(q, k, v, scale, outs, lses):
     lses.append(s)
 
 
+def shared_keys(blocks: list[BlockKeys]) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    """The spans and columns that every query block of a head reads (an A-shape head's sinks, the verticals before
+    the chunk that no block's span covers): computed once for all the chunk's rows, in one tall efficient call."""
+    counts: dict[tuple[int, int], int] = {}
+    for b in blocks:
+        for r in b.ranges:
+            counts[r] = counts.get(r, 0) + 1
+    ranges = sorted(r for r, c in counts.items() if c == len(blocks))
+    values, seen = torch.unique(torch.cat([b.columns.cpu() for b in blocks]), return_counts=True)
+    return ranges, values[seen == len(blocks)]
+
+
 def sparse_attention(segments: list[tuple[int, int, torch.Tensor]], keys: KeySource, plan: Plan, q_start: int,
                      block: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """segments: (lo, hi, q [n, H, D]): planned keys in [lo, hi) are scored with these queries (one segment for
     plain attention; DCA's intra, successive and inter parts); the own block uses the segment holding it.
-    -> out [n, H, D], lse [n, H] (fp32)."""
+    -> out [n, H, D], lse [n, H] (fp32).
+    Per head, the keys every block reads (shared_keys) are one call over all rows; the rest is per query block."""
     q0 = segments[0][2]
     n, h, d = q0.shape
     group = h // keys.k.shape[0]
@@ -226,28 +239,40 @@ def sparse_attention(segments: list[tuple[int, int, torch.Tensor]], keys: KeySou
     lse = torch.empty(n, h, dtype=torch.float32, device=q0.device)
     for head in range(h):
         kv_head = head // group
-        # every column any block of this head reads, gathered once from the cache: [1, U, D]
-        union = torch.unique(torch.cat([plan[head][i].columns for i in range(len(starts))]))
+        common_ranges, common_cols = shared_keys(plan[head])
+        chunk_outs, chunk_lses = [], []  # [n, 1, D], [n, 1]: parts every block has
+        for lo, hi, q in segments:
+            q_head = q[:, head:head + 1]
+            for r_lo, r_hi in common_ranges:
+                r_lo, r_hi = max(r_lo, lo), min(r_hi, hi)
+                if r_hi > r_lo:
+                    _attend(q_head, *keys.span(r_lo, r_hi, kv_head), scale, chunk_outs, chunk_lses)
+            cols = common_cols[(common_cols >= lo) & (common_cols < hi)]
+            if len(cols):
+                _attend(q_head, *keys.take(kv_head, cols), scale, chunk_outs, chunk_lses)
+        common = set(common_ranges)
+        own_cols = [b.columns[~torch.isin(b.columns, common_cols.to(b.columns.device))] if len(common_cols)
+                    else b.columns for b in plan[head]]
+        # every column a block reads on its own, gathered once from the cache: [1, U, D]
+        union = torch.unique(torch.cat(own_cols).cpu())
         k_cols, v_cols = keys.take(kv_head, union) if len(union) else (None, None)
         for i, a in enumerate(starts):
             rows = slice(a - q_start, min(n, a - q_start + block))
-            outs, lses = [own_out[rows, head:head + 1]], [own_lse[rows, head:head + 1]]
-            planned = plan[head][i]
+            outs = [own_out[rows, head:head + 1]] + [o[rows] for o in chunk_outs]
+            lses = [own_lse[rows, head:head + 1]] + [s[rows] for s in chunk_lses]
             for lo, hi, q in segments:
                 q_rows = q[rows, head:head + 1]  # [B, 1, D]
-                for r_lo, r_hi in planned.ranges:  # spans: strided views of the cache
+                for r_lo, r_hi in plan[head][i].ranges:  # spans: strided views of the cache
+                    if (r_lo, r_hi) in common:
+                        continue
                     r_lo, r_hi = max(r_lo, lo), min(r_hi, hi)
                     if r_hi > r_lo:
-                        k, v = keys.span(r_lo, r_hi, kv_head)
-                        _attend(q_rows, k, v, scale, outs, lses)
-                cols = planned.columns
+                        _attend(q_rows, *keys.span(r_lo, r_hi, kv_head), scale, outs, lses)
+                cols = own_cols[i]
                 if len(segments) > 1:
                     cols = cols[(cols >= lo) & (cols < hi)]
-                if len(cols) and len(cols) == len(union) and torch.equal(cols.to(union.device), union):
-                    # every gathered column (common: all the verticals are before the block): no copy
-                    _attend(q_rows, k_cols, v_cols, scale, outs, lses)
-                elif len(cols):
-                    at = torch.searchsorted(union, cols).to(k_cols.device)
+                if len(cols):
+                    at = torch.searchsorted(union, cols.cpu()).to(k_cols.device)
                     _attend(q_rows, k_cols.index_select(1, at), v_cols.index_select(1, at), scale, outs, lses)
             out[rows, head:head + 1], lse[rows, head:head + 1] = merge_attention(outs, lses)
     return out, lse
