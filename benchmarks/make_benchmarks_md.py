@@ -66,6 +66,9 @@ PASSKEY_RUNS = {  # what each results folder was run with (the folder name is th
     "eval_dca-none_sparse_mass": "DCA without temperature, sparse prefill with the mass cut-off (`--dca "
                                  "--dca-temperature none --sparse-mass 0.95 --max-model-len 65600 (131200 at 128K) "
                                  "--max-num-batched-tokens 16384`)",
+    "eval_dca_sparse_searched": "DCA (temperature none, the default) with sparse prefill on the searched budgets "
+                                "(`--dca --sparse-config benchmarks/results/sparse_config_qwen2.5-coder-0.5b-instruct.json "
+                                "--max-model-len 131200 --max-num-batched-tokens 16384`)",
 }
 
 
