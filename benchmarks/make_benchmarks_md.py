@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import platform
 
@@ -163,8 +164,26 @@ def ppl_section() -> list[str]:
                     worst = max(d["ppl"] / r["ppl"] for d, r in zip(settings[n]["buckets"], ref))
                     how = f" ({settings[n]['dca']})" if settings[n].get("dca") else ""
                     out.append(f"- {_label(settings[n])}{how}: worst bucket {worst:.3f}x the sliding window's perplexity.")
-        out.append("")
+        out += _sparse_vs_dense(settings, names) + [""]
     return out
+
+
+def _whole(buckets: list[dict]) -> float:
+    return math.exp(sum(b["nll"] * b["tokens"] for b in buckets) / sum(b["tokens"] for b in buckets))
+
+
+def _sparse_vs_dense(settings: dict, names: list[str]) -> list[str]:
+    """Each sparse run against the dense DCA run of the same DCA settings: worst bucket and whole document."""
+    out = []
+    for n in (n for n in names if "sparse" in n):
+        ref = next((r for r in names if "sparse" not in r and settings[r].get("dca") == settings[n].get("dca")), None)
+        if ref:
+            pairs = list(zip(settings[n]["buckets"], settings[ref]["buckets"]))
+            worst = max(a["ppl"] / b["ppl"] for a, b in pairs)
+            whole = _whole(settings[n]["buckets"]) / _whole(settings[ref]["buckets"])
+            out.append(f"- {_label(settings[n])} (`{n}`) vs {_label(settings[ref])} (`{ref}`): worst bucket "
+                       f"{worst:.3f}x, whole document {whole:.4f}x.")
+    return [""] + out if out else []
 
 
 def dca_cost_section() -> list[str]:
