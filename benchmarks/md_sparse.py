@@ -11,8 +11,9 @@ ROOT = os.path.dirname(HERE)
 def sparse_table(rows: list[dict]) -> list[str]:
     out = ["| prompt | length | prompt tokens | budgets | DCA temperature | mass cut-off | dense above density (chunks dense) | passkey (depth 50 %) "
            "| TTFT sparse s | TTFT dense s (projected) | speedup | attention speedup (layers timed densely) "
-           "| estimation / sparse attention | mean density | mean recall |",
-           "|---|---:|---:|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+           "| attention speedup, all layers (dense projected) | estimation / sparse attention | mean density "
+           "| mean recall |",
+           "|---|---:|---:|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         dens = [x["density"] for x in r["layers"] if x["density"] is not None]
         rec = [x["recall"] for x in r["layers"] if x["recall"] is not None]
@@ -21,15 +22,23 @@ def sparse_table(rows: list[dict]) -> list[str]:
         verdict = {True: "correct", False: "wrong", None: "-"}[r["passkey_correct"]]
         fallback = (f"{r['max_density']} ({r['dense_fallbacks']}/{r['chunks']})" if "max_density" in r
                     else "never")  # rows measured before the dense fallback existed
-        budgets = ("default" if r["sparse_config"] == "default budgets"
-                   else f"searched (`{os.path.basename(r['sparse_config'])}`)")
+        budgets = _budgets(r)
+        dense = [x["dense_s"] for x in r["layers"] if x["dense_s"] is not None]
+        all_layers = len(r["layers"]) * sum(dense) / len(dense) / sum(x["sparse_s"] for x in r["layers"])
         temperature = r.get("dca_temperature", "position")  # rows without it ran when position was the default
         out.append(f"| {r.get('prompt', 'passkey')} | {r['length']} | {r['prompt_tokens']} | {budgets} | {temperature} | "
                    f"{r.get('mass') or '-'} | "
                    f"{fallback} | {verdict} | {r['ttft_sparse_s']:.0f} | {r['ttft_dense_projected_s']:.0f} | "
-                   f"{r['ttft_speedup_projected']:.2f}x | {r['attention_speedup']:.2f}x ({timed_s}) | "
+                   f"{r['ttft_speedup_projected']:.2f}x | {r['attention_speedup']:.2f}x ({timed_s}) | {all_layers:.2f}x | "
                    f"{100 * r['estimate_share']:.1f} % | {sum(dens) / len(dens):.3f} | {sum(rec) / len(rec):.4f} |")
     return out
+
+
+def _budgets(r: dict) -> str:
+    if r["sparse_config"] == "default budgets":
+        return "default"
+    name = os.path.basename(r["sparse_config"])
+    return f"{'refined' if 'refined' in name else 'searched'} (`{name}`)"
 
 
 def sparse_smollm2() -> list[str]:
@@ -58,7 +67,8 @@ def sparse_section() -> list[str]:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
         for r in rows:
             xs = [x["layer"] for x in r["layers"] if x["recall"] is not None]
-            label = f"{r.get('prompt', 'passkey')} {r['length']}"
+            label = f"{r.get('prompt', 'passkey')} {r['length']}, {_budgets(r).split(' ')[0]}" + (
+                f", mass {r['mass']}" if r.get("mass") else "")
             a1.plot(xs, [x["recall"] for x in r["layers"] if x["recall"] is not None], marker="o", label=label)
             a2.plot([x["layer"] for x in r["layers"]], [x["density"] for x in r["layers"]], marker=".", label=label)
         a1.set(title="attention recall per layer", xlabel="layer", ylabel="exp(lse_sparse - lse_dense)")
