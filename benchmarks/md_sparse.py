@@ -73,7 +73,7 @@ def sparse_section() -> list[str]:
             a2.plot([x["layer"] for x in r["layers"]], [x["density"] for x in r["layers"]], marker=".", label=label)
         a1.set(title="attention recall per layer", xlabel="layer", ylabel="exp(lse_sparse - lse_dense)")
         a2.set(title="computed fraction of causal pairs", xlabel="layer", ylabel="density")
-        a1.legend(title="tokens")
+        a1.legend(fontsize="small")
         fig.tight_layout()
         fig.savefig(os.path.join(HERE, "results", "sparse_layers.png"), dpi=100)
         out += ["![recall and density per layer](benchmarks/results/sparse_layers.png)", ""]
