@@ -121,3 +121,18 @@ def test_estimating_a_subset_of_heads_equals_those_rows_of_the_full_estimate():
         for row, head in enumerate(heads):  # compare as sets: padding repeats an index up to the widest budget
             assert set(part.verticals[row].tolist()) == set(full.verticals[head].tolist())
             assert set(part.slashes[row].tolist()) == set(full.slashes[head].tolist())
+
+
+def test_estimating_a_few_heads_per_pass_equals_one_pass(monkeypatch):
+    # the probabilities are computed a few heads at a time through one buffer: any pass size, the same result
+    import megactx.sparse.estimate as estimate
+    g = torch.Generator().manual_seed(4)
+    h, hkv, d, m, r = 6, 2, 8, 300, 16
+    segments = [(0, 120, torch.randn(r, h, d, generator=g)), (120, m, torch.randn(r, h, d, generator=g))]
+    k = torch.randn(hkv, m, d, generator=g)
+    q_pos = torch.arange(m - r, m)
+    one = estimate_vertical_slash(segments, k, q_pos, d ** -0.5, 40, 120)
+    for heads_per_pass in (1, 4):  # 4: the last pass is short
+        monkeypatch.setattr(estimate, "PASS_ELEMENTS", heads_per_pass * r * m)
+        few = estimate_vertical_slash(segments, k, q_pos, d ** -0.5, 40, 120)
+        assert torch.equal(few.verticals, one.verticals) and torch.equal(few.slashes, one.slashes)

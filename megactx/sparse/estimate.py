@@ -23,6 +23,7 @@ import torch
 SINK_KEYS = 30  # first keys always kept
 LOCAL_DIAGONALS = 100  # nearest diagonals always kept
 MIN_SLASHES = 50
+PASS_ELEMENTS = 1 << 25  # probabilities held at once while estimating (128 MB of fp32): heads per pass
 
 
 @dataclass(slots=True)
@@ -32,15 +33,15 @@ class VerticalSlash:
 
 
 def attention_probs(segments: list[tuple[int, int, torch.Tensor]], k: torch.Tensor, q_pos: torch.Tensor,
-                    scale: float, heads: torch.Tensor | None = None) -> torch.Tensor:
+                    scale: float, heads: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """segments: (lo, hi, q_last [r, H, D]) -- keys [lo, hi) are scored with these rotated queries; together they
     cover [0, m). k: [Hkv, m, D], q_pos: [r] key indices of the queries, heads: sorted query heads to score (default
-    all) -> A: [len(heads), r, m] fp32, causal."""
+    all), out: a contiguous fp32 buffer of the result's shape to reuse -> A: [len(heads), r, m] fp32, causal."""
     hkv, m, d = k.shape
     r, h, _ = segments[0][2].shape
     g = h // hkv
     heads = torch.arange(h) if heads is None else heads.cpu()
-    scores = torch.empty(len(heads), r, m, dtype=torch.float32, device=k.device)
+    scores = torch.empty(len(heads), r, m, dtype=torch.float32, device=k.device) if out is None else out
     # heads sorted: those of KV head j are the contiguous rows bounds[j]:bounds[j + 1]
     bounds = torch.searchsorted(heads, torch.arange(hkv + 1) * g).tolist()
     for lo, hi, q in segments:
@@ -55,7 +56,9 @@ def attention_probs(segments: list[tuple[int, int, torch.Tensor]], k: torch.Tens
     if first < m:
         future = torch.arange(first, m, device=k.device)[None, :] > q_pos[:, None]  # [r, m - first]
         scores[..., first:].masked_fill_(future, float("-inf"))
-    return torch.softmax(scores, dim=-1)
+    # softmax in place: a second [heads, r, m] tensor would cost its allocation and first-touch page faults
+    scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
+    return scores.div_(scores.sum(dim=-1, keepdim=True))
 
 
 def slash_scores(probs: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
@@ -89,14 +92,24 @@ def estimate_vertical_slash(q_last: torch.Tensor | list, k: torch.Tensor, q_pos:
     (a layer whose other heads are A-shape or block-sparse does not pay for them)."""
     m = k.shape[1]
     segments = q_last if isinstance(q_last, list) else [(0, m, q_last)]
-    probs = attention_probs(segments, k, q_pos, scale, heads)  # [H or len(heads), r, m]
-    h = probs.shape[0]
+    r = segments[0][2].shape[0]
+    heads = torch.arange(segments[0][2].shape[1]) if heads is None else heads.cpu()
+    h = len(heads)
+    # a few heads at a time through one reused buffer: its size stays bounded (one head's probabilities at 1M
+    # keys are 256 MB) and it is allocated, and its pages touched, once per call instead of once per head
+    per_pass = max(1, min(h, PASS_ELEMENTS // (r * m)))
+    buffer = torch.empty(per_pass, r, m, dtype=torch.float32, device=k.device)
+    vertical = torch.empty(h, m, dtype=torch.float32, device=k.device)
+    slash = torch.empty(h, m, dtype=torch.float32, device=k.device)
+    for i in range(0, h, per_pass):
+        sel = heads[i:i + per_pass]
+        probs = attention_probs(segments, k, q_pos, scale, sel, out=buffer[:len(sel)])  # [len(sel), r, m]
+        vertical[i:i + len(sel)] = probs.sum(1)
+        slash[i:i + len(sel)] = slash_scores(probs, q_pos)
+    del buffer
     cut = mass is not None and mass < 1.0  # the raw scores are kept (copied) only for the cut-off
-    vertical = probs.sum(1)  # [H, m]
     vertical_raw = vertical.clone() if cut else None
     vertical[:, :SINK_KEYS] = float("inf")
-    slash = slash_scores(probs, q_pos)
-    del probs
     slash_raw = slash.clone() if cut else None
     slash[:, :LOCAL_DIAGONALS] = float("inf")
     slash[:, int(q_pos[-1]) + 1:] = float("-inf")  # offsets no query reaches
