@@ -297,12 +297,15 @@ def main() -> None:
               "became 2.35x faster than dense (1.1x without it), TTFT 1.71x the projected dense, recall 0.81-0.97 on the "
               "timed layers, passkey correct; at 128K attention 2.77x, TTFT 2.82x the projected dense (6197 -> 2197 s), "
               "estimation 8.1 %, passkey correct. Perplexity with it is not measured yet, so it is off by default.",
-              "- The searched budgets (`megactx sparse search`, 32000 tokens of torch's source) at 64K: density 0.19, "
-              "attention 3.55x faster than dense, TTFT 2.24x the projected dense (499 vs 1119 s), passkey correct; "
-              "but recall on the timed layers is 0.70-0.95 (mean 0.81), and estimation is 13.1 % of the sparse "
-              "attention (target 10 %). It was 19.0 % (attention 3.32x) before the estimate skipped the A-shape and "
-              "block-sparse heads, 47 % of them (158 of 336). Not yet measured at 128K nor on perplexity; not the "
-              "default.",
+              "- The searched budgets (`megactx sparse search`, 32000 tokens of torch's source) are fast but lose "
+              "accuracy. At 128K: TTFT 3.38x the projected dense (1388 vs 4689 s), attention 4.57x on the timed "
+              "layers 4, 16, 23 (the two densest of the searched plan among them; 5.80x over all 24 layers against "
+              "their dense mean), estimation 10.2 %, passkey correct. At 64K: TTFT 2.24x, attention 3.55x, estimation "
+              "13.1 % (before the estimation and kernel changes measured at 128K). But recall on the timed layers is "
+              "0.61-0.77 at 128K, and perplexity at 64K is 1.020x dense DCA over the document with its worst 4K "
+              "bucket at 1.058x (four buckets above 1.03): not within 3 % per bucket, so they are not the default. "
+              "The default budgets with `--sparse-mass 0.95` keep perplexity-level recall (0.91-0.92) but reach only "
+              "2.8x TTFT at 128K.",
               "- DCA decode measured on one attention layer of the 0.5B model: 1.21x dense's time at 64K but 2.07x at 16K "
               "(3.2 vs 6.6 ms a step). That harness charges each step's DCA set-up (three query rotations, the "
               "temperature) to one layer; the whole 0.5B model at 16K decoded with DCA at 0.73x dense's time and the "
