@@ -304,7 +304,7 @@ def main() -> None:
               "13.1 % (before the estimation and kernel changes measured at 128K). But recall on the timed layers is "
               "0.61-0.77 at 128K, and perplexity at 64K is 1.020x dense DCA over the document with its worst 4K "
               "bucket at 1.058x (four buckets above 1.03): not within 3 % per bucket, so they are not the default. "
-              "The default budgets with `--sparse-mass 0.95` keep perplexity-level recall (0.91-0.92) but reach only "
+              "The default budgets with `--sparse-mass 0.95` keep a mean recall of 0.91-0.92 but reach only "
               "2.8x TTFT at 128K.",
               "- DCA decode measured on one attention layer of the 0.5B model: 1.21x dense's time at 64K but 2.07x at 16K "
               "(3.2 vs 6.6 ms a step). That harness charges each step's DCA set-up (three query rotations, the "
