@@ -296,7 +296,13 @@ def main() -> None:
               "without it), with mean recall 0.93 instead of 0.97. On the 0.5B model at 64K (passkey prompt) attention "
               "became 2.35x faster than dense (1.1x without it), TTFT 1.71x the projected dense, recall 0.81-0.97 on the "
               "timed layers, passkey correct; at 128K attention 2.77x, TTFT 2.82x the projected dense (6197 -> 2197 s), "
-              "estimation 8.1 %, passkey correct. Perplexity with it is not measured yet, so it is off by default.",
+              "estimation 8.1 %, passkey correct. Perplexity at 64K with it: 1.0087x dense DCA over the document but "
+              "1.046x in the worst 4K bucket, so it is off by default.",
+              "- Where sparse perplexity is lost: with mass 0.95 the two buckets above 1.03 are 49152-57344, the first "
+              "8K rows of the last 16K prefill chunk; the chunk's last 8K rows are within 1.02. The searched budgets' "
+              "worst buckets lie there too. A chunk's pattern is estimated from its last 64 queries, and its first rows "
+              "are the farthest from them. Smaller sparse chunks, or one estimate per part of a chunk, are the next "
+              "thing to try.",
               "- The searched budgets (`megactx sparse search`, 32000 tokens of torch's source) are fast but lose "
               "accuracy. At 128K: TTFT 3.38x the projected dense (1388 vs 4689 s), attention 4.57x on the timed "
               "layers 4, 16, 23 (the two densest of the searched plan among them; 5.80x over all 24 layers against "
