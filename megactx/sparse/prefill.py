@@ -82,8 +82,9 @@ class SparsePrefill:
         kinds = [p.kind for p in patterns]
         plans: list = [None] * h
         vs_heads = torch.tensor([i for i, kind in enumerate(kinds) if kind == "vertical_and_slash"], dtype=torch.long)
+        # [Hkv, m, D]: a view of a contiguous cache, a gather of a paged one: read once for both patterns
+        k_all = keys.span(0, m)[0] if len(vs_heads) or "block_sparse" in kinds else None
         if len(vs_heads):
-            k_all = keys.span(0, m)[0]  # [Hkv, m, D]
             r = estimate_segments[0][2].shape[0]
             # only the vertical-slash heads are estimated: the others never read the estimate
             vs = estimate_vertical_slash(estimate_segments, k_all, torch.arange(m - r, m), self.scale,
@@ -102,7 +103,6 @@ class SparsePrefill:
         bs_heads = torch.tensor([i for i, kind in enumerate(kinds) if kind == "block_sparse"], dtype=torch.long)
         if len(bs_heads):
             lo, hi, q = segments[0]
-            k_all = keys.span(0, m)[0]
             for head, plan in zip(bs_heads.tolist(), block_sparse_plan(q, k_all, q_start, block, verticals[bs_heads],
                                                                         heads=bs_heads)):
                 plans[head] = plan
