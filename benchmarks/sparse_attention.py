@@ -53,7 +53,7 @@ def instrument(backend, dense_layers: set[int] | None, record: dict) -> None:
 def run_length(args, length: int) -> dict:
     llm = LLM(args.model, max_model_len=length + MAX_NEW_TOKENS + 8, max_num_seqs=1, dca=True, sparse=True,
               sparse_config=args.sparse_config, sparse_threshold=args.threshold, sparse_mass=args.mass,
-              sparse_max_density=args.max_density,
+              sparse_max_density=args.max_density, sparse_estimate_span=args.estimate_span,
               max_num_batched_tokens=args.chunk, num_threads=args.threads)
     backend = InProcessBackend(llm)
     key = make_key(0, length, 50, 0)
@@ -102,7 +102,7 @@ def run_length(args, length: int) -> dict:
             "attention_speedup": round(sum(record["dense_s"].values()) /
                                        max(sum(stats.attention_s[li] + stats.estimate_s[li] for li in measured), 1e-9), 2),
             "layers": per_layer, "chunk": args.chunk, "sparse_config": args.sparse_config or "default budgets",
-            "mass": args.mass, "max_density": args.max_density,
+            "mass": args.mass, "max_density": args.max_density, "estimate_span": args.estimate_span,
             "dca_temperature": llm.engine.dca.temperature,
             "dense_fallbacks": sum(stats.fallbacks.values()), "chunks": sum(len(d) for d in stats.planned.values())}
 
@@ -121,6 +121,8 @@ def main():
     ap.add_argument("--max-density", type=float, default=0.6, help="--sparse-max-density: chunks planned denser "
                     "than this are computed densely (1: the sparse kernel on every chunk)")
     ap.add_argument("--chunk", type=int, default=16384, help="prefill chunk (max_num_batched_tokens)")
+    ap.add_argument("--estimate-span", type=int, default=8192, help="--sparse-estimate-span: rows planned from one "
+                    "estimate (0: one estimate per prefill chunk)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/sparse_attention_eval.json")
     args = ap.parse_args()
@@ -129,9 +131,10 @@ def main():
         row = run_length(args, length)
         results["rows"] = [r for r in results["rows"]
                            if (r["length"], r.get("prompt", "passkey"), r.get("mass"), r.get("max_density", 1.0),
-                               r["sparse_config"], r.get("dca_temperature", "position")) !=
+                               r["sparse_config"], r.get("dca_temperature", "position"), r.get("chunk", 16384),
+                               r.get("estimate_span", 0)) !=
                            (length, args.prompt, args.mass, args.max_density, row["sparse_config"],
-                            row["dca_temperature"])] + [row]
+                            row["dca_temperature"], args.chunk, args.estimate_span)] + [row]
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
         verdict = {True: "ok", False: "WRONG", None: "-"}[row["passkey_correct"]]

@@ -84,6 +84,9 @@ def add_dca_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sparse-max-density", type=float, default=env_default("--sparse-max-density", 0.6, float),
                    help="a prefill chunk whose plan computes more than this share of the causal pairs is computed "
                         "densely, where sparse would be slower (default 0.6; 1 always runs the sparse kernel)")
+    g.add_argument("--sparse-estimate-span", type=int, default=env_default("--sparse-estimate-span", 8192, int),
+                   help="a prefill chunk longer than this many rows is planned in parts, each estimated from its own "
+                        "last queries (default 8192; 0: one estimate per chunk)")
 
 
 def engine_kwargs(args) -> dict:
@@ -99,7 +102,8 @@ def dca_kwargs(args) -> dict:
                 dca_original_max_position=args.dca_original_max_position, dca_temperature=args.dca_temperature,
                 allow_long_context=args.allow_long_context, sparse=args.sparse, sparse_config=args.sparse_config,
                 sparse_threshold=args.sparse_threshold, sparse_last_q=args.sparse_last_q,
-                sparse_mass=args.sparse_mass, sparse_max_density=args.sparse_max_density)
+                sparse_mass=args.sparse_mass, sparse_max_density=args.sparse_max_density,
+                sparse_estimate_span=args.sparse_estimate_span)
 
 
 def single_stream_kwargs(args) -> dict:

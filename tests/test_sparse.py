@@ -141,14 +141,14 @@ def test_block_sparse_plan_of_a_subset_of_heads_equals_those_rows_of_the_full_pl
         assert [b.ranges for b in part[j]] == [b.ranges for b in full[h]]
 
 
-def _run_sparse_dca(q, k, v, dca, splits, budgets, block=16, max_density=1.0, stats=None):
+def _run_sparse_dca(q, k, v, dca, splits, budgets, block=16, max_density=1.0, stats=None, span=8192):
     """The DCA backend with sparse prefill on, fed in chunks; returns outputs and the recorded plans.
     max_density 1.0: the sparse kernel computes every chunk (no dense fallback) unless the test says otherwise."""
     t = q.shape[0]
     rotary = _rotary()
     backend = DualChunkAttentionBackend(H, HKV, D, dca, rotary)
     backend.cache = KVCacheTensors(1, HKV, D, t, torch.float32, torch.device("cpu"))
-    cfg = SparseConfig(threshold=0, last_q=8, block_size=block, max_density=max_density,
+    cfg = SparseConfig(threshold=0, last_q=8, block_size=block, max_density=max_density, estimate_span=span,
                        layers=[{h: HeadPattern("vertical_and_slash", *budgets) for h in range(H)}])
     backend.sparse = SparsePrefill(cfg, 1, H, backend.scale)
     backend.sparse.plans = []
@@ -188,6 +188,38 @@ def test_partial_budgets_inside_dca_equal_the_reference_under_the_plan():
     assert not bool(mask.all(-1).all())  # really sparse
     expected = reference_dual_chunk_attention(q, k, v, rotary, dca, D ** -0.5, mask=mask)
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+
+
+def _plan_ranges(plans):
+    return [(layer, q_start, [[(b.ranges, b.columns.tolist()) for b in head] for head in plan])
+            for layer, q_start, plan in plans]
+
+
+def test_estimate_parts_split_a_chunk_evenly_within_the_span():
+    cfg = SparseConfig(estimate_span=8192)
+    assert cfg.parts(0, 16384) == [(0, 8192), (8192, 16384)]
+    assert cfg.parts(100, 8292) == [(100, 8292)]
+    parts = cfg.parts(5, 20005)
+    assert len(parts) == 3 and parts[0][0] == 5 and parts[-1][1] == 20005
+    assert all(a[1] == b[0] for a, b in zip(parts, parts[1:])) and all(hi - lo <= 8192 for lo, hi in parts)
+    assert SparseConfig(estimate_span=0).parts(0, 100000) == [(0, 100000)]
+    assert "an estimate every 8192 rows" in cfg.describe()
+    with pytest.raises(ConfigError, match="--sparse-estimate-span"):
+        SparseConfig(estimate_span=-1)
+
+
+def test_a_chunk_planned_in_parts_equals_chunks_of_the_part_size_inside_dca():
+    # DCA pieces of 32 rows (chunk_len 40 - 8), each planned in two parts of 16 rows from their own last queries:
+    # the same plans and output as 16-row prefill chunks with one estimate each
+    dca = DCAConfig(chunk_size=40, local_size=8, original_max_position_embeddings=20, temperature="none")
+    q, k, v = _qkv(128, seed=5)
+    out_parts, plans_parts, _ = _run_sparse_dca(q, k, v, dca, [128], (31, 50), span=16)
+    out_chunks, plans_chunks, _ = _run_sparse_dca(q, k, v, dca, [16] * 8, (31, 50), span=0)
+    assert [q_start for _, q_start, _ in plans_parts] == list(range(0, 128, 16))
+    assert _plan_ranges(plans_parts) == _plan_ranges(plans_chunks)
+    torch.testing.assert_close(out_parts, out_chunks, atol=1e-6, rtol=1e-6)
+    _, plans_whole, _ = _run_sparse_dca(q, k, v, dca, [128], (31, 50), span=0)
+    assert [q_start for _, q_start, _ in plans_whole] == [0, 32, 64, 96]  # one estimate per DCA piece
 
 
 def test_dense_fallback_above_max_density_inside_dca():
@@ -233,6 +265,33 @@ def test_engine_full_budgets_equal_dense_for_every_pattern(tiny_dir, tmp_path):
     torch.testing.assert_close(fallback, dense, atol=1e-4, rtol=1e-4)
     _, below = logits(sparse_threshold=300, sparse_config=str(cfg_file), sparse_block_size=32)
     assert not below.runner.backend.sparse.stats.attention_s  # a prompt of 300 tokens is not above 300: dense
+
+
+def test_engine_chunk_planned_in_parts_equals_smaller_chunks(tiny_dir, tmp_path):
+    # the dense (non-DCA) backend: a 120-row chunk planned in three 40-row parts is 40-row chunks, plan for plan
+    from megactx.engine.llm_engine import LLMEngine
+    from megactx.config import EngineConfig, SchedulerConfig
+    cfg_file = tmp_path / "sparse.json"
+    cfg_file.write_text(json.dumps([{str(h): ["vertical_and_slash", 40, 60, 0.9] for h in range(4)}] * 2))
+    ids = token_ids(240, seed=3)
+
+    def run(chunk, span):
+        e = LLMEngine(EngineConfig(model=tiny_dir("qwen2"), scheduler=SchedulerConfig(max_num_batched_tokens=chunk),
+                                   sparse_threshold=0, sparse_config=str(cfg_file), sparse_block_size=16,
+                                   sparse_last_q=8, sparse_max_density=1.0, sparse_estimate_span=span))
+        e.runner.backend.sparse.plans = []
+        logits = engine_logits(e, ids)
+        return logits, sorted(_plan_ranges(e.runner.backend.sparse.plans), key=lambda p: p[:2]), e
+
+    in_parts, plans_parts, engine = run(120, 40)
+    in_chunks, plans_chunks, _ = run(40, 0)
+    assert [q_start for layer, q_start, _ in plans_parts if layer == 0] == list(range(0, 240, 40))
+    densities = [d for ds in engine.runner.backend.sparse.stats.planned.values() for d in ds]
+    assert min(densities) < 0.9  # really sparse: the last parts skip keys
+    assert plans_parts == plans_chunks
+    torch.testing.assert_close(in_parts, in_chunks, atol=1e-5, rtol=1e-5)
+    _, plans_whole, _ = run(120, 0)
+    assert plans_whole != plans_parts  # the span changed what was computed
 
 
 def test_config_file_parsing_and_errors(tmp_path):

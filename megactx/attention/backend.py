@@ -78,22 +78,29 @@ class DenseAttentionBackend:
                         v_new: torch.Tensor) -> torch.Tensor:
         # q: [n, H, D], k_new/v_new: [Hkv, n, D] -> [n, H, D]
         if s.sparse and s.num_new > 1:
-            m = s.num_computed + s.num_new
-            r = min(self.sparse.cfg.last_q, s.num_new)
-            return self.sparse.attend(layer, [(0, m, q)], [(0, m, q[-r:])], self.keys(layer, s, q.dtype),
-                                      s.num_computed, dense=lambda: self.attend_dense(layer, s, q, k_new, v_new))
+            c, keys, outs = s.num_computed, self.keys(layer, s, q.dtype), []
+            for lo, hi in self.sparse.cfg.parts(c, c + s.num_new):  # each part planned from its own last queries
+                rows = slice(lo - c, hi - c)
+                qp, r = q[rows], min(self.sparse.cfg.last_q, hi - lo)
+                outs.append(self.sparse.attend(
+                    layer, [(0, hi, qp)], [(0, hi, qp[-r:])], keys, lo,
+                    dense=lambda qp=qp, rows=rows, lo=lo: self.attend_dense(layer, s, qp, k_new[:, rows],
+                                                                            v_new[:, rows], start=lo)))
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
         if s.num_new == 1:
             k, v = self.cache.read(layer, s.key_slots, q.dtype)
             return attention(q, k, v, self.scale, causal=False)[0]
         return self.attend_dense(layer, s, q, k_new, v_new)[0]
 
     def attend_dense(self, layer: int, s: SeqAttention, q: torch.Tensor, k_new: torch.Tensor,
-                     v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # a prefill chunk: earlier keys (non-causal) and the chunk itself (causal) -> out [n, H, D], lse [n, H]
+                     v_new: torch.Tensor, start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        # rows at positions [start, start + n) of a prefill chunk (default: all of it), k_new/v_new their own keys:
+        # earlier keys (non-causal) and the rows themselves (causal) -> out [n, H, D], lse [n, H]
+        start = s.num_computed if start is None else start
         own = attention(q, k_new, v_new, self.scale, causal=True)
-        if s.num_computed == 0:
+        if start == 0:
             return own
-        k, v = self.cache.read(layer, _prefix(s.key_slots, s.num_computed), q.dtype)
+        k, v = self.cache.read(layer, _prefix(s.key_slots, start), q.dtype)
         past = attention(q, k, v, self.scale, causal=False)
         return merge_attention([past[0], own[0]], [past[1], own[1]])
 

@@ -138,7 +138,9 @@ class DualChunkAttentionBackend(DenseAttentionBackend):
             end = min(c + n, (start // L + 1) * L)
             rows = slice(start - c, end - c)
             if s.sparse and end - start > 1:
-                pieces.append(self.attend_piece_sparse(layer, s, start, end, [x[rows] for x in queries], q_raw[rows]))
+                for lo, hi in self.sparse.cfg.parts(start, end):  # each part planned from its own last queries
+                    part = slice(lo - c, hi - c)
+                    pieces.append(self.attend_piece_sparse(layer, s, lo, hi, [x[part] for x in queries], q_raw[part]))
             else:
                 pieces.append(self.attend_piece(layer, s, start, end, [x[rows] for x in queries],
                                                 k_new[:, rows], v_new[:, rows]))

@@ -40,6 +40,10 @@ class SparseConfig:
     # a chunk whose plan computes more than this share of the causal pairs is computed densely: the gathered
     # kernel runs at roughly 70-80 % of the dense kernel's speed per pair, so a denser plan would be slower
     max_density: float = 0.6
+    # rows planned from one estimate: a longer prefill chunk is planned in parts, each from its own last queries.
+    # A chunk's first rows are the farthest from its last queries, and that is where perplexity was lost with
+    # 16K-row estimates (BENCHMARKS.md); 0: one estimate per prefill chunk
+    estimate_span: int = 8192
     layers: list[dict[int, HeadPattern]] = field(default_factory=list)
     source: str | None = None  # the file the budgets came from, for messages
 
@@ -52,6 +56,9 @@ class SparseConfig:
             raise ConfigError(f"--sparse-mass must be in (0, 1], got {self.mass}")
         if not 0 < self.max_density <= 1:
             raise ConfigError(f"--sparse-max-density must be in (0, 1], got {self.max_density}")
+        if self.estimate_span < 0:
+            raise ConfigError(f"--sparse-estimate-span must be >= 0 (0: one estimate per prefill chunk), "
+                              f"got {self.estimate_span}")
         if self.block_size < 16:
             raise ConfigError(f"sparse block size must be >= 16, got {self.block_size}")
 
@@ -66,8 +73,17 @@ class SparseConfig:
     def describe(self) -> str:
         budgets = f"budgets from {self.source}" if self.source else "default budgets (1000 verticals, 6096 slashes)"
         cut = f", mass cut-off {self.mass}" if self.mass is not None else ""
-        return (f"threshold {self.threshold} tokens, last_q {self.last_q}, {budgets}{cut}, "
+        span = f"an estimate every {self.estimate_span} rows" if self.estimate_span else "an estimate per chunk"
+        return (f"threshold {self.threshold} tokens, last_q {self.last_q}, {span}, {budgets}{cut}, "
                 f"dense above density {self.max_density}")
+
+    def parts(self, a: int, b: int) -> list[tuple[int, int]]:
+        """Rows [a, b) of one prefill piece -> the row ranges planned from one estimate each: as few as the span
+        allows, of equal size (a 16K chunk at a multiple of 16K splits exactly like 8K chunks would)."""
+        n = b - a
+        count = -(-n // self.estimate_span) if self.estimate_span else 1
+        edges = [a + (i * n) // count for i in range(count + 1)]
+        return list(zip(edges[:-1], edges[1:]))
 
 
 def parse_layers(data, where: str) -> list[dict[int, HeadPattern]]:
@@ -115,11 +131,13 @@ def load_sparse_config(path: str | Path, **settings) -> SparseConfig:
 
 def resolve_sparse(model_path: str | Path | None, enabled: bool = True, config_file: str | None = None,
                    threshold: int = 32768, last_q: int = 64, block_size: int = 256,
-                   mass: float | None = None, max_density: float = 0.6) -> SparseConfig | None:
+                   mass: float | None = None, max_density: float = 0.6,
+                   estimate_span: int = 8192) -> SparseConfig | None:
     """--sparse-config FILE, else sparse_attention_config.json beside the model, else default budgets."""
     if not enabled:
         return None
-    settings = dict(threshold=threshold, last_q=last_q, block_size=block_size, mass=mass, max_density=max_density)
+    settings = dict(threshold=threshold, last_q=last_q, block_size=block_size, mass=mass, max_density=max_density,
+                    estimate_span=estimate_span)
     if config_file:
         return load_sparse_config(config_file, **settings)
     if model_path is not None:
