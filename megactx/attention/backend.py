@@ -78,7 +78,7 @@ class DenseAttentionBackend:
                         v_new: torch.Tensor) -> torch.Tensor:
         # q: [n, H, D], k_new/v_new: [Hkv, n, D] -> [n, H, D]
         if s.sparse and s.num_new > 1:
-            c, keys, outs = s.num_computed, self.keys(layer, s, q.dtype), []
+            c, keys, outs, lses = s.num_computed, self.keys(layer, s, q.dtype), [], []
             for lo, hi in self.sparse.cfg.parts(c, c + s.num_new):  # each part planned from its own last queries
                 rows = slice(lo - c, hi - c)
                 qp, r = q[rows], min(self.sparse.cfg.last_q, hi - lo)
@@ -86,7 +86,11 @@ class DenseAttentionBackend:
                     layer, [(0, hi, qp)], [(0, hi, qp[-r:])], keys, lo,
                     dense=lambda qp=qp, rows=rows, lo=lo: self.attend_dense(layer, s, qp, k_new[:, rows],
                                                                             v_new[:, rows], start=lo)))
-            return outs[0] if len(outs) == 1 else torch.cat(outs)
+                lses.append(self.sparse.last_lse)
+            if len(outs) == 1:
+                return outs[0]
+            self.sparse.last_lse = torch.cat(lses)  # [n, H] of the whole chunk, as recall measurements read it
+            return torch.cat(outs)
         if s.num_new == 1:
             k, v = self.cache.read(layer, s.key_slots, q.dtype)
             return attention(q, k, v, self.scale, causal=False)[0]
