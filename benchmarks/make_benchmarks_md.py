@@ -302,7 +302,17 @@ def main() -> None:
               "8K rows of the last 16K prefill chunk; the chunk's last 8K rows are within 1.02. The searched budgets' "
               "worst buckets lie there too. A chunk's pattern is estimated from its last 64 queries, and its first rows "
               "are the farthest from them. With 8K prefill chunks (`--max-num-batched-tokens 8192`) the same mass cut-off "
-              "is within 3 % in every bucket (worst 1.025x, whole document 1.0063x); its speed is not measured yet.",
+              "is within 3 % in every bucket (worst 1.025x, whole document 1.0063x). So a chunk is now planned in parts "
+              "of at most `--sparse-estimate-span` rows (default 8192), each from its own last queries: a 16K chunk "
+              "in two 8K parts computes exactly what two 8K chunks do (tests compare the plans). The price, with mass "
+              "0.95 and temperature none: at 64K (8K chunks) TTFT 1.40x the projected dense (832 vs 1167 s), attention "
+              "1.59x on 7 timed layers, density 0.43, estimation 7.4 %; at 128K (16K chunks, 8K parts) TTFT 2.09x "
+              "(1972 vs 4126 s), attention 2.25x on layers 4, 16, 23 (2.74x over all layers against their dense mean), "
+              "density 0.30, estimation 9.7 %, passkey correct. The 16K-estimate rows above ran with temperature "
+              "`position` on a busier machine (a dense layer took 170 s at 128K then, 150 s now): the sparse "
+              "attention itself took 1372 s then and 1313 s now, so the finer estimate cost no attention time at 128K, "
+              "while its ratio against dense is not comparable across the two runs. Perplexity with the default "
+              "budgets was measured with 16K estimates (1.010x worst bucket), not yet with 8K parts.",
               "- The searched budgets (`megactx sparse search`, 32000 tokens of torch's source) are fast but lose "
               "accuracy. At 128K: TTFT 3.38x the projected dense (1388 vs 4689 s), attention 4.57x on the timed "
               "layers 4, 16, 23 (the two densest of the searched plan among them; 5.80x over all 24 layers against "
