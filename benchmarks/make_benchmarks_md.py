@@ -70,6 +70,11 @@ PASSKEY_RUNS = {  # what each results folder was run with (the folder name is th
     "eval_dca_sparse_searched": "DCA (temperature none, the default) with sparse prefill on the searched budgets "
                                 "(`--dca --sparse-config benchmarks/results/sparse_config_qwen2.5-coder-0.5b-instruct.json "
                                 "--max-model-len 131200 --max-num-batched-tokens 16384`)",
+    "eval_dca-none_sparse_mass_span8k": "DCA (temperature none) with the mass cut-off and 16K chunks planned in 8K "
+                                        "parts (`--dca --sparse-mass 0.95 --max-model-len 131200 "
+                                        "--max-num-batched-tokens 16384`, `--sparse-estimate-span` at its default "
+                                        "8192); its depth-50 cell ran in `benchmarks/sparse_attention.py` (correct). "
+                                        "TTFT here is not a speed figure: another long run shared the two cores",
 }
 
 
