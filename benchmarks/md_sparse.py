@@ -9,11 +9,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 def sparse_table(rows: list[dict]) -> list[str]:
-    out = ["| prompt | length | prompt tokens | budgets | DCA temperature | mass cut-off | prefill chunk (rows per estimate) | dense above density (chunks dense) | passkey (depth 50 %) "
+    out = ["| prompt | length | prompt tokens | budgets | DCA temperature | mass cut-off | prefill chunk (rows per estimate) | kernel calls | dense above density (chunks dense) | passkey (depth 50 %) "
            "| TTFT sparse s | TTFT dense s (projected) | speedup | attention speedup (layers timed densely) "
            "| attention speedup, all layers (dense projected) | estimation / sparse attention | mean density "
            "| mean recall |",
-           "|---|---:|---:|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "|---|---:|---:|---|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         dens = [x["density"] for x in r["layers"] if x["density"] is not None]
         rec = [x["recall"] for x in r["layers"] if x["recall"] is not None]
@@ -27,7 +27,7 @@ def sparse_table(rows: list[dict]) -> list[str]:
         all_layers = len(r["layers"]) * sum(dense) / len(dense) / sum(x["sparse_s"] for x in r["layers"])
         temperature = r.get("dca_temperature", "position")  # rows without it ran when position was the default
         out.append(f"| {r.get('prompt', 'passkey')} | {r['length']} | {r['prompt_tokens']} | {budgets} | {temperature} | "
-                   f"{r.get('mass') or '-'} | {_rows_per_estimate(r)} | "
+                   f"{r.get('mass') or '-'} | {_rows_per_estimate(r)} | {r.get('kernel', 'per span')} | "
                    f"{fallback} | {verdict} | {r['ttft_sparse_s']:.0f} | {r['ttft_dense_projected_s']:.0f} | "
                    f"{r['ttft_speedup_projected']:.2f}x | {r['attention_speedup']:.2f}x ({timed_s}) | {all_layers:.2f}x | "
                    f"{100 * r['estimate_share']:.1f} % | {sum(dens) / len(dens):.3f} | {sum(rec) / len(rec):.4f} |")

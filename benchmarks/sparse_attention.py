@@ -28,6 +28,7 @@ from megactx import LLM, SamplingParams  # noqa: E402
 from megactx.eval.backends import InProcessBackend  # noqa: E402
 from megactx.eval.fitting import largest_fitting  # noqa: E402
 from megactx.eval.passkey import MAX_NEW_TOKENS, build_prompt, make_key, score  # noqa: E402
+from megactx.sparse.kernel import KERNEL_NAME  # noqa: E402
 
 
 def instrument(backend, dense_layers: set[int] | None, record: dict) -> None:
@@ -103,7 +104,7 @@ def run_length(args, length: int) -> dict:
                                        max(sum(stats.attention_s[li] + stats.estimate_s[li] for li in measured), 1e-9), 2),
             "layers": per_layer, "chunk": args.chunk, "sparse_config": args.sparse_config or "default budgets",
             "mass": args.mass, "max_density": args.max_density, "estimate_span": args.estimate_span,
-            "dca_temperature": llm.engine.dca.temperature,
+            "dca_temperature": llm.engine.dca.temperature, "kernel": KERNEL_NAME,
             "dense_fallbacks": sum(stats.fallbacks.values()), "chunks": sum(len(d) for d in stats.planned.values())}
 
 
@@ -132,9 +133,9 @@ def main():
         results["rows"] = [r for r in results["rows"]
                            if (r["length"], r.get("prompt", "passkey"), r.get("mass"), r.get("max_density", 1.0),
                                r["sparse_config"], r.get("dca_temperature", "position"), r.get("chunk", 16384),
-                               r.get("estimate_span", 0)) !=
+                               r.get("estimate_span", 0), r.get("kernel", "per span")) !=
                            (length, args.prompt, args.mass, args.max_density, row["sparse_config"],
-                            row["dca_temperature"], args.chunk, args.estimate_span)] + [row]
+                            row["dca_temperature"], args.chunk, args.estimate_span, KERNEL_NAME)] + [row]
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
         verdict = {True: "ok", False: "WRONG", None: "-"}[row["passkey_correct"]]

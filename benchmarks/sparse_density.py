@@ -26,7 +26,7 @@ from megactx import LLM  # noqa: E402
 from megactx.eval.backends import InProcessBackend  # noqa: E402
 from megactx.eval.fitting import largest_fitting  # noqa: E402
 from megactx.eval.passkey import build_prompt, make_key  # noqa: E402
-from megactx.sparse.kernel import MERGE_GAP, plan_density, vertical_slash_plan  # noqa: E402
+from megactx.sparse.plan import MERGE_GAP, plan_density, vertical_slash_plan  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -13,8 +13,8 @@ from megactx.errors import ConfigError
 from megactx.layers.rotary import apply_rotary
 from megactx.sparse.config import DEFAULT_HEAD, HeadPattern, SparseConfig, load_sparse_config, resolve_sparse
 from megactx.sparse.estimate import VerticalSlash
-from megactx.sparse.kernel import (BlockKeys, KeySource, block_sparse_plan, plan_mask, shared_keys, sparse_attention,
-                                   vertical_slash_plan)
+from megactx.sparse.kernel import KeySource, shared_keys, sparse_attention, subtract_spans, tile_shared_spans
+from megactx.sparse.plan import BlockKeys, block_sparse_plan, plan_mask, vertical_slash_plan
 from megactx.sparse.prefill import SparsePrefill
 from helpers import engine_logits, token_ids
 from test_dca import D, H, HKV, _qkv, _rotary
@@ -96,6 +96,51 @@ def test_keys_every_block_reads_are_computed_once_and_still_equal_the_masked_ref
     ref_out, ref_lse = _masked_reference(q, k, v, plan_mask(plan, q_start, n, block, m), D ** -0.5)
     torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)
+
+
+def _span_keys(spans):
+    return {j for lo, hi in spans for j in range(lo, hi)}
+
+
+def test_span_set_operations_agree_with_sets():
+    g = torch.Generator().manual_seed(9)
+    for _ in range(50):
+        a, b = (subtract_spans([(0, 200)], [(x, x + int(w)) for x, w in zip(
+            torch.randperm(200, generator=g)[:6].sort().values.tolist(), torch.randint(1, 30, (6,), generator=g))])
+            for _ in range(2))
+        assert _span_keys(subtract_spans(a, b)) == _span_keys(a) - _span_keys(b)
+        shared = tile_shared_spans([a, b], min_width=1)
+        assert _span_keys(shared) == _span_keys(a) & _span_keys(b)
+        assert all(hi - lo >= 5 for lo, hi in tile_shared_spans([a, b], min_width=5))
+
+
+@pytest.mark.parametrize("segments", [1, 3])
+def test_keys_a_tile_of_blocks_shares_are_computed_once_and_still_equal_the_masked_reference(segments):
+    """Wide slash bands: consecutive blocks read overlapping shifted spans; the tile computes the overlap for all
+    its rows at once, and narrow spans are gathered with the columns. Same result block by block, with every
+    span a view or every span gathered, and as the reference under the plan's mask (also with DCA-like
+    segments: different queries for different key ranges)."""
+    n, block, q_start = 200, 16, 400
+    m = q_start + n
+    g = torch.Generator().manual_seed(6)
+    q, k, v = torch.randn(n, H, D, generator=g), torch.randn(HKV, m, D, generator=g), torch.randn(HKV, m, D, generator=g)
+    slashes = torch.stack([torch.cat([torch.arange(1, 9), torch.arange(100 + 10 * h, 190 + 10 * h)]) for h in range(H)])
+    verticals = torch.stack([torch.tensor([0, 1, 350 + h, 450 + h, 500 + h]) for h in range(H)])
+    plan = vertical_slash_plan(VerticalSlash(verticals, slashes), q_start, n, block)
+    assert tile_shared_spans([b.ranges for b in plan[0][:4]], 2 * block)  # the tiles really share spans
+    cuts = [0, 300, 480, m] if segments == 3 else [0, m]
+    segs = [(lo, hi, q if i == 0 else torch.randn(n, H, D, generator=g)) for i, (lo, hi) in
+            enumerate(zip(cuts, cuts[1:]))]
+    keys = KeySource(k, v, slice(0, m), torch.float32)
+    out, lse = sparse_attention(segs, keys, plan, q_start, block, D ** -0.5)
+    for other in ({"tile_blocks": 1}, {"min_view": 0}, {"min_view": 1000}):  # no tiles; no gathering; all gathered
+        other_out, other_lse = sparse_attention(segs, keys, plan, q_start, block, D ** -0.5, **other)
+        torch.testing.assert_close(out, other_out, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(lse, other_lse, atol=2e-5, rtol=1e-4)
+    if segments == 1:
+        ref_out, ref_lse = _masked_reference(q, k, v, plan_mask(plan, q_start, n, block, m), D ** -0.5)
+        torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)
 
 
 def test_kernel_reads_paged_slots_and_half_precision_cache():

@@ -1,183 +1,33 @@
-"""Sparse prefill attention on gathered keys, with the log-sum-exp, so it merges with DCA parts and earlier chunks.
-
-The queries of a prefill chunk are cut into blocks of `block` rows. Each head's query block [a, b) attends
-  its own block [a, b), causal, computed densely for all heads at once, and
-  a set of earlier keys (< a) chosen for that head and block: its "plan".
-A vertical-slash pattern becomes a plan as in MInference's GPU kernel: the slash with offset d covers, for the
-block's rows, the key range [a - d, b - d); the union of those ranges (the same relative offsets for every
-block) plus the verticals they do not cover. A block computes the whole ranges: a superset of the exact
-diagonals, at block granularity. Block-sparse patterns are plans directly.
+"""Sparse prefill attention on the planned keys (plan.py), with the log-sum-exp, so it merges with DCA parts and
+earlier chunks.
 
 Why gathered keys and the dense kernel: on a CPU, SDPA with an explicit mask falls back to a slow path and
-FlexAttention is slower than dense SDPA (DESIGN.md 4). Gathering each head's chosen keys into a contiguous
-[m, D] tile and calling the flash kernel (non-causal, it returns the LSE) computes only the chosen keys at
-near-peak speed. The Python loop is over (head, query block), each call hundreds of rows by thousands of keys.
+FlexAttention is slower than dense SDPA (DESIGN.md 4). Calling the flash kernel (non-causal, it returns the
+LSE) on each planned span (a strided view of the cache) and on the gathered columns computes only the chosen
+keys at near-peak speed. The Python loop is over (head, query block), each call hundreds of rows by thousands
+of keys; the parts merge by their LSE.
 
-Block height is a trade: a slash far from the others costs `block` keys per query block instead of one key
-per row (the tile that holds a diagonal), while the flash kernel is most efficient on tall blocks. Measured
-here (14 heads, 32K keys, one range per block): 256 rows ran at 73-88 % of the dense kernel's speed per
-computed pair, 1024 rows at 87-100 %, 128 rows at 59-77 %; 256 is the default.
-
-plan_mask() writes a plan out as a dense [H, n, m] mask from its definition; reference_attention() under that
-mask is the tests' oracle.
+Taller calls where the plan allows: torch's CPU flash kernel splits the queries into 256-row tiles when a call
+has at least 768 rows and into 64-row tiles below. Measured here (2 threads, one head, 1K-8K keys): 256-row
+calls ran at 0.66-0.70 Gpair/s, 1024-row calls at 0.84-0.87, 768-row calls at 0.61-0.64 (three tiles on two
+threads). So the keys that all blocks of a tile of TILE_BLOCKS consecutive blocks read (a wide slash band:
+each block's range is the last one's shifted by one block, and most of it overlaps) are computed once for the
+tile's rows, and each block computes only the rest. The keys every block of the chunk reads (an A-shape
+head's sinks, columns before the chunk) are one call over all rows. Every key of the plan is computed
+exactly once for each row that plans it, so the result is the plan's, whatever the grouping.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
 from megactx.attention.dense import attention
 from megactx.attention.merge import merge_attention
-from megactx.sparse.estimate import VerticalSlash
+from megactx.sparse.plan import BlockKeys, Plan, block_starts
 
-@dataclass(slots=True)
-class BlockKeys:
-    """The earlier keys (all < the block's first position) one head's query block attends."""
-    ranges: list[tuple[int, int]]  # disjoint [lo, hi) spans: read as views of the cache, no copy
-    columns: torch.Tensor  # [c] single keys outside the spans: gathered
-
-    def indices(self) -> torch.Tensor:
-        parts = [torch.arange(lo, hi) for lo, hi in self.ranges] + [self.columns.cpu()]
-        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
-
-    def size(self) -> int:
-        return sum(hi - lo for lo, hi in self.ranges) + len(self.columns)
-
-
-Plan = list[list[BlockKeys]]  # [H][num_blocks]
-
-
-def block_starts(q_start: int, n: int, block: int) -> list[int]:
-    return list(range(q_start, q_start + n, block))
-
-
-def _runs(sorted_values: torch.Tensor) -> list[tuple[int, int]]:
-    """Sorted distinct ints -> maximal runs of consecutive values as (first, last + 1)."""
-    if len(sorted_values) == 0:
-        return []
-    breaks = (sorted_values.diff() != 1).nonzero().flatten() + 1
-    starts = torch.cat([torch.tensor([0]), breaks])
-    ends = torch.cat([breaks, torch.tensor([len(sorted_values)])])
-    return [(int(sorted_values[a]), int(sorted_values[b - 1]) + 1) for a, b in zip(starts, ends)]
-
-
-MERGE_GAP = 256  # spans closer than this many keys are computed as one: a call costs about as much as 256 keys
-
-
-def vertical_slash_plan(vs: VerticalSlash, q_start: int, n: int, block: int, merge_gap: int = MERGE_GAP) -> Plan:
-    """merge_gap: spans separated by fewer keys are joined (a superset: fewer, longer kernel calls).
-    Vectorised over heads and blocks (it runs for every layer of every prefill chunk); the tests check it
-    pair by pair against the definition."""
-    h = vs.verticals.shape[0]
-    slashes, verticals = vs.slashes.cpu(), vs.verticals.cpu().sort(dim=-1).values  # sorted: duplicates adjacent
-    max_d = max(int(slashes.max()), 0) if slashes.numel() else 0
-    # covered[h, u]: the key a - u is in some slash's range [a - d, a - d + block), i.e. d - block < u <= d
-    # (u = 0, the block's own first key, never is: d > 0 only)
-    real = (slashes > 0).to(torch.int32)
-    diff = torch.zeros(h, max_d + 2, dtype=torch.int32)
-    diff.scatter_add_(1, (slashes - block).clamp(min=0) + 1, real)
-    diff.scatter_add_(1, slashes.clamp(min=0) + 1, -real)
-    covered = diff.cumsum(1) > 0
-    if merge_gap > 0:  # fill the uncovered gaps shorter than merge_gap between two covered runs
-        u = torch.arange(max_d + 2).expand(h, -1)
-        prev = torch.where(covered, u, -1).cummax(1).values
-        nxt = torch.where(covered, u, max_d + 2).flip(1).cummin(1).values.flip(1)
-        covered |= (prev >= 0) & (nxt <= max_d) & (nxt - prev - 1 < merge_gap)
-    starts = torch.tensor(block_starts(q_start, n, block))  # [B]
-    # a vertical is gathered for a block when it is before the block and no span covers it
-    rel = starts[:, None, None] - verticals[None]  # [B, H, V]
-    in_span = covered.gather(1, rel.clamp(0, max_d + 1).permute(1, 0, 2).reshape(h, -1)).view(h, len(starts), -1)
-    first = torch.ones_like(verticals, dtype=torch.bool)
-    first[:, 1:] = verticals[:, 1:] != verticals[:, :-1]  # the padding repeats an index: keep it once
-    free = (rel > 0) & ((rel > max_d) | ~in_span.transpose(0, 1)) & first[None]  # [B, H, V]
-    plans = []
-    for head in range(h):
-        runs = _runs(covered[head].nonzero().flatten())  # (u_lo, u_hi): keys (a - u_hi, a - u_lo]
-        plans.append([BlockKeys([(max(a - u_hi + 1, 0), a - u_lo + 1) for u_lo, u_hi in reversed(runs) if u_lo <= a],
-                                verticals[head][free[i, head]]) for i, a in enumerate(starts.tolist())])
-    return plans
-
-
-def block_sparse_plan(q: torch.Tensor, k: torch.Tensor, q_start: int, block: int, top_blocks: torch.Tensor,
-                      key_block: int = 64, heads: torch.Tensor | None = None) -> Plan:
-    """q: [n, H, D] rotated, k: [Hkv, >= q_start, D] rotated keys; per query block, the top_blocks[h] key blocks
-    (of key_block keys, all before the chunk) by mean-pooled score, the first one always kept, and the keys
-    between the last whole key block and the query block. heads: only these (top_blocks given for them) -> a
-    plan of len(heads) rows. Scored for every block and head at once: it runs per layer and prefill chunk."""
-    n, h, dim = q.shape
-    heads = torch.arange(h) if heads is None else heads.cpu()
-    group = h // k.shape[0]
-    starts = block_starts(q_start, n, block)
-    nkb = q_start // key_block  # every query block starts at or after q_start: it sees all nkb key blocks
-    tops = torch.as_tensor(top_blocks).clamp(min=1, max=nkb).tolist()
-    chosen = [[[] for _ in starts] for _ in heads]
-    if nkb:
-        pooled_k = k[:, :nkb * key_block].float().reshape(k.shape[0], nkb, key_block, dim).mean(2)  # [Hkv, nkb, D]
-        qs = q[:, heads.to(q.device)].float()  # [n, Hs, D]
-        pad = len(starts) * block - n
-        sums = torch.nn.functional.pad(qs, (0, 0, 0, 0, 0, pad)).reshape(len(starts), block, len(heads), dim).sum(1)
-        rows = sums / torch.tensor([min(block, n - i * block) for i in range(len(starts))], device=q.device)[:, None, None]
-        score = torch.einsum("bhd,hkd->bhk", rows, pooled_k[(heads // group).to(k.device)])  # [B, Hs, nkb]
-        score[..., 0] = float("inf")
-        best = torch.topk(score, max(tops), dim=-1).indices.cpu()  # [B, Hs, max top], best first
-        for j, top in enumerate(tops):
-            for i, picked in enumerate(best[:, j, :top].sort(dim=-1).values.tolist()):
-                chosen[j][i] = picked
-    plans = []
-    for j in range(len(heads)):
-        per_head = []
-        for i, a in enumerate(starts):
-            ranges = [(lo * key_block, hi * key_block) for lo, hi in _list_runs(chosen[j][i])]
-            if nkb * key_block < a:  # the keys between the last whole key block and the query block: local
-                ranges.append((nkb * key_block, a))
-            per_head.append(BlockKeys(_merge(ranges), torch.empty(0, dtype=torch.long)))
-        plans.append(per_head)
-    return plans
-
-
-def _list_runs(values: list[int]) -> list[tuple[int, int]]:
-    """Sorted distinct ints -> maximal runs of consecutive values as (first, last + 1)."""
-    runs = []
-    for x in values:
-        if runs and runs[-1][1] == x:
-            runs[-1][1] = x + 1
-        else:
-            runs.append([x, x + 1])
-    return [(lo, hi) for lo, hi in runs]
-
-
-def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out = []
-    for lo, hi in sorted(ranges):
-        if out and lo <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], hi))
-        else:
-            out.append((lo, hi))
-    return out
-
-
-def plan_mask(plan: Plan, q_start: int, n: int, block: int, m: int) -> torch.Tensor:
-    """[H, n, m] bool from the definition: own block causal, plus the planned earlier keys."""
-    h = len(plan)
-    mask = torch.zeros(h, n, m, dtype=torch.bool)
-    for i, a in enumerate(block_starts(q_start, n, block)):
-        rows = slice(a - q_start, min(n, a - q_start + block))
-        for p in range(rows.start, rows.stop):
-            mask[:, p, a:q_start + p + 1] = True
-        for head in range(h):
-            mask[head, rows, plan[head][i].indices()] = True
-    return mask
-
-
-def plan_density(plan: Plan, q_start: int, n: int, block: int) -> float:
-    """Fraction of the causal (query, key) pairs the plan computes (own blocks counted whole)."""
-    done = 0
-    for i, a in enumerate(block_starts(q_start, n, block)):
-        rows = min(block, q_start + n - a)
-        done += sum(plan[h][i].size() for h in range(len(plan))) * rows + len(plan) * rows * (rows + 1) / 2
-    causal = len(plan) * (n * q_start + n * (n + 1) / 2)
-    return done / causal if causal else 1.0
+TILE_BLOCKS = 4  # 4 x 256 = 1024-row calls: the flash kernel's 256-row tiles, an even number of them
+MIN_SHARED_BLOCKS = 2  # a tile computes a shared span once when it is at least this many blocks wide
+MIN_VIEW_BLOCKS = 8  # narrower spans are gathered with the columns into one call (8 x 256 = 2048 keys)
+KERNEL_NAME = "tiled, short spans gathered"  # benchmarks record it; before: "per span", one call per span
 
 
 class KeySource:
@@ -200,12 +50,6 @@ class KeySource:
                 self.v[kv_head].index_select(0, slots).to(self.dtype)[None])
 
 
-def _attend(q, k, v, scale, outs, lses):
-    o, s = attention(q, k, v, scale, causal=False)
-    outs.append(o)
-    lses.append(s)
-
-
 def shared_keys(blocks: list[BlockKeys]) -> tuple[list[tuple[int, int]], torch.Tensor]:
     """The spans and columns that every query block of a head reads (an A-shape head's sinks, the verticals before
     the chunk that no block's span covers): computed once for all the chunk's rows, in one tall efficient call."""
@@ -218,20 +62,92 @@ def shared_keys(blocks: list[BlockKeys]) -> tuple[list[tuple[int, int]], torch.T
     return ranges, values[seen == len(blocks)]
 
 
+def intersect_spans(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted disjoint spans -> the sorted disjoint spans of keys in both."""
+    out, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if hi > lo:
+            out.append((lo, hi))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def subtract_spans(a: list[tuple[int, int]], cut: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted disjoint spans a minus the keys of the sorted disjoint spans cut."""
+    out = []
+    for lo, hi in a:
+        for c_lo, c_hi in cut:
+            if c_hi <= lo or c_lo >= hi:
+                continue
+            if c_lo > lo:
+                out.append((lo, c_lo))
+            lo = max(lo, c_hi)
+            if lo >= hi:
+                break
+        if hi > lo:
+            out.append((lo, hi))
+    return out
+
+
+def tile_shared_spans(ranges: list[list[tuple[int, int]]], min_width: int) -> list[tuple[int, int]]:
+    """ranges: each block's spans in one tile -> the spans all of them read, those at least min_width wide."""
+    if len(ranges) < 2:
+        return []
+    common = ranges[0]
+    for r in ranges[1:]:
+        common = intersect_spans(common, r)
+    return [(lo, hi) for lo, hi in common if hi - lo >= min_width]
+
+
+def _attend_spans(segments, head: int, rows: slice, spans, keys: KeySource, kv_head: int, scale: float,
+                  outs: list, lses: list) -> None:
+    """Each span, cut by the segments (DCA: the keys each rotation of the queries scores), for these rows."""
+    for lo, hi, q in segments:
+        q_rows = q[rows, head:head + 1]  # [r, 1, D]
+        for s_lo, s_hi in spans:
+            s_lo, s_hi = max(s_lo, lo), min(s_hi, hi)
+            if s_hi > s_lo:
+                o, s = attention(q_rows, *keys.span(s_lo, s_hi, kv_head), scale, causal=False)
+                outs.append(o)
+                lses.append(s)
+
+
+def _attend_gathered(segments, head: int, rows: slice, idx: torch.Tensor, keys: KeySource, kv_head: int,
+                     scale: float, outs: list, lses: list) -> None:
+    """Single keys and short spans, gathered from the cache into one [1, len, D] tile per segment: one call
+    instead of one per span (a call over few keys runs at half the kernel's speed or less)."""
+    for lo, hi, q in segments:
+        i = idx[(idx >= lo) & (idx < hi)] if len(segments) > 1 else idx
+        if len(i):
+            o, s = attention(q[rows, head:head + 1], *keys.take(kv_head, i), scale, causal=False)
+            outs.append(o)
+            lses.append(s)
+
+
+def _gather_short(spans: list[tuple[int, int]], columns: torch.Tensor, min_view: int):
+    """-> the spans read as views of the cache (at least min_view keys), the positions of all other keys."""
+    short = [torch.arange(lo, hi) for lo, hi in spans if hi - lo < min_view]
+    return [(lo, hi) for lo, hi in spans if hi - lo >= min_view], torch.cat(short + [columns.cpu()])
+
+
 def sparse_attention(segments: list[tuple[int, int, torch.Tensor]], keys: KeySource, plan: Plan, q_start: int,
-                     block: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                     block: int, scale: float, tile_blocks: int = TILE_BLOCKS,
+                     min_view: float = MIN_VIEW_BLOCKS) -> tuple[torch.Tensor, torch.Tensor]:
     """segments: (lo, hi, q [n, H, D]): planned keys in [lo, hi) are scored with these queries (one segment for
     plain attention; DCA's intra, successive and inter parts); the own block uses the segment holding it.
-    -> out [n, H, D], lse [n, H] (fp32).
-    Per head, the keys every block reads (shared_keys) are one call over all rows; the rest is per query block."""
+    -> out [n, H, D], lse [n, H] (fp32)."""
     q0 = segments[0][2]
     n, h, d = q0.shape
     group = h // keys.k.shape[0]
     starts = block_starts(q_start, n, block)
+    row_blocks = [slice(a - q_start, min(n, a - q_start + block)) for a in starts]
     own_out = torch.empty_like(q0)
     own_lse = torch.empty(n, h, dtype=torch.float32, device=q0.device)
-    for a in starts:  # each block against itself, causal, all heads in one call
-        rows = slice(a - q_start, min(n, a - q_start + block))
+    for a, rows in zip(starts, row_blocks):  # each block against itself, causal, all heads in one call
         q_own = next(q for lo, hi, q in segments if lo <= a < hi)
         k_own, v_own = keys.span(a, q_start + rows.stop)
         own_out[rows], own_lse[rows] = attention(q_own[rows], k_own, v_own, scale, causal=True)
@@ -241,38 +157,27 @@ def sparse_attention(segments: list[tuple[int, int, torch.Tensor]], keys: KeySou
         kv_head = head // group
         common_ranges, common_cols = shared_keys(plan[head])
         chunk_outs, chunk_lses = [], []  # [n, 1, D], [n, 1]: parts every block has
-        for lo, hi, q in segments:
-            q_head = q[:, head:head + 1]
-            for r_lo, r_hi in common_ranges:
-                r_lo, r_hi = max(r_lo, lo), min(r_hi, hi)
-                if r_hi > r_lo:
-                    _attend(q_head, *keys.span(r_lo, r_hi, kv_head), scale, chunk_outs, chunk_lses)
-            cols = common_cols[(common_cols >= lo) & (common_cols < hi)]
-            if len(cols):
-                _attend(q_head, *keys.take(kv_head, cols), scale, chunk_outs, chunk_lses)
-        common = set(common_ranges)
-        own_cols = [b.columns[~torch.isin(b.columns, common_cols.to(b.columns.device))] if len(common_cols)
-                    else b.columns for b in plan[head]]
-        # every column a block reads on its own, gathered once from the cache: [1, U, D]
-        union = torch.unique(torch.cat(own_cols).cpu())
-        k_cols, v_cols = keys.take(kv_head, union) if len(union) else (None, None)
-        for i, a in enumerate(starts):
-            rows = slice(a - q_start, min(n, a - q_start + block))
-            outs = [own_out[rows, head:head + 1]] + [o[rows] for o in chunk_outs]
-            lses = [own_lse[rows, head:head + 1]] + [s[rows] for s in chunk_lses]
-            for lo, hi, q in segments:
-                q_rows = q[rows, head:head + 1]  # [B, 1, D]
-                for r_lo, r_hi in plan[head][i].ranges:  # spans: strided views of the cache
-                    if (r_lo, r_hi) in common:
-                        continue
-                    r_lo, r_hi = max(r_lo, lo), min(r_hi, hi)
-                    if r_hi > r_lo:
-                        _attend(q_rows, *keys.span(r_lo, r_hi, kv_head), scale, outs, lses)
-                cols = own_cols[i]
-                if len(segments) > 1:
-                    cols = cols[(cols >= lo) & (cols < hi)]
-                if len(cols):
-                    at = torch.searchsorted(union, cols.cpu()).to(k_cols.device)
-                    _attend(q_rows, k_cols.index_select(1, at), v_cols.index_select(1, at), scale, outs, lses)
-            out[rows, head:head + 1], lse[rows, head:head + 1] = merge_attention(outs, lses)
+        _attend_spans(segments, head, slice(0, n), common_ranges, keys, kv_head, scale, chunk_outs, chunk_lses)
+        _attend_gathered(segments, head, slice(0, n), common_cols, keys, kv_head, scale, chunk_outs, chunk_lses)
+        for t0 in range(0, len(starts), tile_blocks):
+            tile = range(t0, min(t0 + tile_blocks, len(starts)))
+            ranges = [subtract_spans(plan[head][i].ranges, common_ranges) for i in tile]
+            shared = tile_shared_spans(ranges, MIN_SHARED_BLOCKS * block)
+            tile_rows = slice(row_blocks[tile[0]].start, row_blocks[tile[-1]].stop)
+            tile_outs, tile_lses = [], []  # [tile rows, 1, D], [tile rows, 1]
+            _attend_spans(segments, head, tile_rows, shared, keys, kv_head, scale, tile_outs, tile_lses)
+            for i, own_ranges in zip(tile, ranges):
+                rows = row_blocks[i]
+                in_tile = slice(rows.start - tile_rows.start, rows.stop - tile_rows.start)
+                outs = ([own_out[rows, head:head + 1]] + [o[rows] for o in chunk_outs]
+                        + [o[in_tile] for o in tile_outs])
+                lses = ([own_lse[rows, head:head + 1]] + [s[rows] for s in chunk_lses]
+                        + [s[in_tile] for s in tile_lses])
+                cols = plan[head][i].columns
+                if len(common_cols):
+                    cols = cols[~torch.isin(cols, common_cols.to(cols.device))]
+                views, gathered = _gather_short(subtract_spans(own_ranges, shared), cols, min_view * block)
+                _attend_spans(segments, head, rows, views, keys, kv_head, scale, outs, lses)
+                _attend_gathered(segments, head, rows, gathered, keys, kv_head, scale, outs, lses)
+                out[rows, head:head + 1], lse[rows, head:head + 1] = merge_attention(outs, lses)
     return out, lse

@@ -13,8 +13,8 @@ import torch
 
 from megactx.sparse.config import HeadPattern, SparseConfig
 from megactx.sparse.estimate import VerticalSlash, estimate_vertical_slash
-from megactx.sparse.kernel import (KeySource, Plan, block_sparse_plan, plan_density, sparse_attention,
-                                   vertical_slash_plan)
+from megactx.sparse.kernel import KeySource, sparse_attention
+from megactx.sparse.plan import Plan, block_sparse_plan, plan_density, vertical_slash_plan
 
 DCA_PART_COLUMNS = 8  # evenly spaced columns every DCA part keeps, so that no part is ever empty
 

@@ -24,7 +24,7 @@ import torch
 from megactx.errors import MegactxError
 from megactx.sparse.config import HeadPattern, dump_layers, parse_layers
 from megactx.sparse.estimate import VerticalSlash, estimate_vertical_slash
-from megactx.sparse.kernel import block_sparse_plan, plan_mask, vertical_slash_plan
+from megactx.sparse.plan import block_sparse_plan, plan_mask, vertical_slash_plan
 
 logger = logging.getLogger(__name__)
 
