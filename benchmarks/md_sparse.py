@@ -85,7 +85,8 @@ def sparse_section() -> list[str]:
         out += ["![recall and density per layer](benchmarks/results/sparse_layers.png)", ""]
     except ImportError:
         pass
-    return out + searched_config_section() + sparse_smollm2() + sparse_threshold_section() + sparse_density_section()
+    return (out + sparse_kernel_section() + searched_config_section() + sparse_smollm2() + sparse_threshold_section()
+            + sparse_density_section())
 
 
 def searched_config_section() -> list[str]:
@@ -138,3 +139,22 @@ def sparse_density_section() -> list[str]:
                 ] + density_table(d["rows"])
         out.append("")
     return out
+
+
+def sparse_kernel_section() -> list[str]:
+    path = os.path.join(HERE, "results", "sparse_kernel.json")
+    if not os.path.exists(path):
+        return []
+    d = json.load(open(path))
+    out = ["### The kernel's calls on synthetic plans", "",
+           f"`python benchmarks/sparse_kernel.py`: one {d['rows_per_piece']}-row prefill piece at {d['keys']} keys "
+           "(14 heads, 2 KV heads, dim 64, 256-row blocks), per head the 100 nearest diagonals, slash bands, single "
+           "scattered slashes and 1000 verticals; the same plan computed each way, alternating, best of "
+           f"{d['repeat']}, {d['threads']} threads. 'per span' is one flash call per span (the kernel before); "
+           "'gathered' gathers spans under 2048 keys with the columns into one call per block; 'tiled' computes "
+           "the part of a span four consecutive blocks share once for their 1024 rows.", "",
+           "| pattern | planned density | way | seconds | speedup vs dense | cost per computed pair vs dense |",
+           "|---|---:|---|---:|---:|---:|"]
+    out += [f"| {r['pattern']} | {r['density']:.3f} | {r['way']} | {r['seconds']:.2f} | {r['speedup_vs_dense']:.2f}x | "
+            f"{r['cost_per_pair_vs_dense']:.2f} |" for r in d["rows"]]
+    return out + [""]
