@@ -152,7 +152,9 @@ def sparse_kernel_section() -> list[str]:
            "scattered slashes and 1000 verticals; the same plan computed each way, alternating, best of "
            f"{d['repeat']}, {d['threads']} threads. 'per span' is one flash call per span (the kernel before); "
            "'gathered' gathers spans under 2048 keys with the columns into one call per block; 'tiled' computes "
-           "the part of a span four consecutive blocks share once for their 1024 rows.", "",
+           "the part of a span four consecutive blocks share once for their 1024 rows; 'exact diagonals' is "
+           "tiled + gathered on the plan `--sparse-exact-diagonals` makes, where an isolated slash is one key per "
+           "row instead of a 256-key span: a subset of the other plan, with its own density.", "",
            "| pattern | planned density | way | seconds | speedup vs dense | cost per computed pair vs dense |",
            "|---|---:|---|---:|---:|---:|"]
     out += [f"| {r['pattern']} | {r['density']:.3f} | {r['way']} | {r['seconds']:.2f} | {r['speedup_vs_dense']:.2f}x | "

@@ -55,7 +55,7 @@ def run_length(args, length: int) -> dict:
     llm = LLM(args.model, max_model_len=length + MAX_NEW_TOKENS + 8, max_num_seqs=1, dca=True, sparse=True,
               sparse_config=args.sparse_config, sparse_threshold=args.threshold, sparse_mass=args.mass,
               sparse_max_density=args.max_density, sparse_estimate_span=args.estimate_span,
-              max_num_batched_tokens=args.chunk, num_threads=args.threads)
+              sparse_exact_diagonals=args.exact_diagonals, max_num_batched_tokens=args.chunk, num_threads=args.threads)
     backend = InProcessBackend(llm)
     key = make_key(0, length, 50, 0)
     if args.prompt == "passkey":
@@ -104,8 +104,12 @@ def run_length(args, length: int) -> dict:
                                        max(sum(stats.attention_s[li] + stats.estimate_s[li] for li in measured), 1e-9), 2),
             "layers": per_layer, "chunk": args.chunk, "sparse_config": args.sparse_config or "default budgets",
             "mass": args.mass, "max_density": args.max_density, "estimate_span": args.estimate_span,
-            "dca_temperature": llm.engine.dca.temperature, "kernel": KERNEL_NAME,
+            "dca_temperature": llm.engine.dca.temperature, "kernel": _kernel(args),
             "dense_fallbacks": sum(stats.fallbacks.values()), "chunks": sum(len(d) for d in stats.planned.values())}
+
+
+def _kernel(args) -> str:
+    return KERNEL_NAME + (", exact diagonals" if args.exact_diagonals else "")
 
 
 def main():
@@ -124,6 +128,8 @@ def main():
     ap.add_argument("--chunk", type=int, default=16384, help="prefill chunk (max_num_batched_tokens)")
     ap.add_argument("--estimate-span", type=int, default=8192, help="--sparse-estimate-span: rows planned from one "
                     "estimate (0: one estimate per prefill chunk)")
+    ap.add_argument("--exact-diagonals", action="store_true", help="--sparse-exact-diagonals: isolated slashes "
+                    "one key per row instead of a block-wide span")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/sparse_attention_eval.json")
     args = ap.parse_args()
@@ -135,7 +141,7 @@ def main():
                                r["sparse_config"], r.get("dca_temperature", "position"), r.get("chunk", 16384),
                                r.get("estimate_span", 0), r.get("kernel", "per span")) !=
                            (length, args.prompt, args.mass, args.max_density, row["sparse_config"],
-                            row["dca_temperature"], args.chunk, args.estimate_span, KERNEL_NAME)] + [row]
+                            row["dca_temperature"], args.chunk, args.estimate_span, _kernel(args))] + [row]
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
         verdict = {True: "ok", False: "WRONG", None: "-"}[row["passkey_correct"]]

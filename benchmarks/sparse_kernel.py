@@ -8,6 +8,8 @@ verticals. Each way computes the same plan (the tests check that the results agr
   per span           one flash call per planned span and one for the block's columns (the kernel before)
   gathered           spans narrower than 2048 keys gathered with the columns into one call per block
   tiled + gathered   also, the part of a span four consecutive blocks share computed once for their 1024 rows
+  exact diagonals    tiled + gathered on the plan with --sparse-exact-diagonals: isolated slashes one key per
+                     row instead of a 256-key span (a subset of the plan above: its own, lower density)
   dense              the flash kernel over every earlier key, plus the piece's own causal part
 
 The ways run alternately, best of --repeat (the machine is shared). Prints a table and writes JSON.
@@ -28,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megactx.attention.dense import attention  # noqa: E402
 from megactx.attention.merge import merge_attention  # noqa: E402
+from megactx.sparse.config import SparseConfig  # noqa: E402
 from megactx.sparse.estimate import VerticalSlash  # noqa: E402
 from megactx.sparse.kernel import KeySource, sparse_attention  # noqa: E402
 from megactx.sparse.plan import plan_density, vertical_slash_plan  # noqa: E402
@@ -41,7 +44,8 @@ PATTERNS = {  # name: (bands, widest band, scattered slashes)
 WAYS = {"per span": {"tile_blocks": 1, "min_view": 0}, "gathered": {"tile_blocks": 1}, "tiled + gathered": {}}
 
 
-def synthetic_plan(m: int, q_start: int, n: int, bands: int, widest: int, scattered: int, seed: int = 0):
+def synthetic_plan(m: int, q_start: int, n: int, bands: int, widest: int, scattered: int, seed: int = 0,
+                   diagonal_cost: int = 0):
     g = torch.Generator().manual_seed(seed)
     slashes, verticals = [], []
     for _ in range(H):
@@ -55,7 +59,8 @@ def synthetic_plan(m: int, q_start: int, n: int, bands: int, widest: int, scatte
         verticals.append(torch.randperm(m, generator=g)[:1000].sort().values)
     width = max(len(s) for s in slashes)
     slashes = torch.stack([torch.cat([s, s[-1:].expand(width - len(s))]) for s in slashes])
-    return vertical_slash_plan(VerticalSlash(torch.stack(verticals), slashes), q_start, n, BLOCK)
+    return vertical_slash_plan(VerticalSlash(torch.stack(verticals), slashes), q_start, n, BLOCK,
+                               diagonal_cost=diagonal_cost)
 
 
 def dense(q, k, v, q_start, scale):
@@ -85,7 +90,10 @@ def main() -> None:
         density = plan_density(plan, q_start, n, BLOCK)
         ways = {way: (lambda kw=kw: sparse_attention([(0, m, q)], keys, plan, q_start, BLOCK, scale, **kw))
                 for way, kw in WAYS.items()}
+        exact = synthetic_plan(m, q_start, n, *PATTERNS[name], diagonal_cost=SparseConfig(exact_diagonals=True).diagonal_cost)
+        ways["exact diagonals"] = lambda: sparse_attention([(0, m, q)], keys, exact, q_start, BLOCK, scale)
         ways["dense"] = lambda: dense(q, k, v, q_start, scale)
+        densities = {"exact diagonals": plan_density(exact, q_start, n, BLOCK), "dense": 1.0}
         best = {way: float("inf") for way in ways}
         outs = {}
         for _ in range(args.repeat):
@@ -95,9 +103,10 @@ def main() -> None:
                 best[way] = min(best[way], time.perf_counter() - t0)
         agree = max(float((outs[w][0] - outs["per span"][0]).abs().max()) for w in WAYS)
         for way, s in best.items():
-            rows.append({"pattern": name, "density": round(density if way != "dense" else 1.0, 3), "way": way,
+            dens = densities.get(way, density)
+            rows.append({"pattern": name, "density": round(dens, 3), "way": way,
                          "seconds": round(s, 3), "speedup_vs_dense": round(best["dense"] / s, 2),
-                         "cost_per_pair_vs_dense": round(s / best["dense"] / (density if way != "dense" else 1.0), 2),
+                         "cost_per_pair_vs_dense": round(s / best["dense"] / dens, 2),
                          "max_diff_vs_per_span": agree})
     print(f"| pattern | density | way | seconds | vs dense | cost per pair vs dense |\n|---|---:|---|---:|---:|---:|")
     for r in rows:

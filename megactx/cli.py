@@ -87,6 +87,10 @@ def add_dca_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sparse-estimate-span", type=int, default=env_default("--sparse-estimate-span", 8192, int),
                    help="a prefill chunk longer than this many rows is planned in parts, each estimated from its own "
                         "last queries (default 8192; 0: one estimate per chunk)")
+    g.add_argument("--sparse-exact-diagonals", action="store_true",
+                   default=env_default("--sparse-exact-diagonals", False, _flag),
+                   help="compute isolated slashes exactly, one key per query row, instead of a block-wide span of "
+                        "keys (MInference's granularity): fewer pairs, a subset of the block-granular plan")
 
 
 def engine_kwargs(args) -> dict:
@@ -103,7 +107,7 @@ def dca_kwargs(args) -> dict:
                 allow_long_context=args.allow_long_context, sparse=args.sparse, sparse_config=args.sparse_config,
                 sparse_threshold=args.sparse_threshold, sparse_last_q=args.sparse_last_q,
                 sparse_mass=args.sparse_mass, sparse_max_density=args.sparse_max_density,
-                sparse_estimate_span=args.sparse_estimate_span)
+                sparse_estimate_span=args.sparse_estimate_span, sparse_exact_diagonals=args.sparse_exact_diagonals)
 
 
 def single_stream_kwargs(args) -> dict:

@@ -191,6 +191,7 @@ class EngineConfig:
     sparse_mass: float | None = None  # keep only the best indices reaching this share of the estimated score
     sparse_max_density: float = 0.6  # a chunk planned denser than this is computed densely (sparse would be slower)
     sparse_estimate_span: int = 8192  # rows planned from one estimate (0: one per prefill chunk)
+    sparse_exact_diagonals: bool = False  # isolated slashes one key per row instead of a block-wide span
     sparse_block_size: int = 256  # query rows per kernel block (Python only: tests use small blocks)
 
     def __post_init__(self):

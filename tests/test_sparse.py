@@ -98,6 +98,33 @@ def test_keys_every_block_reads_are_computed_once_and_still_equal_the_masked_ref
     torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)
 
 
+def test_isolated_slashes_as_exact_diagonals_are_their_naive_definition():
+    """diagonal_cost > 0: a slash alone in its run is one key per row (p - d), a band stays block-granular."""
+    n, block, q_start = 96, 16, 160
+    m = q_start + n
+    band = torch.arange(1, 9)  # 8 slashes in 23 keys' width: 8 * 4 > 23, stays a span
+    isolated = torch.tensor([40, 90, 130, 200])  # apart by more than a block: each alone in its run
+    verticals = torch.tensor([0, 3, 70, 100, 150, 170])
+    vs = VerticalSlash(verticals[None].expand(H, -1), torch.cat([band, isolated])[None].expand(H, -1))
+    plan = vertical_slash_plan(vs, q_start, n, block, merge_gap=0, diagonal_cost=4)
+    assert plan[0][0].diagonals.tolist() == isolated.tolist()
+    mask = torch.zeros(n, m, dtype=torch.bool)
+    for i in range(n):
+        p = q_start + i
+        a = q_start + (i // block) * block
+        for j in range(p + 1):
+            mask[i, j] = (j in verticals.tolist() or j >= a or any(a - d <= j < a - d + block for d in band.tolist())
+                          or (j < a and p - j in isolated.tolist()))
+    assert torch.equal(plan_mask(plan, q_start, n, block, m), mask[None].expand(H, -1, -1))
+    g = torch.Generator().manual_seed(8)
+    q, k, v = torch.randn(n, H, D, generator=g), torch.randn(HKV, m, D, generator=g), torch.randn(HKV, m, D, generator=g)
+    out, lse = sparse_attention([(0, m, q)], KeySource(k, v, slice(0, m), torch.float32), plan, q_start, block,
+                                D ** -0.5)
+    ref_out, ref_lse = _masked_reference(q, k, v, mask[None].expand(H, -1, -1), D ** -0.5)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)
+
+
 def _span_keys(spans):
     return {j for lo, hi in spans for j in range(lo, hi)}
 
@@ -186,7 +213,8 @@ def test_block_sparse_plan_of_a_subset_of_heads_equals_those_rows_of_the_full_pl
         assert [b.ranges for b in part[j]] == [b.ranges for b in full[h]]
 
 
-def _run_sparse_dca(q, k, v, dca, splits, budgets, block=16, max_density=1.0, stats=None, span=8192):
+def _run_sparse_dca(q, k, v, dca, splits, budgets, block=16, max_density=1.0, stats=None, span=8192,
+                    exact_diagonals=False):
     """The DCA backend with sparse prefill on, fed in chunks; returns outputs and the recorded plans.
     max_density 1.0: the sparse kernel computes every chunk (no dense fallback) unless the test says otherwise."""
     t = q.shape[0]
@@ -194,7 +222,7 @@ def _run_sparse_dca(q, k, v, dca, splits, budgets, block=16, max_density=1.0, st
     backend = DualChunkAttentionBackend(H, HKV, D, dca, rotary)
     backend.cache = KVCacheTensors(1, HKV, D, t, torch.float32, torch.device("cpu"))
     cfg = SparseConfig(threshold=0, last_q=8, block_size=block, max_density=max_density, estimate_span=span,
-                       layers=[{h: HeadPattern("vertical_and_slash", *budgets) for h in range(H)}])
+                       exact_diagonals=exact_diagonals, layers=[{h: HeadPattern("vertical_and_slash", *budgets) for h in range(H)}])
     backend.sparse = SparsePrefill(cfg, 1, H, backend.scale)
     backend.sparse.plans = []
     outs, c = [], 0
@@ -231,6 +259,22 @@ def test_partial_budgets_inside_dca_equal_the_reference_under_the_plan():
         rows = slice(q_start, q_start + piece.shape[1])
         mask[:, rows] = piece
     assert not bool(mask.all(-1).all())  # really sparse
+    expected = reference_dual_chunk_attention(q, k, v, rotary, dca, D ** -0.5, mask=mask)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_exact_diagonals_inside_dca_equal_the_reference_under_the_plan():
+    """The diagonal part scores each key with the rotation of the DCA part that key falls in."""
+    dca = DCAConfig(chunk_size=40, local_size=8, original_max_position_embeddings=20, temperature="none")
+    t = 400
+    q, k, v = _qkv(t, seed=7)
+    out, plans, rotary = _run_sparse_dca(q, k, v, dca, [170, 230], (6, 130), block=16, exact_diagonals=True)
+    assert any(len(b.diagonals) for _, _, plan in plans for head in plan for b in head)
+    mask = torch.zeros(H, t, t, dtype=torch.bool)
+    for _, q_start, plan in plans:
+        piece = plan_mask(plan, q_start, min(len(plan[0]) * 16, t - q_start), 16, t)
+        mask[:, q_start:q_start + piece.shape[1]] = piece
+    assert not bool(mask[:, torch.ones(t, t, dtype=torch.bool).tril()].all())  # really sparse
     expected = reference_dual_chunk_attention(q, k, v, rotary, dca, D ** -0.5, mask=mask)
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
 

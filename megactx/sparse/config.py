@@ -44,6 +44,9 @@ class SparseConfig:
     # A chunk's first rows are the farthest from its last queries, and that is where perplexity was lost with
     # 16K-row estimates (BENCHMARKS.md); 0: one estimate per prefill chunk
     estimate_span: int = 8192
+    # isolated slashes computed exactly, one key per row, instead of a block-wide span per block (plan.py):
+    # fewer pairs than MInference's block granularity, but a subset of what it computes
+    exact_diagonals: bool = False
     layers: list[dict[int, HeadPattern]] = field(default_factory=list)
     source: str | None = None  # the file the budgets came from, for messages
 
@@ -74,8 +77,15 @@ class SparseConfig:
         budgets = f"budgets from {self.source}" if self.source else "default budgets (1000 verticals, 6096 slashes)"
         cut = f", mass cut-off {self.mass}" if self.mass is not None else ""
         span = f"an estimate every {self.estimate_span} rows" if self.estimate_span else "an estimate per chunk"
+        diagonals = ", isolated slashes as exact diagonals" if self.exact_diagonals else ""
         return (f"threshold {self.threshold} tokens, last_q {self.last_q}, {span}, {budgets}{cut}, "
-                f"dense above density {self.max_density}")
+                f"dense above density {self.max_density}{diagonals}")
+
+    @property
+    def diagonal_cost(self) -> int:
+        """vertical_slash_plan's diagonal_cost: an exact diagonal costs about a third of a block-wide span
+        (benchmarks/sparse_kernel.py measures both); 0: off."""
+        return self.block_size // 3 if self.exact_diagonals else 0
 
     def parts(self, a: int, b: int) -> list[tuple[int, int]]:
         """Rows [a, b) of one prefill piece -> the row ranges planned from one estimate each: as few as the span
@@ -132,12 +142,12 @@ def load_sparse_config(path: str | Path, **settings) -> SparseConfig:
 def resolve_sparse(model_path: str | Path | None, enabled: bool = True, config_file: str | None = None,
                    threshold: int = 32768, last_q: int = 64, block_size: int = 256,
                    mass: float | None = None, max_density: float = 0.6,
-                   estimate_span: int = 8192) -> SparseConfig | None:
+                   estimate_span: int = 8192, exact_diagonals: bool = False) -> SparseConfig | None:
     """--sparse-config FILE, else sparse_attention_config.json beside the model, else default budgets."""
     if not enabled:
         return None
     settings = dict(threshold=threshold, last_q=last_q, block_size=block_size, mass=mass, max_density=max_density,
-                    estimate_span=estimate_span)
+                    estimate_span=estimate_span, exact_diagonals=exact_diagonals)
     if config_file:
         return load_sparse_config(config_file, **settings)
     if model_path is not None:

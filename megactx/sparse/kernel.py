@@ -131,6 +131,26 @@ def _attend_gathered(segments, head: int, rows: slice, idx: torch.Tensor, keys: 
             lses.append(s)
 
 
+def _attend_diagonals(segments, head: int, rows: slice, key: torch.Tensor, valid: torch.Tensor, keys: KeySource,
+                      kv_head: int, scale: float, outs: list, lses: list) -> None:
+    """Exact diagonals: row r attends key[r, j] where valid[r, j] ([r, s] from BlockKeys.diagonal_keys). A row's
+    keys differ from its neighbours', so no matmul shares them: gathered [r, s, D], scored by batched dot products."""
+    r, s = key.shape
+    k, v = keys.take(kv_head, key.clamp(min=0).flatten())  # [1, r * s, D]
+    k, v = k.view(r, s, -1), v.view(r, s, -1)
+    for lo, hi, q in segments:
+        ok = valid & (key >= lo) & (key < hi) if len(segments) > 1 else valid
+        if not bool(ok.any()):
+            continue
+        scores = torch.bmm(k, q[rows, head, :, None].to(k.dtype)).squeeze(-1).float() * scale  # [r, s]
+        scores = scores.masked_fill(~ok.to(scores.device), float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)  # [r]: -inf for a row with no key here
+        probs = torch.exp(scores - lse.nan_to_num(neginf=0.0)[:, None])
+        out = torch.bmm(probs[:, None, :].to(v.dtype), v).squeeze(1)  # [r, D]
+        outs.append(out[:, None].to(q.dtype))
+        lses.append(lse[:, None])
+
+
 def _gather_short(spans: list[tuple[int, int]], columns: torch.Tensor, min_view: int):
     """-> the spans read as views of the cache (at least min_view keys), the positions of all other keys."""
     short = [torch.arange(lo, hi) for lo, hi in spans if hi - lo < min_view]
@@ -182,5 +202,8 @@ def sparse_attention(segments: list[tuple[int, int, torch.Tensor]], keys: KeySou
                 views, gathered = _gather_short(subtract_spans(own_ranges, shared), cols, min_view * block)
                 _attend_spans(segments, head, rows, views, keys, kv_head, scale, outs, lses)
                 _attend_gathered(segments, head, rows, gathered, keys, kv_head, scale, outs, lses)
+                if len(plan[head][i].diagonals):
+                    key, valid = plan[head][i].diagonal_keys(starts[i], rows.stop - rows.start)
+                    _attend_diagonals(segments, head, rows, key, valid, keys, kv_head, scale, outs, lses)
                 out[rows, head:head + 1], lse[rows, head:head + 1] = merge_attention(outs, lses)
     return out, lse

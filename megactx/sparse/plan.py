@@ -25,11 +25,15 @@ import torch
 from megactx.sparse.estimate import VerticalSlash
 
 
+_NONE = torch.empty(0, dtype=torch.long)
+
+
 @dataclass(slots=True)
 class BlockKeys:
     """The earlier keys (all < the block's first position) one head's query block attends."""
     ranges: list[tuple[int, int]]  # disjoint [lo, hi) spans: read as views of the cache, no copy
     columns: torch.Tensor  # [c] single keys outside the spans: gathered
+    diagonals: torch.Tensor = _NONE  # [s] offsets d: the row at p also attends the key p - d (see diagonal_keys)
 
     def indices(self) -> torch.Tensor:
         parts = [torch.arange(lo, hi) for lo, hi in self.ranges] + [self.columns.cpu()]
@@ -37,6 +41,15 @@ class BlockKeys:
 
     def size(self) -> int:
         return sum(hi - lo for lo, hi in self.ranges) + len(self.columns)
+
+    def diagonal_keys(self, a: int, rows: int, skip_columns: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block [a, a + rows)'s exact diagonals: key [rows, s] = p - d, valid [rows, s] where that key is
+        before the block (the own block is computed whole) and not one of its columns (computed there)."""
+        key = torch.arange(a, a + rows)[:, None] - self.diagonals.cpu()[None]
+        valid = (key >= 0) & (key < a)
+        if skip_columns and len(self.columns):
+            valid &= ~torch.isin(key, self.columns.cpu())
+        return key, valid
 
 
 Plan = list[list[BlockKeys]]  # [H][num_blocks]
@@ -59,8 +72,12 @@ def _runs(sorted_values: torch.Tensor) -> list[tuple[int, int]]:
 MERGE_GAP = 256  # spans closer than this many keys are computed as one: a call costs about as much as 256 keys
 
 
-def vertical_slash_plan(vs: VerticalSlash, q_start: int, n: int, block: int, merge_gap: int = MERGE_GAP) -> Plan:
+def vertical_slash_plan(vs: VerticalSlash, q_start: int, n: int, block: int, merge_gap: int = MERGE_GAP,
+                        diagonal_cost: int = 0) -> Plan:
     """merge_gap: spans separated by fewer keys are joined (a superset: fewer, longer kernel calls).
+    diagonal_cost: 0, every slash is computed at block granularity (its block-wide range); else a run of
+    slashes whose span would be wider than diagonal_cost keys per slash (an isolated slash: `block` keys for one
+    per row) is computed exactly, one key per row and slash (BlockKeys.diagonals): a subset of the span.
     Vectorised over heads and blocks (it runs for every layer of every prefill chunk); the tests check it
     pair by pair against the definition."""
     h = vs.verticals.shape[0]
@@ -78,6 +95,21 @@ def vertical_slash_plan(vs: VerticalSlash, q_start: int, n: int, block: int, mer
         prev = torch.where(covered, u, -1).cummax(1).values
         nxt = torch.where(covered, u, max_d + 2).flip(1).cummin(1).values.flip(1)
         covered |= (prev >= 0) & (nxt <= max_d) & (nxt - prev - 1 < merge_gap)
+    runs, diagonals = [], []
+    for head in range(h):
+        head_runs = _runs(covered[head].nonzero().flatten())  # (u_lo, u_hi): keys (a - u_hi, a - u_lo]
+        diagonals.append(_NONE)
+        if diagonal_cost > 0 and head_runs:
+            offsets = torch.unique(slashes[head][slashes[head] > 0])  # each slash d lies in the run holding u = d
+            lo = torch.tensor([r[0] for r in head_runs])
+            count = torch.bincount(torch.searchsorted(lo, offsets, right=True) - 1, minlength=len(head_runs))
+            exact = [bool(count[j] * diagonal_cost < u_hi - u_lo) for j, (u_lo, u_hi) in enumerate(head_runs)]
+            for j, (u_lo, u_hi) in enumerate(head_runs):
+                if exact[j]:
+                    covered[head, u_lo:u_hi] = False
+            diagonals[-1] = offsets[torch.tensor(exact)[torch.searchsorted(lo, offsets, right=True) - 1]]
+            head_runs = [r for r, e in zip(head_runs, exact) if not e]
+        runs.append(head_runs)
     starts = torch.tensor(block_starts(q_start, n, block))  # [B]
     # a vertical is gathered for a block when it is before the block and no span covers it
     rel = starts[:, None, None] - verticals[None]  # [B, H, V]
@@ -85,12 +117,9 @@ def vertical_slash_plan(vs: VerticalSlash, q_start: int, n: int, block: int, mer
     first = torch.ones_like(verticals, dtype=torch.bool)
     first[:, 1:] = verticals[:, 1:] != verticals[:, :-1]  # the padding repeats an index: keep it once
     free = (rel > 0) & ((rel > max_d) | ~in_span.transpose(0, 1)) & first[None]  # [B, H, V]
-    plans = []
-    for head in range(h):
-        runs = _runs(covered[head].nonzero().flatten())  # (u_lo, u_hi): keys (a - u_hi, a - u_lo]
-        plans.append([BlockKeys([(max(a - u_hi + 1, 0), a - u_lo + 1) for u_lo, u_hi in reversed(runs) if u_lo <= a],
-                                verticals[head][free[i, head]]) for i, a in enumerate(starts.tolist())])
-    return plans
+    return [[BlockKeys([(max(a - u_hi + 1, 0), a - u_lo + 1) for u_lo, u_hi in reversed(runs[head]) if u_lo <= a],
+                       verticals[head][free[i, head]], diagonals[head]) for i, a in enumerate(starts.tolist())]
+            for head in range(h)]
 
 
 def block_sparse_plan(q: torch.Tensor, k: torch.Tensor, q_start: int, block: int, top_blocks: torch.Tensor,
@@ -161,14 +190,21 @@ def plan_mask(plan: Plan, q_start: int, n: int, block: int, m: int) -> torch.Ten
             mask[:, p, a:q_start + p + 1] = True
         for head in range(h):
             mask[head, rows, plan[head][i].indices()] = True
+            if len(plan[head][i].diagonals):
+                key, valid = plan[head][i].diagonal_keys(a, rows.stop - rows.start)
+                for r in range(key.shape[0]):
+                    mask[head, rows.start + r, key[r][valid[r]]] = True
     return mask
 
 
 def plan_density(plan: Plan, q_start: int, n: int, block: int) -> float:
-    """Fraction of the causal (query, key) pairs the plan computes (own blocks counted whole)."""
+    """Fraction of the causal (query, key) pairs the plan computes (own blocks counted whole; a diagonal's key
+    that is also a column counted twice)."""
     done = 0
     for i, a in enumerate(block_starts(q_start, n, block)):
         rows = min(block, q_start + n - a)
         done += sum(plan[h][i].size() for h in range(len(plan))) * rows + len(plan) * rows * (rows + 1) / 2
+        done += sum(int(plan[h][i].diagonal_keys(a, rows, skip_columns=False)[1].sum()) for h in range(len(plan))
+                    if len(plan[h][i].diagonals))
     causal = len(plan) * (n * q_start + n * (n + 1) / 2)
     return done / causal if causal else 1.0

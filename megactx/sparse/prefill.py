@@ -14,7 +14,7 @@ import torch
 from megactx.sparse.config import HeadPattern, SparseConfig
 from megactx.sparse.estimate import VerticalSlash, estimate_vertical_slash
 from megactx.sparse.kernel import KeySource, sparse_attention
-from megactx.sparse.plan import Plan, block_sparse_plan, plan_density, vertical_slash_plan
+from megactx.sparse.plan import MERGE_GAP, Plan, block_sparse_plan, plan_density, vertical_slash_plan
 
 DCA_PART_COLUMNS = 8  # evenly spaced columns every DCA part keeps, so that no part is ever empty
 
@@ -91,7 +91,10 @@ class SparsePrefill:
                                          verticals[vs_heads], slashes[vs_heads], self.cfg.mass,
                                          heads=vs_heads if len(vs_heads) < h else None)
             vs = _with_part_columns(vs, dca_parts)
-            for head, plan in zip(vs_heads.tolist(), vertical_slash_plan(vs, q_start, n, block)):
+            # merge_gap: MERGE_GAP at the default 256-row blocks, scaled down with the tests' small blocks
+            plans_vs = vertical_slash_plan(vs, q_start, n, block, merge_gap=min(MERGE_GAP, block),
+                                           diagonal_cost=self.cfg.diagonal_cost)
+            for head, plan in zip(vs_heads.tolist(), plans_vs):
                 plans[head] = plan
         a_heads = [i for i, kind in enumerate(kinds) if kind == "a_shape"]
         if a_heads:
