@@ -74,7 +74,8 @@ PASSKEY_RUNS = {  # what each results folder was run with (the folder name is th
                                         "parts (`--dca --sparse-mass 0.95 --max-model-len 131200 "
                                         "--max-num-batched-tokens 16384`, `--sparse-estimate-span` at its default "
                                         "8192); its depth-50 cell ran in `benchmarks/sparse_attention.py` (correct). "
-                                        "TTFT here is not a speed figure: another long run shared the two cores",
+                                        "The TTFT of depths 0 and 100 is not a speed figure (other runs shared the two "
+                                        "cores); depth 25 ran alone, with the tiled kernel that gathers short spans",
 }
 
 
@@ -330,6 +331,8 @@ def main() -> None:
               "layers is "
               "0.61-0.77 at 128K, and perplexity at 64K is 1.020x dense DCA over the document with its worst 4K "
               "bucket at 1.058x (four buckets above 1.03): not within 3 % per bucket, so they are not the default. "
+              "Planned in 8K parts they are worse, not better: worst bucket 1.084x, whole document 1.027x, so their "
+              "loss is in the budgets themselves, not in the rows far from the estimating queries. "
               "The default budgets with `--sparse-mass 0.95` keep a mean recall of 0.91-0.92 but reach only "
               "2.8x TTFT at 128K.",
               "- DCA decode measured on one attention layer of the 0.5B model: 1.21x dense's time at 64K but 2.07x at 16K "
