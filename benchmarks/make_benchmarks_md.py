@@ -322,6 +322,17 @@ def main() -> None:
               "8K estimates 1.40x, 1.59x, 7.4 %: the finer estimate costs about 16 % of the attention speed. Perplexity with the default "
               "budgets and 8K parts (the new default): worst bucket 1.004x dense DCA, whole document 1.0001x (1.010x "
               "worst with 16K estimates and temperature position).",
+              "- Kernel calls: a call over a few hundred keys runs at half the flash kernel's speed or less, and "
+              "scattered slashes make many such spans; 256-row calls use the kernel's 64-row query tiles, 1024-row "
+              "calls its 256-row tiles (0.66-0.70 vs 0.84-0.87 Gpair/s). The kernel now gathers each block's spans "
+              "under 2048 keys with its columns into one call and computes the part of a span four consecutive "
+              "blocks share once for their 1024 rows (column 'kernel calls'). Same plans, same recall to four "
+              "digits; at 64K with mass 0.95 and 8K chunks TTFT went from 1.40x to 1.64x the projected dense and "
+              "attention from 1.59x to 2.07x on the timed layers (2.08x over all layers). Passkey at 128K with this "
+              "setting: depths 0, 25, 50 and 100 correct (75 not run). `--sparse-exact-diagonals` (isolated slashes one "
+              "key per row instead of a 256-key span) halves the pairs of synthetic plans with scattered slashes, but "
+              "on this run it lowered the density only from 0.425 to 0.410 (recall 0.9220 to 0.9201) and was no faster "
+              "(TTFT 1.59x, attention 2.03x): the real plans are mostly bands and columns.",
               "- The searched budgets (`megactx sparse search`, 32000 tokens of torch's source) are fast but lose "
               "accuracy. At 128K: TTFT 3.38x the projected dense (1388 vs 4689 s), attention 4.57x on the timed "
               "layers 4, 16, 23 (the two densest of the searched plan among them; 5.80x over all 24 layers against "
