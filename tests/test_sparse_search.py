@@ -9,7 +9,7 @@ from megactx import LLM
 from megactx.sparse.config import HeadPattern, load_sparse_config
 from megactx.sparse.search import run_refine, run_search, search_layer
 from helpers import token_ids
-from test_sparse import _naive_vs_mask
+from test_sparse_kernel import _naive_vs_mask
 
 
 def test_search_layer_recall_is_mass_inside_the_mask_and_cheapest_passing_wins():
