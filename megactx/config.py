@@ -166,7 +166,9 @@ class SchedulerConfig:
 class EngineConfig:
     model: str | None = None  # HF directory or .gguf file; None = the bundled SmolLM2
     tokenizer: str | None = None  # defaults to the model's own
-    dtype: str = "fp32"  # compute dtype; fp32 is the fastest on CPUs (DESIGN.md 4)
+    # compute dtype. bf16 runs the matmuls and the flash kernel in bf16: on a CPU with AMX tiles that prefills
+    # about 4x faster than fp32 (BENCHMARKS.md); on one without, fp32 is the fastest (DESIGN.md 4)
+    dtype: str = "fp32"
     weight_dtype: str = "auto"  # storage of the matrices; auto = fp16 for quantized GGUF on CPU, else dtype
     # an extra fp32 copy of the matrices packed for oneDNN, for batched decoding on CPU (layers/linear.py):
     # auto = on when more than one sequence may run and the copy takes at most 4 GiB
@@ -192,6 +194,7 @@ class EngineConfig:
     sparse_max_density: float = 0.6  # a chunk planned denser than this is computed densely (sparse would be slower)
     sparse_estimate_span: int = 8192  # rows planned from one estimate (0: one per prefill chunk)
     sparse_exact_diagonals: bool = False  # isolated slashes one key per row instead of a block-wide span
+    sparse_mass_union: bool = False  # the mass cut-off counts verticals and slashes together
     sparse_block_size: int = 256  # query rows per kernel block (Python only: tests use small blocks)
 
     def __post_init__(self):

@@ -53,6 +53,23 @@ def test_default_fp16_weight_storage_stays_close_to_fp32(llm, smollm2_path):
         assert top[ref.token_ids[diff[0]]] - top[ours.token_ids[diff[0]]] < 0.05
 
 
+def test_bf16_compute_runs_in_bf16_and_stays_close_to_fp32(llm, smollm2_path):
+    # --dtype bf16: the layers compute in bf16 (the rotary tables used to promote everything back to fp32)
+    fast = LLM(smollm2_path, dtype="bf16")
+    seen = []
+    layers = fast.engine.runner.model.model.layers
+    hooks = [layers[0].mlp.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype))),
+             layers[0].self_attn.o_proj.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype,)))]
+    ids = llm.tokenizer.encode(PROMPT * 20)
+    got = torch.cat([x for _, x in fast.engine.iter_logits(ids)])
+    for h in hooks:
+        h.remove()
+    assert seen and all(d == torch.bfloat16 for dtypes in seen for d in dtypes)
+    ref = torch.cat([x for _, x in llm.engine.iter_logits(ids)])
+    assert got.dtype == torch.float32 and (got - ref).abs().max() < 0.05 * ref.abs().max()  # 0.019 measured
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.95  # 1.0 measured
+
+
 def test_stop_string_across_a_token_boundary(llm):
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     base = llm.generate(PROMPT, params)[0]

@@ -96,7 +96,9 @@ class RotaryEmbedding:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [T, H, D], cos/sin: [T, D]
+    # x: [T, H, D], cos/sin: [T, D] (fp32 tables: rounded to x's dtype, as transformers does, so that a bf16
+    # model computes in bf16 rather than being promoted to fp32 from here on)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return torch.addcmul(x * cos[:, None, :], rotated, sin[:, None, :])

@@ -109,7 +109,8 @@ class DecoderLM(nn.Module):
                 seq_len: int | None = None) -> torch.Tensor:
         # input_ids, positions: [T] -> hidden: [T, hidden]
         cos, sin = self.rotary.cos_sin(positions, seq_len)
-        x = self.model.embed_tokens(input_ids).to(cos.dtype)
+        # the compute dtype is the norms' (the matrices may be stored in another, see set_weight_dtype)
+        x = self.model.embed_tokens(input_ids).to(self.model.norm.weight.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, backend)
         return self.model.norm(x)
