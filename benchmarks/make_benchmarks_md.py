@@ -122,13 +122,13 @@ def ttft_section() -> list[str]:
     for path in sorted(glob.glob(os.path.join(HERE, "results", "ttft_*.jsonl"))):
         rows = [json.loads(line) for line in open(path) if line.strip()]
         out += [f"### {os.path.basename(path)[5:-6]}", "",
-                "| engine | mode | length | TTFT s | prefill tok/s | peak RSS MB | TTFT / megactx's |",
-                "|---|---|---:|---:|---:|---:|---:|"]
+                "| engine | mode | dtype | length | TTFT s | prefill tok/s | peak RSS MB | TTFT / megactx's first row |",
+                "|---|---|---|---:|---:|---:|---:|---:|"]
         for r in rows:
             base = next((b for b in rows if b["engine"] == "megactx" and b["length"] == r["length"]), None)
             ratio = f"{r['ttft_s'] / base['ttft_s']:.2f}x" if base and base is not r else ""
-            out.append(f"| {r['engine']} | {r['mode']} | {r['length']} | {r['ttft_s']:.2f} | {r['prefill_tok_s']:.0f} "
-                       f"| {r['peak_rss_mb']:.0f} | {ratio} |")
+            out.append(f"| {r['engine']} | {r['mode']} | {r.get('dtype', 'fp32')} | {r['length']} | {r['ttft_s']:.2f} "
+                       f"| {r['prefill_tok_s']:.0f} | {r['peak_rss_mb']:.0f} | {ratio} |")
         out.append("")
     return out
 
@@ -273,8 +273,8 @@ def main() -> None:
     if ttft:
         lines += ["## Time to first token (EVAL.md 3)", "", "`megactx bench ttft --model MODEL --lengths ... "
                   "--compare transformers,llama.cpp --json`. Each engine and length in a process of its own, the engines "
-                  "taking turns at each length, the same token ids, a 32-token warm-up each. transformers: fp32, sdpa, "
-                  "the same GGUF file; llama.cpp: llama-cpp-python 0.3.36 built from source (AVX512, VNNI, BF16; "
+                  "taking turns at each length, the same token ids, a 32-token warm-up each. transformers: sdpa, the "
+                  "same GGUF file, in the row's dtype (`--dtypes fp32,bf16` runs both engines in each); llama.cpp: llama-cpp-python 0.3.36 built from source (AVX512, VNNI, BF16; "
                   "`pip install -e '.[compare]'`), its defaults, 2 threads.", ""] + ttft
     lines += ["## Known gaps (measured above)", "",
               "- Prefill of the 0.5B model at 1K tokens is at transformers' speed within noise (0.96x, 0.97x and 1.16x in "

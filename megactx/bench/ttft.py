@@ -43,26 +43,30 @@ def prompt_ids(model: str | None, length: int) -> list[int]:
     return ids[:length]
 
 
-def run_megactx(model, ids, mode, threads, chunk=4096) -> float:
+def run_megactx(model, ids, mode, threads, chunk=4096, dtype="fp32") -> float:
     from megactx import LLM, SamplingParams
     llm = LLM(model, max_model_len=len(ids) + 8, max_num_seqs=1, num_threads=threads, dca="dca" in mode,
-              sparse="sparse" in mode, allow_long_context="dca" not in mode, max_num_batched_tokens=chunk)
+              sparse="sparse" in mode, allow_long_context="dca" not in mode, max_num_batched_tokens=chunk,
+              dtype=dtype)
     llm.generate(ids[:32], SamplingParams(temperature=0, max_tokens=1))  # warm-up
     out = llm.generate(ids, SamplingParams(temperature=0, max_tokens=1))[0]
     return out.metrics["first_token_time"] - out.metrics["arrival"]
 
 
-def run_transformers(model, ids, mode, threads, chunk=None) -> float:
+def run_transformers(model, ids, mode, threads, chunk=None, dtype="fp32") -> float:
     import torch
     from transformers import AutoModelForCausalLM
+
+    from megactx.config import parse_dtype
     torch.set_num_threads(threads)
+    torch_dtype = parse_dtype(dtype) or torch.float32
     from megactx.loader import default_model_path
     path = model or default_model_path()
     if path.endswith(".gguf"):
         folder, name = os.path.split(os.path.abspath(path))
-        m = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, attn_implementation="sdpa")
+        m = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype, attn_implementation="sdpa")
     else:
-        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa")
     m.eval()
     with torch.no_grad():
         m(torch.tensor([ids[:32]]))
@@ -72,7 +76,7 @@ def run_transformers(model, ids, mode, threads, chunk=None) -> float:
         return time.perf_counter() - start
 
 
-def run_llamacpp(model, ids, mode, threads, chunk=None) -> float:
+def run_llamacpp(model, ids, mode, threads, chunk=None, dtype="fp32") -> float:
     from llama_cpp import Llama
     from megactx.loader import default_model_path
     llm = Llama(model_path=model or default_model_path(), n_ctx=len(ids) + 8, n_threads=threads,
@@ -103,26 +107,28 @@ def unavailable(engine: str, model: str | None) -> str | None:
 
 def worker(args) -> None:
     ids = prompt_ids(args.model, args.length)
-    ttft = RUNNERS[args.engine](args.model, ids, args.mode, args.threads, args.chunk)
+    ttft = RUNNERS[args.engine](args.model, ids, args.mode, args.threads, args.chunk, args.dtype)
     print("RESULT " + json.dumps({"ttft_s": ttft, "tokens": len(ids), "peak_rss_mb": peak_rss_mb()}), flush=True)
 
 
-def measure(engine: str, mode: str, length: int, args) -> dict:
+def measure(engine: str, mode: str, length: int, args, dtype: str = "fp32") -> dict:
     cmd = [sys.executable, "-m", "megactx.bench.ttft", "--worker", "--engine", engine, "--mode", mode,
-           "--length", str(length), "--threads", str(args.threads), "--chunk", str(args.max_num_batched_tokens)]
+           "--length", str(length), "--threads", str(args.threads), "--chunk", str(args.max_num_batched_tokens),
+           "--dtype", dtype]
     cmd += ["--model", args.model] if args.model else []
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS=str(args.threads))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
         tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
-        raise MegactxError(f"{engine} ({mode}) at {length} tokens failed: {tail}")
+        raise MegactxError(f"{engine} ({mode}, {dtype}) at {length} tokens failed: {tail}")
     r = json.loads(line[7:])
-    return {"engine": engine, "mode": mode, "length": length, "ttft_s": round(r["ttft_s"], 3),
+    return {"engine": engine, "mode": mode, "dtype": dtype, "length": length, "ttft_s": round(r["ttft_s"], 3),
             "prefill_tok_s": round(r["tokens"] / r["ttft_s"], 1), "peak_rss_mb": round(r["peak_rss_mb"], 1)}
 
 
 def run(args) -> list[dict]:
+    from megactx.config import parse_dtype
     from megactx.eval.cli import parse_int_list
     lengths = parse_int_list(args.lengths, "--lengths")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -133,27 +139,34 @@ def run(args) -> list[dict]:
     for c in others:
         if c not in COMPARE:
             raise MegactxError(f"--compare: unknown engine {c!r}; choose from {', '.join(COMPARE)}")
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    for d in dtypes:
+        parse_dtype(d)  # a clear error for an unknown name
     skipped = {c: why for c in others if (why := unavailable(c, args.model))}
     for c, why in skipped.items():
         logger.warning("skipping %s: %s", c, why)
     rows = []
     for length in lengths:
-        for engine, mode in [("megactx", m) for m in modes] + [(c, "dense") for c in others if c not in skipped]:
-            row = measure(engine, mode, length, args)
+        runs = [("megactx", m, d) for d in dtypes for m in modes]
+        # llama.cpp computes in its own types: it runs once, transformers in every dtype asked for
+        runs += [(c, "dense", d) for c in others if c not in skipped for d in (dtypes if c == "transformers" else ["-"])]
+        for engine, mode, dtype in runs:
+            row = measure(engine, mode, length, args, "fp32" if dtype == "-" else dtype)
+            row["dtype"] = dtype
             base = next((r for r in rows if r["engine"] == "megactx" and r["length"] == length), None)  # first mode
             row["speedup_vs_this"] = round(row["ttft_s"] / base["ttft_s"], 2) if base and row is not base else None
             rows.append(row)
             if args.json:
-                print(json.dumps({k: row[k] for k in ("engine", "mode", "length", "ttft_s", "prefill_tok_s",
+                print(json.dumps({k: row[k] for k in ("engine", "mode", "dtype", "length", "ttft_s", "prefill_tok_s",
                                                       "peak_rss_mb")}), flush=True)
             else:
-                logger.warning("%s %s %d: TTFT %.2f s", engine, mode, length, row["ttft_s"])
+                logger.warning("%s %s %s %d: TTFT %.2f s", engine, mode, dtype, length, row["ttft_s"])
     if not args.json:
-        print("| engine | mode | length | TTFT s | prefill tok/s | peak RSS MB | TTFT / megactx first mode |")
-        print("|---|---|---|---|---|---|---|")
+        print("| engine | mode | dtype | length | TTFT s | prefill tok/s | peak RSS MB | TTFT / megactx first row |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in rows:
             ratio = "" if r["speedup_vs_this"] is None else f"{r['speedup_vs_this']:.2f}x"
-            print(f"| {r['engine']} | {r['mode']} | {r['length']} | {r['ttft_s']:.2f} | {r['prefill_tok_s']:.0f} "
+            print(f"| {r['engine']} | {r['mode']} | {r['dtype']} | {r['length']} | {r['ttft_s']:.2f} | {r['prefill_tok_s']:.0f} "
                   f"| {r['peak_rss_mb']:.0f} | {ratio} |")
         for c, why in skipped.items():
             print(f"{c}: skipped, {why}")
@@ -165,6 +178,7 @@ def add_parser(bench_sub, env_default) -> None:
     p.add_argument("--model", default=env_default("--model"))
     p.add_argument("--lengths", default="1024,4096")
     p.add_argument("--modes", default="dense")
+    p.add_argument("--dtypes", default="fp32", help="comma list of compute dtypes: fp32, bf16, fp16")
     p.add_argument("--compare", default="", help="comma list: transformers, llama.cpp")
     p.add_argument("--threads", type=int, default=env_default("--threads", os.cpu_count() or 1, int))
     p.add_argument("--max-num-batched-tokens", type=int, default=4096, help="this engine's prefill chunk")
@@ -181,4 +195,5 @@ if __name__ == "__main__":
     ap.add_argument("--length", type=int)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=4096)
+    ap.add_argument("--dtype", default="fp32")
     worker(ap.parse_args())
