@@ -27,7 +27,8 @@ def sparse_table(rows: list[dict]) -> list[str]:
         all_layers = len(r["layers"]) * sum(dense) / len(dense) / sum(x["sparse_s"] for x in r["layers"])
         temperature = r.get("dca_temperature", "position")  # rows without it ran when position was the default
         out.append(f"| {r.get('prompt', 'passkey')} | {r['length']} | {r['prompt_tokens']} | {budgets} | {temperature} | "
-                   f"{r.get('mass') or '-'} | {_rows_per_estimate(r)} | {r.get('kernel', 'per span')} | "
+                   f"{r.get('mass') or '-'}{' (union)' if r.get('mass_union') else ''} | {_rows_per_estimate(r)} | {r.get('kernel', 'per span')}"
+                   f"{', in ' + r['dtype'] if r.get('dtype', 'fp32') != 'fp32' else ''} | "
                    f"{fallback} | {verdict} | {r['ttft_sparse_s']:.0f} | {r['ttft_dense_projected_s']:.0f} | "
                    f"{r['ttft_speedup_projected']:.2f}x | {r['attention_speedup']:.2f}x ({timed_s}) | {all_layers:.2f}x | "
                    f"{100 * r['estimate_share']:.1f} % | {sum(dens) / len(dens):.3f} | {sum(rec) / len(rec):.4f} |")

@@ -136,3 +136,58 @@ def test_estimating_a_few_heads_per_pass_equals_one_pass(monkeypatch):
         monkeypatch.setattr(estimate, "PASS_ELEMENTS", heads_per_pass * r * m)
         few = estimate_vertical_slash(segments, k, q_pos, d ** -0.5, 40, 120)
         assert torch.equal(few.verticals, one.verticals) and torch.equal(few.slashes, one.slashes)
+
+
+def _naive_union_coverage(q, k, q_pos, scale, vs):
+    """[H] attention mass (summed over the estimating rows) inside the chosen verticals and slashes together,
+    and [H, m] the slash scores of what the verticals leave."""
+    r, h, d = q.shape
+    hkv, m, _ = k.shape
+    covered = torch.zeros(h, dtype=torch.float64)
+    residual = torch.zeros(h, m, dtype=torch.float64)
+    mask = vertical_slash_mask(vs, q_pos, m)
+    for head in range(h):
+        cols = set(vs.verticals[head].tolist())
+        for i in range(r):
+            p = int(q_pos[i])
+            a = torch.softmax((k[head // (h // hkv), : p + 1].double() @ q[i, head].double()) * scale, 0)
+            covered[head] += float(a[mask[head, i, : p + 1]].sum())
+            for j in range(p + 1):
+                if j not in cols:
+                    residual[head, p - j] += a[j]
+    return covered, residual
+
+
+def test_union_mass_cut_off_covers_the_share_with_verticals_and_slashes_together(monkeypatch):
+    import megactx.sparse.estimate as estimate
+    g = torch.Generator().manual_seed(5)
+    h, hkv, d, m, r = 4, 2, 8, 600, 16
+    q = torch.randn(r, h, d, generator=g) * 3
+    k = torch.randn(hkv, m, d, generator=g)
+    k[:, 40] = q.mean(0).view(hkv, h // hkv, d).mean(1) * 4  # a strong sink beyond the always-kept first keys
+    q_pos = torch.arange(m - r, m)
+    budget_v, budget_s, share = 40, 400, 0.9  # few verticals: the slashes must cover the rest
+    each = estimate_vertical_slash(q, k, q_pos, d ** -0.5, budget_v, budget_s, mass=share)
+    union = estimate_vertical_slash(q, k, q_pos, d ** -0.5, budget_v, budget_s, mass=share, union=True)
+    covered, residual = _naive_union_coverage(q, k, q_pos, d ** -0.5, union)
+    for head in range(h):
+        # the verticals are cut as before; the slashes are the fewest that reach the share together with them
+        assert set(union.verticals[head].tolist()) == set(each.verticals[head].tolist())
+        slashes = set(union.slashes[head].tolist())
+        assert set(range(LOCAL_DIAGONALS)) <= slashes and len(slashes) <= budget_s
+        assert covered[head] >= share * r - 1e-4
+        weakest = min((s for s in slashes if s >= LOCAL_DIAGONALS), key=lambda s: float(residual[head, s]),
+                      default=None)
+        if weakest is not None:
+            assert covered[head] - residual[head, weakest] < share * r + 1e-4
+        # the sink is a vertical: the slashes need not cover it again, so fewer are kept than cut on their own
+        assert len(slashes) < len(set(each.slashes[head].tolist()))
+    for rule in (False, True):  # a share the always-kept diagonals reach alone keeps all of them, not a tied few
+        low = estimate_vertical_slash(q, k, q_pos, d ** -0.5, budget_v, budget_s, mass=0.05, union=rule)
+        assert all(set(low.slashes[head].tolist()) == set(range(LOCAL_DIAGONALS)) for head in range(h))
+    for heads_per_pass in (1, 3):  # the verticals are chosen per pass of heads: any pass size, the same result
+        monkeypatch.setattr(estimate, "PASS_ELEMENTS", heads_per_pass * r * m)
+        few = estimate_vertical_slash(q, k, q_pos, d ** -0.5, budget_v, budget_s, mass=share, union=True)
+        for head in range(h):
+            assert set(few.verticals[head].tolist()) == set(union.verticals[head].tolist())
+            assert set(few.slashes[head].tolist()) == set(union.slashes[head].tolist())

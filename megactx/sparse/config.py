@@ -37,6 +37,8 @@ class SparseConfig:
     last_q: int = 64  # queries per prefill chunk that estimate the pattern
     block_size: int = 256  # query rows per kernel block (a slash costs this many keys per block: see kernel.py)
     mass: float | None = None  # keep only the best indices reaching this share of the estimated score (estimate.py)
+    # the cut-off counts verticals and slashes together: slashes only for what the verticals leave (estimate.py)
+    mass_union: bool = False
     # a chunk whose plan computes more than this share of the causal pairs is computed densely: the gathered
     # kernel runs at roughly 70-80 % of the dense kernel's speed per pair, so a denser plan would be slower
     max_density: float = 0.6
@@ -76,6 +78,7 @@ class SparseConfig:
     def describe(self) -> str:
         budgets = f"budgets from {self.source}" if self.source else "default budgets (1000 verticals, 6096 slashes)"
         cut = f", mass cut-off {self.mass}" if self.mass is not None else ""
+        cut += " (verticals and slashes together)" if self.mass is not None and self.mass_union else ""
         span = f"an estimate every {self.estimate_span} rows" if self.estimate_span else "an estimate per chunk"
         diagonals = ", isolated slashes as exact diagonals" if self.exact_diagonals else ""
         return (f"threshold {self.threshold} tokens, last_q {self.last_q}, {span}, {budgets}{cut}, "
@@ -142,12 +145,13 @@ def load_sparse_config(path: str | Path, **settings) -> SparseConfig:
 def resolve_sparse(model_path: str | Path | None, enabled: bool = True, config_file: str | None = None,
                    threshold: int = 32768, last_q: int = 64, block_size: int = 256,
                    mass: float | None = None, max_density: float = 0.6,
-                   estimate_span: int = 8192, exact_diagonals: bool = False) -> SparseConfig | None:
+                   estimate_span: int = 8192, exact_diagonals: bool = False,
+                   mass_union: bool = False) -> SparseConfig | None:
     """--sparse-config FILE, else sparse_attention_config.json beside the model, else default budgets."""
     if not enabled:
         return None
     settings = dict(threshold=threshold, last_q=last_q, block_size=block_size, mass=mass, max_density=max_density,
-                    estimate_span=estimate_span, exact_diagonals=exact_diagonals)
+                    estimate_span=estimate_span, exact_diagonals=exact_diagonals, mass_union=mass_union)
     if config_file:
         return load_sparse_config(config_file, **settings)
     if model_path is not None:

@@ -9,6 +9,11 @@ A query at position p then attends keys {verticals <= p} and {p - d for each sla
 Optional mass cut-off (`mass`, FlexPrefill's cumulative-attention rule applied to each list): a head keeps, of its
 budget, only the best-scored indices that reach `mass` of its total vertical (or slash) score, never fewer than
 the minimum. A budget is then an upper bound: a head whose attention is concentrated computes far fewer pairs.
+With `union` the cut-off counts what the two lists cover together: the verticals are cut as above, then the
+slashes are scored on the attention the verticals leave (their columns zeroed) and cut where verticals and
+slashes together reach `mass` of the whole. Applied separately, the slash list has to cover again what the
+verticals already do (a sink key is a vertical, and also one diagonal per estimating query), and a slash
+costs a whole tile of keys per query block where a vertical costs one key.
 
 Under Dual Chunk Attention the keys fall in segments scored with different query rotations (the "critical",
 continuous positions, DESIGN.md 3.1): attention_probs() takes one rotated query set per key segment.
@@ -85,11 +90,15 @@ def slash_scores(probs: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
 
 def estimate_vertical_slash(q_last: torch.Tensor | list, k: torch.Tensor, q_pos: torch.Tensor, scale: float,
                             vertical_size: torch.Tensor | int, slash_size: torch.Tensor | int,
-                            mass: float | None = None, heads: torch.Tensor | None = None) -> VerticalSlash:
+                            mass: float | None = None, heads: torch.Tensor | None = None,
+                            union: bool = False) -> VerticalSlash:
     """q_last: rotated queries [r, H, D] (or DCA segments, see attention_probs). Per-head budgets may differ
     (tensors [H]); the result is padded to the largest budget by repeating a chosen index, which changes no mask.
     heads: only these (sorted) query heads are estimated, budgets given for them; the result has len(heads) rows
-    (a layer whose other heads are A-shape or block-sparse does not pay for them)."""
+    (a layer whose other heads are A-shape or block-sparse does not pay for them). union: the mass cut-off counts
+    verticals and slashes together (module docstring)."""
+    if union and mass is not None and mass < 1.0:
+        return _estimate_union(q_last, k, q_pos, scale, vertical_size, slash_size, mass, heads)
     m = k.shape[1]
     segments = q_last if isinstance(q_last, list) else [(0, m, q_last)]
     r = segments[0][2].shape[0]
@@ -114,20 +123,63 @@ def estimate_vertical_slash(q_last: torch.Tensor | list, k: torch.Tensor, q_pos:
     slash[:, :LOCAL_DIAGONALS] = float("inf")
     slash[:, int(q_pos[-1]) + 1:] = float("-inf")  # offsets no query reaches
     return VerticalSlash(_top(vertical, vertical_size, SINK_KEYS, h, vertical_raw, mass),
-                         _top(slash, slash_size, MIN_SLASHES, h, slash_raw, mass))
+                         _top(slash, slash_size, MIN_SLASHES, h, slash_raw, mass, kept=LOCAL_DIAGONALS))
+
+
+def _estimate_union(q_last, k, q_pos, scale, vertical_size, slash_size, mass, heads) -> VerticalSlash:
+    """The `union` cut-off: per pass of heads, the verticals are chosen and cut first, their columns zeroed in
+    the probabilities, and the slashes scored on what is left; a head's slashes are then cut where the mass its
+    verticals cover plus the slashes' reaches `mass` of its rows' total."""
+    m = k.shape[1]
+    segments = q_last if isinstance(q_last, list) else [(0, m, q_last)]
+    r = segments[0][2].shape[0]
+    heads = torch.arange(segments[0][2].shape[1]) if heads is None else heads.cpu()
+    h = len(heads)
+    v_sizes = torch.as_tensor(vertical_size).expand(h)
+    per_pass = max(1, min(h, PASS_ELEMENTS // (r * m)))
+    buffer = torch.empty(per_pass, r, m, dtype=torch.float32, device=k.device)
+    verticals, covered = [], torch.empty(h, dtype=torch.float32)
+    slash = torch.empty(h, m, dtype=torch.float32, device=k.device)
+    for i in range(0, h, per_pass):
+        sel = heads[i:i + per_pass]
+        probs = attention_probs(segments, k, q_pos, scale, sel, out=buffer[:len(sel)])  # [p, r, m]
+        raw = probs.sum(1)  # [p, m]
+        score = raw.clone()
+        score[:, :SINK_KEYS] = float("inf")
+        chosen = _top(score, v_sizes[i:i + len(sel)], SINK_KEYS, len(sel), raw, mass)  # [p, kv] sorted
+        # the mass the verticals cover; the padding repeats an index, which counts once
+        first = torch.ones_like(chosen, dtype=torch.bool)
+        first[:, 1:] = chosen[:, 1:] != chosen[:, :-1]
+        covered[i:i + len(sel)] = (raw.gather(1, chosen) * first).sum(-1).cpu()
+        probs.scatter_(2, chosen[:, None, :].expand(-1, r, -1), 0.0)  # what the verticals leave
+        slash[i:i + len(sel)] = slash_scores(probs, q_pos)
+        verticals.append(chosen)
+    del buffer
+    width = max(v.shape[1] for v in verticals)
+    verticals = torch.cat([torch.cat([v, v[:, -1:].expand(-1, width - v.shape[1])], dim=1) for v in verticals])
+    slash_raw = slash.clone()
+    slash[:, :LOCAL_DIAGONALS] = float("inf")
+    slash[:, int(q_pos[-1]) + 1:] = float("-inf")
+    # each row's probabilities sum to 1: the rows' total is r
+    target = (mass * r - covered).clamp(min=0).to(slash.device)
+    return VerticalSlash(verticals, _top(slash, slash_size, MIN_SLASHES, h, slash_raw, target=target,
+                                                kept=LOCAL_DIAGONALS))
 
 
 def _top(score: torch.Tensor, size: torch.Tensor | int, minimum: int, h: int, raw: torch.Tensor | None = None,
-         mass: float | None = None) -> torch.Tensor:
+         mass: float | None = None, target: torch.Tensor | None = None, kept: int = 0) -> torch.Tensor:
     # score: [H, m] -> [H, k] sorted indices of each head's top max(size_h, minimum) (at most m); with raw scores
     # (the cut-off), each head's count is cut to the fewest best indices whose raw scores reach mass * its total
+    # (or target [H], an amount of raw score per head), never below the `kept` always-kept ones (scored inf,
+    # they tie: a cut among them would keep an arbitrary few) unless the budget is smaller
     sizes = torch.as_tensor(size).expand(h).clamp(min=minimum).clamp(max=score.shape[1])
     k = int(sizes.max())
     idx = torch.topk(score, k, dim=-1).indices  # [H, k], best first
     if raw is not None:
         cum = raw.gather(1, idx).cumsum(-1)  # [H, k]: raw score covered by the best j + 1 indices
-        needed = (cum < mass * raw.sum(-1, keepdim=True)).sum(-1) + 1  # [H]
-        sizes = torch.minimum(sizes.to(needed.device), needed.clamp(min=minimum)).cpu()
+        goal = target[:, None] if target is not None else mass * raw.sum(-1, keepdim=True)
+        needed = (cum < goal).sum(-1) + 1  # [H]
+        sizes = torch.minimum(sizes.to(needed.device), needed.clamp(min=max(minimum, kept))).cpu()
     # heads with a smaller budget: repeat their last wanted index into the padding
     pad = torch.arange(k, device=score.device)[None, :] >= sizes[:, None].to(score.device)
     idx = torch.where(pad, idx.gather(1, (sizes.to(score.device) - 1)[:, None]).expand(-1, k), idx)

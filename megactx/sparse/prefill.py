@@ -89,7 +89,7 @@ class SparsePrefill:
             # only the vertical-slash heads are estimated: the others never read the estimate
             vs = estimate_vertical_slash(estimate_segments, k_all, torch.arange(m - r, m), self.scale,
                                          verticals[vs_heads], slashes[vs_heads], self.cfg.mass,
-                                         heads=vs_heads if len(vs_heads) < h else None)
+                                         heads=vs_heads if len(vs_heads) < h else None, union=self.cfg.mass_union)
             vs = _with_part_columns(vs, dca_parts)
             # merge_gap: MERGE_GAP at the default 256-row blocks, scaled down with the tests' small blocks
             plans_vs = vertical_slash_plan(vs, q_start, n, block, merge_gap=min(MERGE_GAP, block),
