@@ -333,6 +333,21 @@ def main() -> None:
               "key per row instead of a 256-key span) halves the pairs of synthetic plans with scattered slashes, but "
               "on this run it lowered the density only from 0.425 to 0.410 (recall 0.9220 to 0.9201) and was no faster "
               "(TTFT 1.59x, attention 2.03x): the real plans are mostly bands and columns.",
+              "- At 128K on the tiled kernel (mass 0.95, 8K parts): TTFT 2.40x the projected dense (1630 vs 3917 s; "
+              "2.09x on the per-span kernel), attention 2.58x on layers 4, 16, 23 (3.25x over all layers against their "
+              "dense mean), density 0.297, recall 0.871, estimation 9.9 %, passkey correct. Still short of 3x TTFT and "
+              "5x attention. `--sparse-mass-union` (slashes cut on the attention the verticals leave) was no help at "
+              "64K: density 0.418 instead of 0.425, mean recall 0.897 instead of 0.922 (layer 0: 0.68 instead of "
+              "0.82), because columns next to the estimating queries count as covered for them but serve no other row.",
+              "- bf16 (`--dtype bf16`, which before this fix still computed in fp32): this machine has AMX tiles "
+              "(lscpu: amx_bf16, amx_tile), which DESIGN.md 4 says it lacks. A 2048x2048 bf16 matmul ran at 504 "
+              "GFLOP/s on one thread against 120 in fp32, and the CPU flash kernel 2.0-2.8x faster in bf16 at every "
+              "call shape the sparse kernel makes (64-1024 rows, 256-16384 keys). Dense prefill of the 0.5B model: "
+              "4.0x at 4K and 3.4x at 16K (table 'dtype_eval'), ahead of transformers in bf16. But the sparse "
+              "prefill barely gains: at 64K in bf16 (mass 0.95, 8K chunks) dense attention took 13.7 s a layer "
+              "instead of 35-40 s, while the sparse kernel took 313 s in all instead of 407 s in fp32 (estimation 51 s instead of 33), so sparse is "
+              "0.91x dense's attention time (TTFT 454 vs 418 s projected dense), with the same density (0.425) and "
+              "recall (0.9215). The flash calls alone do not explain it; what does is not found yet.",
               "- The searched budgets (`megactx sparse search`, 32000 tokens of torch's source) are fast but lose "
               "accuracy. At 128K: TTFT 3.38x the projected dense (1388 vs 4689 s), attention 4.57x on the timed "
               "layers 4, 16, 23 (the two densest of the searched plan among them; 5.80x over all 24 layers against "

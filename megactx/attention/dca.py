@@ -119,7 +119,7 @@ class DualChunkAttentionBackend(DenseAttentionBackend):
         meta = self.meta
         self.cache.write(layer, meta.slot_mapping, k, v)
         if self.q_scale is not None:
-            q = q * self.q_scale[:, None, None]
+            q = q * self.q_scale[:, None, None].to(q.dtype)  # the fp32 factors would promote a bf16 model
         queries = [apply_rotary(q, cos, sin) for cos, sin in self.tables]  # 3 x [T, H, D]
         outs = []
         for s in meta.seqs:
