@@ -39,6 +39,15 @@ def _naive_vs_mask(vs, q_start, n, block, m):
     return mask
 
 
+def _assert_kernel_equals_masked_reference(q, k, v, plan, q_start, block):
+    n, m = q.shape[0], k.shape[1]
+    out, lse = sparse_attention([(0, m, q)], KeySource(k, v, slice(0, m), torch.float32), plan, q_start, block,
+                                D ** -0.5)
+    ref_out, ref_lse = _masked_reference(q, k, v, plan_mask(plan, q_start, n, block, m), D ** -0.5)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("q_start,n,block", [(0, 90, 16), (37, 61, 16), (100, 50, 32)])
 def test_vertical_slash_plan_is_its_naive_definition(q_start, n, block):
     m = q_start + n
@@ -61,11 +70,7 @@ def test_kernel_equals_masked_dense_attention_with_its_lse(q_start):
     g = torch.Generator().manual_seed(1)
     q, k, v = torch.randn(n, H, D, generator=g), torch.randn(HKV, m, D, generator=g), torch.randn(HKV, m, D, generator=g)
     plan = vertical_slash_plan(_random_vs(m, 9, 6), q_start, n, block)
-    out, lse = sparse_attention([(0, m, q)], KeySource(k, v, slice(0, m), torch.float32), plan, q_start, block,
-                                D ** -0.5)
-    ref_out, ref_lse = _masked_reference(q, k, v, plan_mask(plan, q_start, n, block, m), D ** -0.5)
-    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)
+    _assert_kernel_equals_masked_reference(q, k, v, plan, q_start, block)
 
 
 def test_keys_every_block_reads_are_computed_once_and_still_equal_the_masked_reference():
@@ -80,11 +85,7 @@ def test_keys_every_block_reads_are_computed_once_and_still_equal_the_masked_ref
     plan[0] = [BlockKeys([(0, 8)] + b.ranges, b.columns[b.columns >= 8]) for b in plan[0]]  # a span every block has
     ranges, cols = shared_keys(plan[0])
     assert (0, 8) in ranges and {50, 51, 120, 290} <= set(cols.tolist())
-    out, lse = sparse_attention([(0, m, q)], KeySource(k, v, slice(0, m), torch.float32), plan, q_start, block,
-                                D ** -0.5)
-    ref_out, ref_lse = _masked_reference(q, k, v, plan_mask(plan, q_start, n, block, m), D ** -0.5)
-    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)
+    _assert_kernel_equals_masked_reference(q, k, v, plan, q_start, block)
 
 
 def test_isolated_slashes_as_exact_diagonals_are_their_naive_definition():
