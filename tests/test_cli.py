@@ -28,12 +28,12 @@ def test_bench_ttft_json_rows_and_eval_input_errors(tmp_path):
     import json
     bad = tmp_path / "bad.json"
     bad.write_text('[{"0": ["diagonal", 1, 2, 0]}]')
-    r = run(["bench", "ttft", "--lengths", "64,128", "--dtypes", "fp32,bf16", "--json"], "")
+    # each row is a fresh process loading the model (peak memory is per row), so one length only
+    r = run(["bench", "ttft", "--lengths", "64", "--dtypes", "fp32,bf16", "--json"], "")
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [(x["engine"], x["mode"], x["dtype"], x["length"]) for x in rows] == [
-        ("megactx", "dense", "fp32", 64), ("megactx", "dense", "bf16", 64),
-        ("megactx", "dense", "fp32", 128), ("megactx", "dense", "bf16", 128)]
+        ("megactx", "dense", "fp32", 64), ("megactx", "dense", "bf16", 64)]
     assert all(set(x) == {"engine", "mode", "dtype", "length", "ttft_s", "prefill_tok_s", "peak_rss_mb"} for x in rows)
     assert all(x["ttft_s"] > 0 and x["peak_rss_mb"] > 100 for x in rows)
     for args, message in [(["eval", "passkey", "--lengths", "4x", "--out", str(tmp_path)], "'4x' is not a number"),

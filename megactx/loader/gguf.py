@@ -124,6 +124,8 @@ def open_gguf(path: str):
         raise ModelLoadError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
     meta = read_metadata(reader)
     config = config_from_metadata(meta, reader, path)
+    from megactx.loader.tokenizer import remember_tokenizer_key
+    remember_tokenizer_key(path, reader.fields)  # so that loading the tokenizer does not parse the file again
     tensors = {t.name: t for t in reader.tensors}
     names = {n for n in (hf_name(k) for k in tensors) if n is not None}
 
