@@ -14,12 +14,13 @@ def merge_attention(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple
     # outs: P x [..., D], lses: P x [...] (out's shape without D) -> out [..., D] (dtype of outs[0]), lse [...] fp32
     if len(outs) == 1:
         return outs[0], lses[0]
-    lse = torch.stack([x.float() for x in lses])  # [P, ..., n]
+    lse = torch.stack(lses).float()  # [P, ...]: the parts' lse are fp32 already (no copy then)
     total = torch.logsumexp(lse, dim=0)
     # all parts empty for a row -> total = -inf; subtract 0 there so that its weights are exp(-inf) = 0, not NaN
-    weights = (lse - torch.where(torch.isinf(total), torch.zeros_like(total), total)).exp_()
-    # accumulated in place, part by part: a few small ops per part (the sparse kernel merges per query block)
-    out = outs[0].float() * weights[0].unsqueeze(-1)
+    weights = (lse - total.nan_to_num(neginf=0.0)).exp_().unsqueeze_(-1)
+    # accumulated in fp32 in place, part by part (type promotion reads bf16 parts without a converted copy): a few
+    # small ops per part, since the sparse kernel merges per query block
+    out = outs[0] * weights[0]
     for w, o in zip(weights[1:], outs[1:]):
-        out.addcmul_(o.float(), w.unsqueeze(-1))
+        out.addcmul_(o, w)
     return out.to(outs[0].dtype), total

@@ -179,23 +179,24 @@ def sparse_attention(segments: list[tuple[int, int, torch.Tensor]], keys: KeySou
     for head in range(h):
         kv_head = head // group
         common_ranges, common_cols = shared_keys(plan[head])
-        chunk_outs, chunk_lses = [], []  # [n, 1, D], [n, 1]: parts every block has
-        _attend_spans(segments, head, slice(0, n), common_ranges, keys, kv_head, scale, chunk_outs, chunk_lses)
-        _attend_gathered(segments, head, slice(0, n), common_cols, keys, kv_head, scale, chunk_outs, chunk_lses)
+        # full-height parts: [n, 1, D], [n, 1]. The tile and block parts are merged per tile or block into two
+        # full-height fp32 buffers, and everything once per head: a per-block merge of all parts cost more than
+        # the flash calls at low density (many small ops per block)
+        head_outs, head_lses = [own_out[:, head:head + 1]], [own_lse[:, head:head + 1]]
+        _attend_spans(segments, head, slice(0, n), common_ranges, keys, kv_head, scale, head_outs, head_lses)
+        _attend_gathered(segments, head, slice(0, n), common_cols, keys, kv_head, scale, head_outs, head_lses)
+        tile_part, block_part = _PartBuffer(n, d, q0.device), _PartBuffer(n, d, q0.device)
         for t0 in range(0, len(starts), tile_blocks):
             tile = range(t0, min(t0 + tile_blocks, len(starts)))
             ranges = [subtract_spans(plan[head][i].ranges, common_ranges) for i in tile]
             shared = tile_shared_spans(ranges, MIN_SHARED_BLOCKS * block)
             tile_rows = slice(row_blocks[tile[0]].start, row_blocks[tile[-1]].stop)
-            tile_outs, tile_lses = [], []  # [tile rows, 1, D], [tile rows, 1]
-            _attend_spans(segments, head, tile_rows, shared, keys, kv_head, scale, tile_outs, tile_lses)
+            outs, lses = [], []  # [tile rows, 1, D], [tile rows, 1]
+            _attend_spans(segments, head, tile_rows, shared, keys, kv_head, scale, outs, lses)
+            tile_part.put(tile_rows, outs, lses)
             for i, own_ranges in zip(tile, ranges):
                 rows = row_blocks[i]
-                in_tile = slice(rows.start - tile_rows.start, rows.stop - tile_rows.start)
-                outs = ([own_out[rows, head:head + 1]] + [o[rows] for o in chunk_outs]
-                        + [o[in_tile] for o in tile_outs])
-                lses = ([own_lse[rows, head:head + 1]] + [s[rows] for s in chunk_lses]
-                        + [s[in_tile] for s in tile_lses])
+                outs, lses = [], []  # [block rows, 1, D], [block rows, 1]
                 cols = plan[head][i].columns
                 if len(common_cols):
                     cols = cols[~torch.isin(cols, common_cols.to(cols.device))]
@@ -205,5 +206,28 @@ def sparse_attention(segments: list[tuple[int, int, torch.Tensor]], keys: KeySou
                 if len(plan[head][i].diagonals):
                     key, valid = plan[head][i].diagonal_keys(starts[i], rows.stop - rows.start)
                     _attend_diagonals(segments, head, rows, key, valid, keys, kv_head, scale, outs, lses)
-                out[rows, head:head + 1], lse[rows, head:head + 1] = merge_attention(outs, lses)
+                block_part.put(rows, outs, lses)
+        for part in (tile_part, block_part):
+            if part.out is not None:
+                head_outs.append(part.out)
+                head_lses.append(part.lse)
+        out[:, head:head + 1], lse[:, head:head + 1] = merge_attention(head_outs, head_lses)
     return out, lse
+
+
+class _PartBuffer:
+    """Full-height fp32 out [n, 1, D] and lse [n, 1] of parts that cover some rows (empty rows: lse -inf,
+    out 0, so they weigh nothing in the merge); allocated at the first part."""
+
+    def __init__(self, n: int, d: int, device):
+        self.n, self.d, self.device = n, d, device
+        self.out: torch.Tensor | None = None
+        self.lse: torch.Tensor | None = None
+
+    def put(self, rows: slice, outs: list[torch.Tensor], lses: list[torch.Tensor]) -> None:
+        if not outs:
+            return
+        if self.out is None:
+            self.out = torch.zeros(self.n, 1, self.d, dtype=torch.float32, device=self.device)
+            self.lse = torch.full((self.n, 1), float("-inf"), device=self.device)
+        self.out[rows], self.lse[rows] = merge_attention(outs, lses)
