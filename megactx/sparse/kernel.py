@@ -30,7 +30,8 @@ from megactx.sparse.plan import BlockKeys, Plan, block_starts
 TILE_BLOCKS = 4  # 4 x 256 = 1024-row calls: the flash kernel's 256-row tiles, an even number of them
 MIN_SHARED_BLOCKS = 2  # a tile computes a shared span once when it is at least this many blocks wide
 MIN_VIEW_BLOCKS = 8  # narrower spans are gathered with the columns into one call (8 x 256 = 2048 keys)
-KERNEL_NAME = "tiled, short spans gathered"  # benchmarks record it; before: "per span", one call per span
+KERNEL_NAME = "tiled, short spans gathered, merged per head"  # benchmarks record it (earlier: "per span",
+# one call per span; "tiled, short spans gathered", merged per query block)
 
 
 class KeySource:
