@@ -30,3 +30,15 @@ def test_merging_parts_equals_one_softmax_over_all_keys():
     out, lse = merge_attention([p[0] for p in parts], [p[1] for p in parts])  # includes an empty part
     torch.testing.assert_close(out, whole[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, whole[1], atol=1e-5, rtol=1e-5)
+
+
+def test_merging_bf16_parts_accumulates_in_fp32():
+    # the parts as a bf16 model computes them; the merge reads them without converted copies, accumulates in
+    # fp32 and rounds once: the result is the fp32 merge of the same values, rounded to bf16, bit for bit
+    q, k, v = qkv(9, 60, seed=2)
+    parts = [attention(q, k[:, a:b], v[:, a:b], 0.3, causal=False) for a, b in ((0, 7), (7, 30), (30, 31), (31, 60))]
+    outs, lses = [p[0].bfloat16() for p in parts], [p[1] for p in parts]
+    out, lse = merge_attention(outs, lses)
+    ref_out, ref_lse = merge_attention([o.float() for o in outs], lses)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    assert torch.equal(out, ref_out.bfloat16()) and torch.equal(lse, ref_lse)
