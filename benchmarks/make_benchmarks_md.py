@@ -329,7 +329,7 @@ def main() -> None:
               "blocks share once for their 1024 rows (column 'kernel calls'). Same plans, same recall to four "
               "digits; at 64K with mass 0.95 and 8K chunks TTFT went from 1.40x to 1.64x the projected dense and "
               "attention from 1.59x to 2.07x on the timed layers (2.08x over all layers). Passkey at 128K with this "
-              "setting: depths 0, 25, 50 and 100 correct (75 not run). `--sparse-exact-diagonals` (isolated slashes one "
+              "setting: depths 0, 25, 50, 75 and 100 correct. `--sparse-exact-diagonals` (isolated slashes one "
               "key per row instead of a 256-key span) halves the pairs of synthetic plans with scattered slashes, but "
               "on this run it lowered the density only from 0.425 to 0.410 (recall 0.9220 to 0.9201) and was no faster "
               "(TTFT 1.59x, attention 2.03x): the real plans are mostly bands and columns.",
