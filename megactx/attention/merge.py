@@ -18,8 +18,7 @@ def merge_attention(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple
     total = torch.logsumexp(lse, dim=0)
     # all parts empty for a row -> total = -inf; subtract 0 there so that its weights are exp(-inf) = 0, not NaN
     weights = (lse - total.nan_to_num(neginf=0.0)).exp_().unsqueeze_(-1)
-    # accumulated in fp32 in place, part by part (type promotion reads bf16 parts without a converted copy): a few
-    # small ops per part, since the sparse kernel merges per query block
+    # accumulated in fp32 in place, part by part: type promotion reads bf16 parts without a converted copy
     out = outs[0] * weights[0]
     for w, o in zip(weights[1:], outs[1:]):
         out.addcmul_(o, w)
