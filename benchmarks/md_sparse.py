@@ -42,10 +42,11 @@ def _rows_per_estimate(r: dict) -> str:
 
 
 def _budgets(r: dict) -> str:
+    window = f", slashes in windows of {r['slash_window']} (budget in keys)" if r.get("slash_window") else ""
     if r["sparse_config"] == "default budgets":
-        return "default"
+        return "default" + window
     name = os.path.basename(r["sparse_config"])
-    return f"{'refined' if 'refined' in name else 'searched'} (`{name}`)"
+    return f"{'refined' if 'refined' in name else 'searched'} (`{name}`){window}"
 
 
 def sparse_smollm2() -> list[str]:

@@ -56,6 +56,7 @@ def run_length(args, length: int) -> dict:
               sparse_config=args.sparse_config, sparse_threshold=args.threshold, sparse_mass=args.mass,
               sparse_max_density=args.max_density, sparse_estimate_span=args.estimate_span,
               sparse_exact_diagonals=args.exact_diagonals, sparse_mass_union=args.mass_union,
+              sparse_slash_window=args.slash_window,
               max_num_batched_tokens=args.chunk, num_threads=args.threads, dtype=args.dtype)
     backend = InProcessBackend(llm)
     key = make_key(0, length, 50, 0)
@@ -104,7 +105,8 @@ def run_length(args, length: int) -> dict:
             "attention_speedup": round(sum(record["dense_s"].values()) /
                                        max(sum(stats.attention_s[li] + stats.estimate_s[li] for li in measured), 1e-9), 2),
             "layers": per_layer, "chunk": args.chunk, "sparse_config": args.sparse_config or "default budgets",
-            "mass": args.mass, "mass_union": args.mass_union, "dtype": args.dtype, "max_density": args.max_density, "estimate_span": args.estimate_span,
+            "mass": args.mass, "mass_union": args.mass_union, "slash_window": args.slash_window, "dtype": args.dtype,
+            "max_density": args.max_density, "estimate_span": args.estimate_span,
             "dca_temperature": llm.engine.dca.temperature, "kernel": _kernel(args),
             "dense_fallbacks": sum(stats.fallbacks.values()), "chunks": sum(len(d) for d in stats.planned.values())}
 
@@ -133,6 +135,8 @@ def main():
                     "one key per row instead of a block-wide span")
     ap.add_argument("--mass-union", action="store_true", help="--sparse-mass-union: the cut-off counts verticals "
                     "and slashes together")
+    ap.add_argument("--slash-window", type=int, default=0, help="--sparse-slash-window: slashes chosen in windows "
+                    "of this many diagonals, the slash budget counted in keys (0: top-k diagonals)")
     ap.add_argument("--dtype", default="fp32", help="compute dtype of both sides (fp32, bf16)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/sparse_attention_eval.json")
@@ -144,10 +148,10 @@ def main():
                            if (r["length"], r.get("prompt", "passkey"), r.get("mass"), r.get("max_density", 1.0),
                                r["sparse_config"], r.get("dca_temperature", "position"), r.get("chunk", 16384),
                                r.get("estimate_span", 0), r.get("kernel", "per span"), r.get("mass_union", False),
-                               r.get("dtype", "fp32")) !=
+                               r.get("dtype", "fp32"), r.get("slash_window", 0)) !=
                            (length, args.prompt, args.mass, args.max_density, row["sparse_config"],
                             row["dca_temperature"], args.chunk, args.estimate_span, _kernel(args),
-                            args.mass_union, args.dtype)] + [row]
+                            args.mass_union, args.dtype, args.slash_window)] + [row]
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
         verdict = {True: "ok", False: "WRONG", None: "-"}[row["passkey_correct"]]

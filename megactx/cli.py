@@ -95,6 +95,10 @@ def add_dca_args(p: argparse.ArgumentParser) -> None:
                    default=env_default("--sparse-mass-union", False, _flag),
                    help="with --sparse-mass: count verticals and slashes together, choosing slashes only for the "
                         "attention the verticals leave (default: each list reaches the share on its own)")
+    g.add_argument("--sparse-slash-window", type=int, default=env_default("--sparse-slash-window", 0, int),
+                   help="choose slashes in windows of this many neighbouring diagonals and count a head's slash budget "
+                        "in the keys a query row computes, not in diagonals (scattered diagonals each cost a "
+                        "block-wide span); e.g. 128 (default 0: MInference's per-diagonal top-k)")
 
 
 def engine_kwargs(args) -> dict:
@@ -112,7 +116,7 @@ def dca_kwargs(args) -> dict:
                 sparse_threshold=args.sparse_threshold, sparse_last_q=args.sparse_last_q,
                 sparse_mass=args.sparse_mass, sparse_max_density=args.sparse_max_density,
                 sparse_estimate_span=args.sparse_estimate_span, sparse_exact_diagonals=args.sparse_exact_diagonals,
-                sparse_mass_union=args.sparse_mass_union)
+                sparse_mass_union=args.sparse_mass_union, sparse_slash_window=args.sparse_slash_window)
 
 
 def single_stream_kwargs(args) -> dict:

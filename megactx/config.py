@@ -195,6 +195,7 @@ class EngineConfig:
     sparse_estimate_span: int = 8192  # rows planned from one estimate (0: one per prefill chunk)
     sparse_exact_diagonals: bool = False  # isolated slashes one key per row instead of a block-wide span
     sparse_mass_union: bool = False  # the mass cut-off counts verticals and slashes together
+    sparse_slash_window: int = 0  # slashes chosen in windows of this many diagonals, the budget in keys (0: off)
     sparse_block_size: int = 256  # query rows per kernel block (Python only: tests use small blocks)
 
     def __post_init__(self):

@@ -17,7 +17,7 @@ from helpers import engine_logits, token_ids
 from test_dca import D, H, HKV, _qkv, _rotary
 
 def _run_sparse_dca(q, k, v, dca, splits, budgets, block=16, max_density=1.0, stats=None, span=8192,
-                    exact_diagonals=False):
+                    exact_diagonals=False, slash_window=0):
     """The DCA backend with sparse prefill on, fed in chunks; returns outputs and the recorded plans.
     max_density 1.0: the sparse kernel computes every chunk (no dense fallback) unless the test says otherwise."""
     t = q.shape[0]
@@ -25,7 +25,8 @@ def _run_sparse_dca(q, k, v, dca, splits, budgets, block=16, max_density=1.0, st
     backend = DualChunkAttentionBackend(H, HKV, D, dca, rotary)
     backend.cache = KVCacheTensors(1, HKV, D, t, torch.float32, torch.device("cpu"))
     cfg = SparseConfig(threshold=0, last_q=8, block_size=block, max_density=max_density, estimate_span=span,
-                       exact_diagonals=exact_diagonals, layers=[{h: HeadPattern("vertical_and_slash", *budgets) for h in range(H)}])
+                       exact_diagonals=exact_diagonals, slash_window=slash_window,
+                       layers=[{h: HeadPattern("vertical_and_slash", *budgets) for h in range(H)}])
     backend.sparse = SparsePrefill(cfg, 1, H, backend.scale)
     backend.sparse.plans = []
     outs, c = [], 0
@@ -50,11 +51,12 @@ def test_full_budgets_inside_dca_equal_dense_dca(splits):
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
 
 
-def test_partial_budgets_inside_dca_equal_the_reference_under_the_plan():
+@pytest.mark.parametrize("slash_window", [0, 8])
+def test_partial_budgets_inside_dca_equal_the_reference_under_the_plan(slash_window):
     dca = DCAConfig(chunk_size=40, local_size=8, original_max_position_embeddings=20, temperature="none")
     t = 150
     q, k, v = _qkv(t, seed=4)
-    out, plans, rotary = _run_sparse_dca(q, k, v, dca, [70, 80], (31, 50), block=16)
+    out, plans, rotary = _run_sparse_dca(q, k, v, dca, [70, 80], (31, 50), block=16, slash_window=slash_window)
     mask = torch.zeros(H, t, t, dtype=torch.bool)
     for _, q_start, plan in plans:  # one plan per DCA piece; rows [q_start, q_start + n)
         n = len(plan[0]) * 16
@@ -226,3 +228,8 @@ def test_mass_setting_is_checked():
             SparseConfig(mass=bad)
         with pytest.raises(ConfigError, match="--sparse-max-density"):
             SparseConfig(max_density=bad)
+    assert "slashes in windows of 128" in SparseConfig(slash_window=128).describe()
+    with pytest.raises(ConfigError, match="--sparse-slash-window"):
+        SparseConfig(slash_window=-1)
+    with pytest.raises(ConfigError, match="use one of them"):
+        SparseConfig(mass=0.9, mass_union=True, slash_window=64)

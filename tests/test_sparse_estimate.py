@@ -1,8 +1,11 @@
 """Vertical-slash estimation agrees with a naive, loop-by-loop computation; the mask is what it says."""
 import torch
 
-from megactx.sparse.estimate import (LOCAL_DIAGONALS, SINK_KEYS, VerticalSlash, estimate_vertical_slash,
-                                     vertical_slash_mask)
+import pytest
+
+from megactx.sparse.estimate import (LOCAL_DIAGONALS, SINK_KEYS, VerticalSlash, _top_windows,
+                                     estimate_vertical_slash, vertical_slash_mask)
+from megactx.sparse.plan import vertical_slash_plan
 
 
 def _naive_scores(q, k, q_pos, scale):
@@ -191,3 +194,75 @@ def test_union_mass_cut_off_covers_the_share_with_verticals_and_slashes_together
         for head in range(h):
             assert set(few.verticals[head].tolist()) == set(union.verticals[head].tolist())
             assert set(few.slashes[head].tolist()) == set(union.slashes[head].tolist())
+
+
+def _naive_windows(raw, budget, mass, window, block, p_last):
+    """One head, loop by loop: windows of diagonals pooled, the nearest ones first, then best first; each covers
+    the cells (of `window` keys, at or after the block's start) g - ceil(block / window) .. g; stop before the
+    cells would exceed the budget or once the share of the pooled score is reached."""
+    nw = -(-(p_last + 1) // window)
+    pooled = [float(raw[g * window:min(g * window + window, p_last + 1)].double().sum()) for g in range(nw)]
+    forced = -(-LOCAL_DIAGONALS // window)
+    order = sorted(range(nw), key=lambda g: (g >= forced, -pooled[g] if g >= forced else 0, g))
+    covered, taken = set(), []
+    for g in order:
+        cells = covered | {c for c in range(g - -(-block // window), g + 1) if c >= 0}
+        if taken and len(cells) * window > budget:
+            break
+        covered, taken = cells, taken + [g]
+        if mass is not None and sum(pooled[t] for t in taken) >= mass * sum(pooled):
+            break
+    return {d for g in taken for d in range(g * window, min(g * window + window, p_last + 1))}, len(covered) * window
+
+
+@pytest.mark.parametrize("window,block,mass", [(16, 32, None), (16, 32, 0.6), (32, 32, None), (24, 64, 0.8)])
+def test_slash_windows_are_the_best_windows_within_the_key_budget(window, block, mass):
+    g = torch.Generator().manual_seed(5)
+    h, m = 5, 900
+    raw = torch.rand(h, m, generator=g) ** 4  # uneven: some windows far ahead of the others
+    p_last = m - 3
+    budgets = torch.tensor([20, 300, 500, 800, 5000])
+    got = _top_windows(raw, budgets, h, mass, window, block, p_last)
+    for head in range(h):
+        expected, cost = _naive_windows(raw[head], int(budgets[head]), mass, window, block, p_last)
+        assert set(got[head].tolist()) == expected
+        assert got[head].tolist() == sorted(got[head].tolist())
+        assert cost <= max(int(budgets[head]), window * (-(-block // window) + 1))
+    assert len(set(got[0].tolist())) < len(set(got[3].tolist()))  # a larger budget takes more
+
+
+def test_slash_window_budget_bounds_the_keys_a_block_computes():
+    """Scattered strong diagonals: top-k diagonals spread a block's spans over most of the history; windows
+    counted in keys keep a block's span keys within the budget (plus the block's own first window)."""
+    g = torch.Generator().manual_seed(6)
+    m, block, budget = 4096, 64, 512
+    raw = torch.rand(1, m, generator=g) * 0.01
+    raw[0, torch.randperm(m, generator=g)[:200]] += 1.0  # 200 scattered diagonals
+    q_start, n = m - 256, 256
+    for slashes, bound in ((_top_windows(raw, budget, 1, None, 32, block, m - 1), budget),
+                           (torch.topk(raw, budget, dim=-1).indices.sort(dim=-1).values, None)):
+        plan = vertical_slash_plan(VerticalSlash(torch.zeros(1, 1, dtype=torch.long), slashes), q_start, n, block,
+                                   merge_gap=0)
+        widest = max(sum(hi - lo for lo, hi in b.ranges) for b in plan[0])
+        if bound is not None:
+            assert widest <= bound
+        else:
+            assert widest > 4 * budget  # what the window budget prevents
+
+
+def test_estimates_through_one_workspace_equal_fresh_buffers():
+    """The probabilities buffer kept across estimates (grown when needed) changes no result."""
+    from megactx.sparse.estimate import Workspace
+    g = torch.Generator().manual_seed(7)
+    h, hkv, d, r = 4, 2, 8, 16
+    workspace = Workspace()
+    for m in (300, 500, 400):
+        q = torch.randn(r, h, d, generator=g) * 3
+        k = torch.randn(hkv, m, d, generator=g)
+        q_pos = torch.arange(m - r, m)
+        fresh = estimate_vertical_slash(q, k, q_pos, d ** -0.5, 40, 120, mass=0.9)
+        reused = estimate_vertical_slash(q, k, q_pos, d ** -0.5, 40, 120, mass=0.9, workspace=workspace)
+        assert torch.equal(fresh.verticals, reused.verticals) and torch.equal(fresh.slashes, reused.slashes)
+        if m == 500:
+            grown = workspace._flat.data_ptr()
+    assert workspace._flat.data_ptr() == grown  # the smaller estimate after it reused the buffer

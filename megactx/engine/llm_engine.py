@@ -73,7 +73,8 @@ class LLMEngine:
         self.sparse = resolve_sparse(self.source.path, config.sparse, config.sparse_config, config.sparse_threshold,
                                      config.sparse_last_q, config.sparse_block_size, config.sparse_mass,
                                      config.sparse_max_density, config.sparse_estimate_span,
-                                     config.sparse_exact_diagonals, config.sparse_mass_union)
+                                     config.sparse_exact_diagonals, config.sparse_mass_union,
+                                     config.sparse_slash_window)
         if self.sparse is not None and self.max_model_len > self.sparse.threshold:
             logger.info("Sparse prefill: %s", self.sparse.describe())
         dtype = parse_dtype(cc.kv_cache_dtype) or parse_dtype(config.dtype) or torch.float32

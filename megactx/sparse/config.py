@@ -49,6 +49,9 @@ class SparseConfig:
     # isolated slashes computed exactly, one key per row, instead of a block-wide span per block (plan.py):
     # fewer pairs than MInference's block granularity, but a subset of what it computes
     exact_diagonals: bool = False
+    # slashes chosen in windows of this many diagonals, the slash budget counted in keys a query row computes at
+    # block granularity (estimate.py _top_windows); 0: MInference's top-k diagonals
+    slash_window: int = 0
     layers: list[dict[int, HeadPattern]] = field(default_factory=list)
     source: str | None = None  # the file the budgets came from, for messages
 
@@ -64,6 +67,11 @@ class SparseConfig:
         if self.estimate_span < 0:
             raise ConfigError(f"--sparse-estimate-span must be >= 0 (0: one estimate per prefill chunk), "
                               f"got {self.estimate_span}")
+        if self.slash_window < 0:
+            raise ConfigError(f"--sparse-slash-window must be >= 0 (0: off), got {self.slash_window}")
+        if self.slash_window and self.mass_union:
+            raise ConfigError("--sparse-slash-window and --sparse-mass-union choose the slashes in different ways: "
+                              "use one of them")
         if self.block_size < 16:
             raise ConfigError(f"sparse block size must be >= 16, got {self.block_size}")
 
@@ -81,6 +89,7 @@ class SparseConfig:
         cut += " (verticals and slashes together)" if self.mass is not None and self.mass_union else ""
         span = f"an estimate every {self.estimate_span} rows" if self.estimate_span else "an estimate per chunk"
         diagonals = ", isolated slashes as exact diagonals" if self.exact_diagonals else ""
+        diagonals += f", slashes in windows of {self.slash_window}, budget in keys" if self.slash_window else ""
         return (f"threshold {self.threshold} tokens, last_q {self.last_q}, {span}, {budgets}{cut}, "
                 f"dense above density {self.max_density}{diagonals}")
 
@@ -146,12 +155,13 @@ def resolve_sparse(model_path: str | Path | None, enabled: bool = True, config_f
                    threshold: int = 32768, last_q: int = 64, block_size: int = 256,
                    mass: float | None = None, max_density: float = 0.6,
                    estimate_span: int = 8192, exact_diagonals: bool = False,
-                   mass_union: bool = False) -> SparseConfig | None:
+                   mass_union: bool = False, slash_window: int = 0) -> SparseConfig | None:
     """--sparse-config FILE, else sparse_attention_config.json beside the model, else default budgets."""
     if not enabled:
         return None
     settings = dict(threshold=threshold, last_q=last_q, block_size=block_size, mass=mass, max_density=max_density,
-                    estimate_span=estimate_span, exact_diagonals=exact_diagonals, mass_union=mass_union)
+                    estimate_span=estimate_span, exact_diagonals=exact_diagonals, mass_union=mass_union,
+                    slash_window=slash_window)
     if config_file:
         return load_sparse_config(config_file, **settings)
     if model_path is not None:

@@ -14,6 +14,10 @@ slashes are scored on the attention the verticals leave (their columns zeroed) a
 slashes together reach `mass` of the whole. Applied separately, the slash list has to cover again what the
 verticals already do (a sink key is a vertical, and also one diagonal per estimating query), and a slash
 costs a whole tile of keys per query block where a vertical costs one key.
+With `slash_window` W the slashes are chosen in windows of W neighbouring diagonals and the slash budget counts
+keys, not diagonals (_top_windows): the plan computes a slash at block granularity, so s scattered diagonals cost
+up to s x block keys per query block, and 6096 of them spread over a 24K history made a head dense. Windows,
+best pooled score first, are taken while the keys they cover stay within the budget.
 
 Under Dual Chunk Attention the keys fall in segments scored with different query rotations (the "critical",
 continuous positions, DESIGN.md 3.1): attention_probs() takes one rotated query set per key segment.
@@ -21,6 +25,7 @@ vertical_slash_mask() writes the chosen set out as a dense mask: the tests' orac
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +34,27 @@ SINK_KEYS = 30  # first keys always kept
 LOCAL_DIAGONALS = 100  # nearest diagonals always kept
 MIN_SLASHES = 50
 PASS_ELEMENTS = 1 << 25  # probabilities held at once while estimating (128 MB of fp32): heads per pass
+
+
+class Workspace:
+    """A grow-only fp32 buffer for the probabilities, kept across estimates (SparsePrefill holds one): a fresh
+    [heads, r, m] buffer per estimate paid its first-touch page faults every time, a third of the scoring time
+    measured at 32K keys."""
+
+    def __init__(self):
+        self._flat: torch.Tensor | None = None
+
+    def get(self, shape: tuple[int, ...], device) -> torch.Tensor:
+        numel = math.prod(shape)
+        if self._flat is None or self._flat.numel() < numel or self._flat.device != torch.device(device):
+            self._flat = torch.empty(numel, dtype=torch.float32, device=device)
+        return self._flat[:numel].view(shape)
+
+
+def _probs_buffer(workspace: Workspace | None, shape: tuple[int, ...], device) -> torch.Tensor:
+    if workspace is None:
+        return torch.empty(shape, dtype=torch.float32, device=device)
+    return workspace.get(shape, device)
 
 
 @dataclass(slots=True)
@@ -91,14 +117,16 @@ def slash_scores(probs: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
 def estimate_vertical_slash(q_last: torch.Tensor | list, k: torch.Tensor, q_pos: torch.Tensor, scale: float,
                             vertical_size: torch.Tensor | int, slash_size: torch.Tensor | int,
                             mass: float | None = None, heads: torch.Tensor | None = None,
-                            union: bool = False) -> VerticalSlash:
+                            union: bool = False, slash_window: int = 0, block: int = 256,
+                            workspace: Workspace | None = None) -> VerticalSlash:
     """q_last: rotated queries [r, H, D] (or DCA segments, see attention_probs). Per-head budgets may differ
     (tensors [H]); the result is padded to the largest budget by repeating a chosen index, which changes no mask.
     heads: only these (sorted) query heads are estimated, budgets given for them; the result has len(heads) rows
     (a layer whose other heads are A-shape or block-sparse does not pay for them). union: the mass cut-off counts
-    verticals and slashes together (module docstring)."""
+    verticals and slashes together; slash_window > 0: slashes in windows, slash_size in keys a row of a `block`-row
+    query block computes (module docstring)."""
     if union and mass is not None and mass < 1.0:
-        return _estimate_union(q_last, k, q_pos, scale, vertical_size, slash_size, mass, heads)
+        return _estimate_union(q_last, k, q_pos, scale, vertical_size, slash_size, mass, heads, workspace)
     m = k.shape[1]
     segments = q_last if isinstance(q_last, list) else [(0, m, q_last)]
     r = segments[0][2].shape[0]
@@ -107,7 +135,7 @@ def estimate_vertical_slash(q_last: torch.Tensor | list, k: torch.Tensor, q_pos:
     # a few heads at a time through one reused buffer: its size stays bounded (one head's probabilities at 1M
     # keys are 256 MB) and it is allocated, and its pages touched, once per call instead of once per head
     per_pass = max(1, min(h, PASS_ELEMENTS // (r * m)))
-    buffer = torch.empty(per_pass, r, m, dtype=torch.float32, device=k.device)
+    buffer = _probs_buffer(workspace, (per_pass, r, m), k.device)
     vertical = torch.empty(h, m, dtype=torch.float32, device=k.device)
     slash = torch.empty(h, m, dtype=torch.float32, device=k.device)
     for i in range(0, h, per_pass):
@@ -119,14 +147,17 @@ def estimate_vertical_slash(q_last: torch.Tensor | list, k: torch.Tensor, q_pos:
     cut = mass is not None and mass < 1.0  # the raw scores are kept (copied) only for the cut-off
     vertical_raw = vertical.clone() if cut else None
     vertical[:, :SINK_KEYS] = float("inf")
-    slash_raw = slash.clone() if cut else None
+    slash_raw = slash.clone() if cut or slash_window > 0 else None
     slash[:, :LOCAL_DIAGONALS] = float("inf")
     slash[:, int(q_pos[-1]) + 1:] = float("-inf")  # offsets no query reaches
-    return VerticalSlash(_top(vertical, vertical_size, SINK_KEYS, h, vertical_raw, mass),
-                         _top(slash, slash_size, MIN_SLASHES, h, slash_raw, mass, kept=LOCAL_DIAGONALS))
+    verticals = _top(vertical, vertical_size, SINK_KEYS, h, vertical_raw, mass)
+    if slash_window > 0:
+        slashes = _top_windows(slash_raw, slash_size, h, mass, slash_window, block, int(q_pos[-1]))
+        return VerticalSlash(verticals, slashes)
+    return VerticalSlash(verticals, _top(slash, slash_size, MIN_SLASHES, h, slash_raw, mass, kept=LOCAL_DIAGONALS))
 
 
-def _estimate_union(q_last, k, q_pos, scale, vertical_size, slash_size, mass, heads) -> VerticalSlash:
+def _estimate_union(q_last, k, q_pos, scale, vertical_size, slash_size, mass, heads, workspace=None) -> VerticalSlash:
     """The `union` cut-off: per pass of heads, the verticals are chosen and cut first, their columns zeroed in
     the probabilities, and the slashes scored on what is left; a head's slashes are then cut where the mass its
     verticals cover plus the slashes' reaches `mass` of its rows' total."""
@@ -137,7 +168,7 @@ def _estimate_union(q_last, k, q_pos, scale, vertical_size, slash_size, mass, he
     h = len(heads)
     v_sizes = torch.as_tensor(vertical_size).expand(h)
     per_pass = max(1, min(h, PASS_ELEMENTS // (r * m)))
-    buffer = torch.empty(per_pass, r, m, dtype=torch.float32, device=k.device)
+    buffer = _probs_buffer(workspace, (per_pass, r, m), k.device)
     verticals, covered = [], torch.empty(h, dtype=torch.float32)
     slash = torch.empty(h, m, dtype=torch.float32, device=k.device)
     for i in range(0, h, per_pass):
@@ -184,6 +215,49 @@ def _top(score: torch.Tensor, size: torch.Tensor | int, minimum: int, h: int, ra
     pad = torch.arange(k, device=score.device)[None, :] >= sizes[:, None].to(score.device)
     idx = torch.where(pad, idx.gather(1, (sizes.to(score.device) - 1)[:, None]).expand(-1, k), idx)
     return idx.sort(dim=-1).values
+
+
+def window_cells(window: int, block: int) -> int:
+    """Cells of `window` keys one window of diagonals covers in a query block: offsets [gW, gW + W) reach, for
+    the block's rows, the keys a - u with u in (gW - block, gW + W), the cells g - block / W .. g (cells below 0
+    are the block's own keys, computed anyway: not counted)."""
+    return -(-block // window) + 1
+
+
+def _top_windows(raw: torch.Tensor, size: torch.Tensor | int, h: int, mass: float | None, window: int,
+                 block: int, p_last: int) -> torch.Tensor:
+    """raw: [H, m] slash scores by offset -> [H, s] sorted offsets of each head's chosen windows (padded by
+    repetition). Windows of `window` offsets, scored by their summed raw score (the nearest LOCAL_DIAGONALS always
+    first), are taken best first while the cells they cover together (window_cells each, shared where they
+    overlap) hold at most size_h keys, and (with mass) until their score reaches mass of the total. Vectorised:
+    a cell is first covered at the lowest rank of the windows covering it, so the keys the first k windows cover
+    are a cumulative count of those first ranks."""
+    reach = min(raw.shape[1], p_last + 1)  # offsets 0..p_last
+    nw = -(-reach // window)
+    pooled = torch.zeros(h, nw * window, dtype=torch.float32, device=raw.device)
+    pooled[:, :reach] = raw[:, :reach]
+    pooled = pooled.view(h, nw, window).sum(-1)  # [H, nw]
+    score = pooled.clone()
+    score[:, :-(-LOCAL_DIAGONALS // window)] = float("inf")
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices  # [H, nw] best first
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(nw, device=raw.device).expand(h, -1))
+    span = window_cells(window, block)
+    padded = torch.nn.functional.pad(rank, (0, span - 1), value=nw)  # cell c is covered by windows c .. c + span - 1
+    first = padded.unfold(1, span, 1).amin(-1)  # [H, nw]: the rank at which cell c is first covered
+    cells = torch.zeros(h, nw + 1, dtype=torch.long, device=raw.device).scatter_add_(1, first, torch.ones_like(first))
+    keys = cells[:, :nw].cumsum(-1) * window  # [H, nw]: keys the first k + 1 windows cover
+    sizes = torch.as_tensor(size, device=raw.device).expand(h)
+    take = (keys <= sizes[:, None]).sum(-1).clamp(min=1)  # [H] windows within the budget (the nearest always)
+    if mass is not None and mass < 1.0:
+        cum = pooled.gather(1, order).cumsum(-1)
+        take = torch.minimum(take, (cum < mass * pooled.sum(-1, keepdim=True)).sum(-1) + 1)
+    # each head's chosen windows in order, then their offsets: sorted, the valid ones a prefix of each row
+    windows = torch.where(rank < take[:, None], torch.arange(nw, device=raw.device), nw)
+    windows = windows.sort(dim=-1).values[:, :int(take.max())]  # [H, k]
+    offsets = (windows[:, :, None] * window + torch.arange(window, device=raw.device)).flatten(1)  # [H, k * W]
+    valid = (windows < nw).repeat_interleave(window, dim=1) & (offsets <= p_last)
+    last = offsets.gather(1, valid.sum(-1, keepdim=True) - 1)
+    return torch.where(valid, offsets, last)
 
 
 def vertical_slash_mask(vs: VerticalSlash, q_pos: torch.Tensor, m: int) -> torch.Tensor:

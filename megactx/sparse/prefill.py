@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from megactx.sparse.config import HeadPattern, SparseConfig
-from megactx.sparse.estimate import VerticalSlash, estimate_vertical_slash
+from megactx.sparse.estimate import VerticalSlash, Workspace, estimate_vertical_slash
 from megactx.sparse.kernel import KeySource, sparse_attention
 from megactx.sparse.plan import MERGE_GAP, Plan, block_sparse_plan, plan_density, vertical_slash_plan
 
@@ -37,6 +37,7 @@ class SparsePrefill:
         self.cfg, self.scale = cfg, scale
         self.patterns: list[list[HeadPattern]] = [cfg.layer_patterns(li, num_heads) for li in range(num_layers)]
         self.stats = SparseStats()
+        self.workspace = Workspace()  # the estimate's probabilities, reused across layers and chunks
         self.last_lse: torch.Tensor | None = None  # [n, H] of the last call: benchmarks compute recall from it
         self.plans: list | None = None  # tests: set to [] to record (layer, q_start, plan) of every call
 
@@ -89,7 +90,9 @@ class SparsePrefill:
             # only the vertical-slash heads are estimated: the others never read the estimate
             vs = estimate_vertical_slash(estimate_segments, k_all, torch.arange(m - r, m), self.scale,
                                          verticals[vs_heads], slashes[vs_heads], self.cfg.mass,
-                                         heads=vs_heads if len(vs_heads) < h else None, union=self.cfg.mass_union)
+                                         heads=vs_heads if len(vs_heads) < h else None, union=self.cfg.mass_union,
+                                         slash_window=self.cfg.slash_window, block=block,
+                                         workspace=self.workspace)
             vs = _with_part_columns(vs, dca_parts)
             # merge_gap: MERGE_GAP at the default 256-row blocks, scaled down with the tests' small blocks
             plans_vs = vertical_slash_plan(vs, q_start, n, block, merge_gap=min(MERGE_GAP, block),
