@@ -7,7 +7,7 @@ import math
 import os
 import platform
 
-from md_sparse import sparse_section
+from md_sparse import SPARSE_GAPS, sparse_section
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -152,7 +152,8 @@ def ppl_section() -> list[str]:
         names = [n for n in order if n in settings] + sorted(n for n in settings if n not in order)
         any_run = settings[names[0]]
         out += [f"### {model}, {any_run['length']} tokens of {any_run['text']}", "",
-                "| positions | " + " | ".join(_label(settings[n]) for n in names) + " |",
+                "| positions | " + " | ".join(_label(settings[n]) + (f" (`{n}`)" if "sparse" in n else "")
+                                             for n in names) + " |",
                 "|---|" + "---:|" * len(names)]
         buckets = [(b["start"], b["end"]) for b in any_run["buckets"]]
         for start, end in buckets:
@@ -287,93 +288,7 @@ def main() -> None:
               "- A stream's inter-token latency while a long prompt is prefilled is one engine step, which holds a "
               "`--max-num-batched-tokens` chunk of that prompt: 13 s at the end of a 16K-token prompt of the 0.5B model "
               "with 512-token chunks (its attention over 16K keys). A smaller budget trades the long prompt's TTFT for "
-              "the others' latency.",
-              "- Sparse prefill with the default budgets (1000 verticals, 6096 slashes per head) computes 46-84 % of the "
-              "causal pairs at 64K on both a passkey prompt and natural text, so it is only 1.1x-1.3x faster than dense. "
-              "The cause is the budgets more than the tile. Planned from one prefill's estimates at 32K "
-              "(`benchmarks/sparse_density.py`, piece ending at 30720 keys), 256-row tiles compute 0.73 of the pairs, "
-              "64-row tiles without span merging 0.59, and the mass cut-off 0.95 with 256-row tiles 0.41. Smaller "
-              "tiles also run the flash kernel less efficiently, so the levers are smaller budgets (`megactx sparse "
-              "search`) and the mass cut-off. At densities above ~0.7 the sparse kernel is slower than "
-              "dense attention (0.47x at 32K, rows marked 'never'): chunks planned denser than `--sparse-max-density` "
-              "(default 0.6) are now computed densely.",
-              "- `--sparse-mass 0.95` cuts each head's budget to the indices that carry 95 % of its estimated attention: "
-              "on SmolLM2 at 16K density fell from 0.87 to 0.33 and attention became 1.70x faster than dense (0.29x "
-              "without it), with mean recall 0.93 instead of 0.97. On the 0.5B model at 64K (passkey prompt) attention "
-              "became 2.35x faster than dense (1.1x without it), TTFT 1.71x the projected dense, recall 0.81-0.97 on the "
-              "timed layers, passkey correct; at 128K attention 2.77x, TTFT 2.82x the projected dense (6197 -> 2197 s), "
-              "estimation 8.1 %, passkey correct. Perplexity at 64K with it: 1.0087x dense DCA over the document but "
-              "1.046x in the worst 4K bucket, so it is off by default.",
-              "- Where sparse perplexity is lost: with mass 0.95 the two buckets above 1.03 are 49152-57344, the first "
-              "8K rows of the last 16K prefill chunk; the chunk's last 8K rows are within 1.02. The searched budgets' "
-              "worst buckets lie there too. A chunk's pattern is estimated from its last 64 queries, and its first rows "
-              "are the farthest from them. With 8K prefill chunks (`--max-num-batched-tokens 8192`) the same mass cut-off "
-              "is within 3 % in every bucket (worst 1.025x, whole document 1.0063x). So a chunk is now planned in parts "
-              "of at most `--sparse-estimate-span` rows (default 8192), each from its own last queries: a 16K chunk "
-              "in two 8K parts computes exactly what two 8K chunks do (tests compare the plans). The price, with mass "
-              "0.95 and temperature none: at 64K (8K chunks) TTFT 1.40x the projected dense (832 vs 1167 s), attention "
-              "1.59x on 7 timed layers, density 0.43, estimation 7.4 %; at 128K (16K chunks, 8K parts) TTFT 2.09x "
-              "(1972 vs 4126 s), attention 2.25x on layers 4, 16, 23 (2.74x over all layers against their dense mean), "
-              "density 0.30, estimation 9.7 %, passkey correct. The 16K-estimate rows above ran with temperature "
-              "`position` on a busier machine (a dense layer took 170 s at 128K then, 150 s now): the sparse "
-              "attention itself took 1372 s then and 1313 s now, so the finer estimate cost no attention time at 128K, "
-              "while its ratio against dense is not comparable across the two runs. Measured back to back at 64K "
-              "(temperature none): one estimate per 16K chunk gave TTFT 1.51x, attention 1.90x, estimation 5.1 %; "
-              "8K estimates 1.40x, 1.59x, 7.4 %: the finer estimate costs about 16 % of the attention speed. Perplexity with the default "
-              "budgets and 8K parts (the new default): worst bucket 1.004x dense DCA, whole document 1.0001x (1.010x "
-              "worst with 16K estimates and temperature position).",
-              "- Kernel calls: a call over a few hundred keys runs at half the flash kernel's speed or less, and "
-              "scattered slashes make many such spans; 256-row calls use the kernel's 64-row query tiles, 1024-row "
-              "calls its 256-row tiles (0.66-0.70 vs 0.84-0.87 Gpair/s). The kernel now gathers each block's spans "
-              "under 2048 keys with its columns into one call and computes the part of a span four consecutive "
-              "blocks share once for their 1024 rows (column 'kernel calls'). Same plans, same recall to four "
-              "digits; at 64K with mass 0.95 and 8K chunks TTFT went from 1.40x to 1.64x the projected dense and "
-              "attention from 1.59x to 2.07x on the timed layers (2.08x over all layers). Passkey at 128K with this "
-              "setting: depths 0, 25, 50, 75 and 100 correct. `--sparse-exact-diagonals` (isolated slashes one "
-              "key per row instead of a 256-key span) halves the pairs of synthetic plans with scattered slashes, but "
-              "on this run it lowered the density only from 0.425 to 0.410 (recall 0.9220 to 0.9201) and was no faster "
-              "(TTFT 1.59x, attention 2.03x): the real plans are mostly bands and columns.",
-              "- At 128K on the tiled kernel (mass 0.95, 8K parts): TTFT 2.40x the projected dense (1630 vs 3917 s; "
-              "2.09x on the per-span kernel), attention 2.58x on layers 4, 16, 23 (3.25x over all layers against their "
-              "dense mean), density 0.297, recall 0.871, estimation 9.9 %, passkey correct. Still short of 3x TTFT and "
-              "5x attention. `--sparse-mass-union` (slashes cut on the attention the verticals leave) was no help at "
-              "64K: density 0.418 instead of 0.425, mean recall 0.897 instead of 0.922 (layer 0: 0.68 instead of "
-              "0.82), because columns next to the estimating queries count as covered for them but serve no other row.",
-              "- bf16 (`--dtype bf16`, which before this fix still computed in fp32): this machine has AMX tiles "
-              "(lscpu: amx_bf16, amx_tile), which DESIGN.md 4 says it lacks. A 2048x2048 bf16 matmul ran at 504 "
-              "GFLOP/s on one thread against 120 in fp32, and the CPU flash kernel 2.0-2.8x faster in bf16 at every "
-              "call shape the sparse kernel makes (64-1024 rows, 256-16384 keys). Dense prefill of the 0.5B model: "
-              "4.0x at 4K and 3.4x at 16K (table 'dtype_eval'), ahead of transformers in bf16. But the sparse "
-              "prefill barely gains: at 64K in bf16 (mass 0.95, 8K chunks) dense attention took 13.7 s a layer "
-              "instead of 35-40 s, while the sparse kernel took 313 s in all instead of 407 s in fp32 (estimation 51 s instead of 33), so sparse is "
-              "0.91x dense's attention time (TTFT 454 vs 418 s projected dense), with the same density (0.425) and "
-              "recall (0.9215). Three causes, found since. (1) The kernel merged each query block's parts on its own, a "
-              "dozen small ops per block and head, which cost more than the flash calls at low density; it now merges "
-              "a head's block and tile parts into two full-height buffers and everything once per head. On pieces "
-              "captured from a 32K prefill (8192 rows, 24576 keys; old and new kernel alternating in one process, "
-              "best of 3): 0.77 -> 0.51 s and 0.49 -> 0.33 s in bf16 (dense 1.05 and 0.96 s), 0.96 -> 0.74 s and "
-              "0.71 -> 0.56 s in fp32 (densities 0.13 and 0.08); 0.93 -> 0.77 s and 1.11 -> 0.90 s in bf16 at "
-              "densities 0.38 and 0.5 (dense 0.96 and 1.04 s). At 64K in bf16 (mass 0.95, 8K chunks) the sparse "
-              "attention then took 203 s instead of 313 s: TTFT 317 s vs 359 s projected dense (1.13x), attention "
-              "1.23x on the timed layers. (2) Small flash calls lose more in bf16: on the 0.38-density piece its calls "
-              "ran at 0.9-1.5 Gpair/s against dense attention's 2.45 (40-60 %), in fp32 at 0.43-0.63 against 0.73 "
-              "(60-85 %). (3) The estimate is computed in fp32 either way (0.45 s a layer at 32K in both), so its share "
-              "of the sparse time doubles in bf16 (20.7 % at 64K). The fp32 64K run with the per-head merge gave TTFT "
-              "1.56x and attention 1.95x, but on a slower machine than the earlier row (a dense layer took 39 s, not "
-              "35 s); the side-by-side pieces above are the comparison.",
-              "- The searched budgets (`megactx sparse search`, 32000 tokens of torch's source) are fast but lose "
-              "accuracy. At 128K: TTFT 3.38x the projected dense (1388 vs 4689 s), attention 4.57x on the timed "
-              "layers 4, 16, 23 (the two densest of the searched plan among them; 5.80x over all 24 layers against "
-              "their dense mean), estimation 10.2 %, passkey correct. At 64K: TTFT 2.25x, attention 3.50x (3.61x over all "
-              "layers), estimation 6.7 % (13.1 % before the block-sparse plan was vectorised and the estimate went "
-              "through a reused buffer; the 128K run had the first change, not the second). But recall on the timed "
-              "layers is "
-              "0.61-0.77 at 128K, and perplexity at 64K is 1.020x dense DCA over the document with its worst 4K "
-              "bucket at 1.058x (four buckets above 1.03): not within 3 % per bucket, so they are not the default. "
-              "Planned in 8K parts they are worse, not better: worst bucket 1.084x, whole document 1.027x, so their "
-              "loss is in the budgets themselves, not in the rows far from the estimating queries. "
-              "The default budgets with `--sparse-mass 0.95` keep a mean recall of 0.91-0.92 but reach only "
-              "2.8x TTFT at 128K.",
+              "the others' latency."] + SPARSE_GAPS + [
               "- DCA decode measured on one attention layer of the 0.5B model: 1.21x dense's time at 64K but 2.07x at 16K "
               "(3.2 vs 6.6 ms a step). That harness charges each step's DCA set-up (three query rotations, the "
               "temperature) to one layer; the whole 0.5B model at 16K decoded with DCA at 0.73x dense's time and the "
