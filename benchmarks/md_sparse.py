@@ -262,4 +262,12 @@ SPARSE_GAPS = [
     "granularity spread over most of the history, and the keys they cover by accident carry attention the "
     "model needs at long range. Windows cut only by the mass (no key cap) kept less than that too: recall "
     "0.965 on layer 16 at density 0.33 (top-k: 0.991 at 0.49). So the window is off by default.",
+    "- At 128K with the per-head merge (fp32, mass 0.95, 8K parts): TTFT 2.15x the projected dense (2088 vs "
+    "4480 s), attention 2.42x on layers 4, 16, 23, estimation 10.7 %, passkey correct; the same plans as the "
+    "2.40x row (density 0.297). This run was on a slower machine (a dense layer took 161 s, not 145 s), and "
+    "the per-head merge does not change fp32 at this length: on synthetic plans at 131072 keys (8192 rows, "
+    "old and new kernel alternating, best of 3) it took 6.65 s against 6.30 s with scattered slashes and "
+    "5.68 s against 6.04 s with bands (dense 21.6 and 22.7 s). Profiled there, flash calls are 70 % of the "
+    "kernel's time at 80-90 % of the dense pair rate, and gathering keys 13 %: the remaining gain from the "
+    "kernel is small; the density that perplexity allows is the limit.",
 ]
