@@ -50,7 +50,8 @@ class SparseConfig:
     # fewer pairs than MInference's block granularity, but a subset of what it computes
     exact_diagonals: bool = False
     # slashes chosen in windows of this many diagonals, the slash budget counted in keys a query row computes at
-    # block granularity (estimate.py _top_windows); 0: MInference's top-k diagonals
+    # block granularity (estimate.py _top_windows); 0: MInference's top-k diagonals. Off by default: with 128 it
+    # cost 18 % perplexity in the worst 4K bucket at 64K (BENCHMARKS.md)
     slash_window: int = 0
     layers: list[dict[int, HeadPattern]] = field(default_factory=list)
     source: str | None = None  # the file the budgets came from, for messages
