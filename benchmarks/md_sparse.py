@@ -256,7 +256,7 @@ SPARSE_GAPS = [
     "in keys a query row computes at block granularity, not in diagonals), with mass 0.95: on pieces captured "
     "from a 32K bf16 prefill (8192 rows, 24576 keys, computed in fp32) the density of layer 16 fell from 0.49 "
     "to 0.20 and of layer 2 from 0.38 to 0.16 (kernel 1.9 -> 1.0 s and 1.7 -> 0.9 s; dense 3.0 s), layers 0 "
-    "and 12 from 0.13 to 0.09 and 0.08 to 0.06. But the recall of layer 16 fell from 0.991 to 0.886 (worst "
+    "and 12 from 0.126 to 0.085 and 0.082 to 0.055. But the recall of layer 16 fell from 0.991 to 0.886 (worst "
     "head 0.96 -> 0.54), and perplexity at 64K failed: worst bucket 1.180x dense DCA (49152-53248), whole "
     "document 1.031x, while every bucket before 49152 stayed within 1.02x. Top-k diagonals at block "
     "granularity spread over most of the history, and the keys they cover by accident carry attention the "
