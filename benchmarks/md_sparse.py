@@ -260,8 +260,11 @@ SPARSE_GAPS = [
     "head 0.96 -> 0.54), and perplexity at 64K failed: worst bucket 1.180x dense DCA (49152-53248), whole "
     "document 1.031x, while every bucket before 49152 stayed within 1.02x. Top-k diagonals at block "
     "granularity spread over most of the history, and the keys they cover by accident carry attention the "
-    "model needs at long range. Windows cut only by the mass (no key cap) kept less than that too: recall "
-    "0.965 on layer 16 at density 0.33 (top-k: 0.991 at 0.49). So the window is off by default.",
+    "model needs at long range (and at 64K top-k planned layers 20-23 dense enough to fall back to dense "
+    "attention in 5-9 of 10 chunks, where windows keep them sparse). Windows cut only by the mass, with no key "
+    "cap (`--sparse-config benchmarks/results/uncapped_slash_budgets.json`: 1000 verticals, 10^6 slash keys per "
+    "head), kept recall 0.965 on layer 16 at density 0.33 (top-k: 0.991 at 0.49) and failed perplexity too: "
+    "worst bucket 1.108x (57344-61440), whole document 1.025x. So the window is off by default.",
     "- At 128K with the per-head merge (fp32, mass 0.95, 8K parts): TTFT 2.15x the projected dense (2088 vs "
     "4480 s), attention 2.42x on layers 4, 16, 23, estimation 10.7 %, passkey correct; the same plans as the "
     "2.40x row (density 0.297). This run was on a slower machine (a dense layer took 161 s, not 145 s), and "
