@@ -238,7 +238,11 @@ SPARSE_GAPS = [
     "(60-85 %). (3) The estimate is computed in fp32 either way (0.45 s a layer at 32K in both), so its share "
     "of the sparse time doubles in bf16 (20.7 % at 64K). The fp32 64K run with the per-head merge gave TTFT "
     "1.56x and attention 1.95x, but on a slower machine than the earlier row (a dense layer took 39 s, not "
-    "35 s); the side-by-side pieces above are the comparison.",
+    "35 s); the side-by-side pieces above are the comparison. The bf16 row in the table is a rerun after the "
+    "estimate started to keep its probabilities buffer across estimates (`estimate.Workspace`): TTFT 277 vs "
+    "321 s projected dense (1.16x), attention 1.28x, estimation 31.8 s, 17.0 % of the sparse attention "
+    "(42 s and 20.7 % before). This machine was faster that hour (a dense layer took 11.0 s, not 13.7 s), so "
+    "part of the drop is the machine; alternating on synthetic inputs the buffer saved 5-13 % of an estimate.",
     "- The searched budgets (`megactx sparse search`, 32000 tokens of torch's source) are fast but lose "
     "accuracy. At 128K: TTFT 3.38x the projected dense (1388 vs 4689 s), attention 4.57x on the timed "
     "layers 4, 16, 23 (the two densest of the searched plan among them; 5.80x over all 24 layers against "
