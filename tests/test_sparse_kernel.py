@@ -169,8 +169,7 @@ def test_kernel_reads_paged_slots_and_half_precision_cache():
     ck[:, perm], cv[:, perm] = k.bfloat16(), v.bfloat16()
     plan = vertical_slash_plan(_random_vs(m, 5, 4), 0, n, block)
     out, _ = sparse_attention([(0, m, q)], KeySource(ck, cv, perm, torch.float32), plan, 0, block, D ** -0.5)
-    ref, ref_lse = _masked_reference(q, k.bfloat16().float(), v.bfloat16().float(), plan_mask(plan, 0, n, block, m),
-                                     D ** -0.5)
+    ref, _ = _masked_reference(q, k.bfloat16().float(), v.bfloat16().float(), plan_mask(plan, 0, n, block, m), D ** -0.5)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
     # computed in bf16 (--dtype bf16): within bf16's rounding of the fp32 result, the LSE in fp32
     qb = q.bfloat16()

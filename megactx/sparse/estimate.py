@@ -147,13 +147,13 @@ def estimate_vertical_slash(q_last: torch.Tensor | list, k: torch.Tensor, q_pos:
     cut = mass is not None and mass < 1.0  # the raw scores are kept (copied) only for the cut-off
     vertical_raw = vertical.clone() if cut else None
     vertical[:, :SINK_KEYS] = float("inf")
-    slash_raw = slash.clone() if cut or slash_window > 0 else None
+    verticals = _top(vertical, vertical_size, SINK_KEYS, h, vertical_raw, mass)
+    if slash_window > 0:  # reads the raw scores (it forces the nearest windows and drops unreached offsets itself)
+        return VerticalSlash(verticals, _top_windows(slash, slash_size, h, mass, slash_window, block,
+                                                     int(q_pos[-1])))
+    slash_raw = slash.clone() if cut else None
     slash[:, :LOCAL_DIAGONALS] = float("inf")
     slash[:, int(q_pos[-1]) + 1:] = float("-inf")  # offsets no query reaches
-    verticals = _top(vertical, vertical_size, SINK_KEYS, h, vertical_raw, mass)
-    if slash_window > 0:
-        slashes = _top_windows(slash_raw, slash_size, h, mass, slash_window, block, int(q_pos[-1]))
-        return VerticalSlash(verticals, slashes)
     return VerticalSlash(verticals, _top(slash, slash_size, MIN_SLASHES, h, slash_raw, mass, kept=LOCAL_DIAGONALS))
 
 
