@@ -91,6 +91,20 @@ def sparse_section() -> list[str]:
             + sparse_density_section())
 
 
+SEARCHED_HOW = (
+    "`megactx sparse search EVAL --length 32000 --text TORCH_SOURCE --out FILE`, where TORCH_SOURCE is the installed "
+    "torch package's Python source concatenated in path order (`find .../site-packages/torch -name '*.py' | "
+    "LC_ALL=C sort | xargs cat`): real code, but not the perplexity document. Each head takes the cheapest of "
+    "MInference's candidates whose recall on the last 256 rows reaches 0.95, else the best one. Rows 'searched' "
+    "above use it through `--sparse-config FILE`.")
+REFINED_HOW = (
+    "`megactx sparse search EVAL --refine --length 65536 --dca --sparse-config SEARCHED --text TORCH_SOURCE "
+    "--out FILE` (threshold 0.9, step 2048, one pass), SEARCHED being the file above: one sparse prefill of 64K "
+    "tokens with the searched budgets, each piece also computed densely; every head whose mean recall "
+    "exp(lse_sparse - lse_dense) fell below 0.9 became vertical-and-slash with 2048 more verticals and slashes "
+    "(the Qwen2.5-1M report's Algorithm 1). Not measured for speed or perplexity.")
+
+
 def searched_config_section() -> list[str]:
     out = []
     for path in sorted(glob.glob(os.path.join(HERE, "results", "sparse_config_*.json"))):
@@ -101,15 +115,13 @@ def searched_config_section() -> list[str]:
                 kinds[kind] = kinds.get(kind, 0) + 1
         means = [sum(e[3] for e in layer.values()) / len(layer) for layer in layers]
         worst = min(e[3] for layer in layers for e in layer.values())
-        out += [f"### Searched budgets (`{os.path.relpath(path, ROOT)}`)", "",
-                "`megactx sparse search EVAL --length 32000 --text TORCH_SOURCE --out FILE`, where TORCH_SOURCE is the "
-                "installed torch package's Python source concatenated in path order (`find .../site-packages/torch "
-                "-name '*.py' | LC_ALL=C sort | xargs cat`): real code, but not the perplexity document. Each head "
-                "takes the cheapest of MInference's candidates whose recall on the last 256 rows reaches 0.95, else "
-                "the best one. Rows 'searched' above use it through `--sparse-config FILE`.", "",
+        refined = "refined" in os.path.basename(path)
+        how = REFINED_HOW if refined else SEARCHED_HOW
+        recall = ("recall of the searched budgets at 65536 tokens, before raising (mean per layer)" if refined
+                  else "recall at 32000 tokens (mean per layer)")
+        out += [f"### {'Refined' if refined else 'Searched'} budgets (`{os.path.relpath(path, ROOT)}`)", "", how, "",
                 f"- heads: {', '.join(f'{v} {k}' for k, v in sorted(kinds.items()))}",
-                f"- recall at 32000 tokens (mean per layer): {min(means):.3f} to {max(means):.3f}; worst head "
-                f"{worst:.3f}", ""]
+                f"- {recall}: {min(means):.3f} to {max(means):.3f}; worst head {worst:.3f}", ""]
     return out
 
 
