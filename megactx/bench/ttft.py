@@ -43,17 +43,17 @@ def prompt_ids(model: str | None, length: int) -> list[int]:
     return ids[:length]
 
 
-def run_megactx(model, ids, mode, threads, chunk=4096, dtype="fp32") -> float:
+def run_megactx(model, ids, mode, threads, chunk=4096, dtype="fp32", sparse_mass=None) -> float:
     from megactx import LLM, SamplingParams
     llm = LLM(model, max_model_len=len(ids) + 8, max_num_seqs=1, num_threads=threads, dca="dca" in mode,
               sparse="sparse" in mode, allow_long_context="dca" not in mode, max_num_batched_tokens=chunk,
-              dtype=dtype)
+              dtype=dtype, sparse_mass=sparse_mass)
     llm.generate(ids[:32], SamplingParams(temperature=0, max_tokens=1))  # warm-up
     out = llm.generate(ids, SamplingParams(temperature=0, max_tokens=1))[0]
     return out.metrics["first_token_time"] - out.metrics["arrival"]
 
 
-def run_transformers(model, ids, mode, threads, chunk=None, dtype="fp32") -> float:
+def run_transformers(model, ids, mode, threads, chunk=None, dtype="fp32", sparse_mass=None) -> float:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -76,7 +76,7 @@ def run_transformers(model, ids, mode, threads, chunk=None, dtype="fp32") -> flo
         return time.perf_counter() - start
 
 
-def run_llamacpp(model, ids, mode, threads, chunk=None, dtype="fp32") -> float:
+def run_llamacpp(model, ids, mode, threads, chunk=None, dtype="fp32", sparse_mass=None) -> float:
     from llama_cpp import Llama
     from megactx.loader import default_model_path
     llm = Llama(model_path=model or default_model_path(), n_ctx=len(ids) + 8, n_threads=threads,
@@ -107,7 +107,7 @@ def unavailable(engine: str, model: str | None) -> str | None:
 
 def worker(args) -> None:
     ids = prompt_ids(args.model, args.length)
-    ttft = RUNNERS[args.engine](args.model, ids, args.mode, args.threads, args.chunk, args.dtype)
+    ttft = RUNNERS[args.engine](args.model, ids, args.mode, args.threads, args.chunk, args.dtype, args.sparse_mass)
     print("RESULT " + json.dumps({"ttft_s": ttft, "tokens": len(ids), "peak_rss_mb": peak_rss_mb()}), flush=True)
 
 
@@ -116,6 +116,7 @@ def measure(engine: str, mode: str, length: int, args, dtype: str = "fp32") -> d
            "--length", str(length), "--threads", str(args.threads), "--chunk", str(args.max_num_batched_tokens),
            "--dtype", dtype]
     cmd += ["--model", args.model] if args.model else []
+    cmd += ["--sparse-mass", str(args.sparse_mass)] if args.sparse_mass is not None and "sparse" in mode else []
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS=str(args.threads))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -123,8 +124,11 @@ def measure(engine: str, mode: str, length: int, args, dtype: str = "fp32") -> d
         tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
         raise MegactxError(f"{engine} ({mode}, {dtype}) at {length} tokens failed: {tail}")
     r = json.loads(line[7:])
-    return {"engine": engine, "mode": mode, "dtype": dtype, "length": length, "ttft_s": round(r["ttft_s"], 3),
-            "prefill_tok_s": round(r["tokens"] / r["ttft_s"], 1), "peak_rss_mb": round(r["peak_rss_mb"], 1)}
+    row = {"engine": engine, "mode": mode, "dtype": dtype, "length": length, "ttft_s": round(r["ttft_s"], 3),
+           "prefill_tok_s": round(r["tokens"] / r["ttft_s"], 1), "peak_rss_mb": round(r["peak_rss_mb"], 1)}
+    if args.sparse_mass is not None and "sparse" in mode:
+        row["sparse_mass"] = args.sparse_mass
+    return row
 
 
 def run(args) -> list[dict]:
@@ -142,6 +146,8 @@ def run(args) -> list[dict]:
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     for d in dtypes:
         parse_dtype(d)  # a clear error for an unknown name
+    if args.sparse_mass is not None and not 0 < args.sparse_mass <= 1:
+        raise MegactxError(f"--sparse-mass {args.sparse_mass}: a share of the attention, in (0, 1]")
     skipped = {c: why for c in others if (why := unavailable(c, args.model))}
     for c, why in skipped.items():
         logger.warning("skipping %s: %s", c, why)
@@ -158,7 +164,7 @@ def run(args) -> list[dict]:
             rows.append(row)
             if args.json:
                 print(json.dumps({k: row[k] for k in ("engine", "mode", "dtype", "length", "ttft_s", "prefill_tok_s",
-                                                      "peak_rss_mb")}), flush=True)
+                                                      "peak_rss_mb", "sparse_mass") if k in row}), flush=True)
             else:
                 logger.warning("%s %s %s %d: TTFT %.2f s", engine, mode, dtype, length, row["ttft_s"])
     if not args.json:
@@ -166,7 +172,8 @@ def run(args) -> list[dict]:
         print("|---|---|---|---|---|---|---|---|")
         for r in rows:
             ratio = "" if r["speedup_vs_this"] is None else f"{r['speedup_vs_this']:.2f}x"
-            print(f"| {r['engine']} | {r['mode']} | {r['dtype']} | {r['length']} | {r['ttft_s']:.2f} | {r['prefill_tok_s']:.0f} "
+            mode = r["mode"] + (f" (mass {r['sparse_mass']})" if "sparse_mass" in r else "")
+            print(f"| {r['engine']} | {mode} | {r['dtype']} | {r['length']} | {r['ttft_s']:.2f} | {r['prefill_tok_s']:.0f} "
                   f"| {r['peak_rss_mb']:.0f} | {ratio} |")
         for c, why in skipped.items():
             print(f"{c}: skipped, {why}")
@@ -182,6 +189,7 @@ def add_parser(bench_sub, env_default) -> None:
     p.add_argument("--compare", default="", help="comma list: transformers, llama.cpp")
     p.add_argument("--threads", type=int, default=env_default("--threads", os.cpu_count() or 1, int))
     p.add_argument("--max-num-batched-tokens", type=int, default=4096, help="this engine's prefill chunk")
+    p.add_argument("--sparse-mass", type=float, default=None, help="the sparse modes' --sparse-mass (cut-off)")
     p.add_argument("--json", action="store_true", help="one JSON object per row")
     p.set_defaults(func=lambda a: 0 if run(a) is not None else 1)
 
@@ -196,4 +204,5 @@ if __name__ == "__main__":
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=4096)
     ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--sparse-mass", type=float, default=None)
     worker(ap.parse_args())
