@@ -7,7 +7,7 @@ import math
 import os
 import platform
 
-from md_sparse import SPARSE_GAPS, sparse_section
+from md_sparse import END_TO_END, SPARSE_GAPS, sparse_section
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -120,6 +120,8 @@ def ruler_section() -> list[str]:
 def ttft_section() -> list[str]:
     out = []
     for path in sorted(glob.glob(os.path.join(HERE, "results", "ttft_*.jsonl"))):
+        if os.path.basename(path) == END_TO_END:  # the sparse section's
+            continue
         rows = [json.loads(line) for line in open(path) if line.strip()]
         out += [f"### {os.path.basename(path)[5:-6]}", "",
                 "| engine | mode | dtype | length | TTFT s | prefill tok/s | peak RSS MB | TTFT / megactx's first row |",
