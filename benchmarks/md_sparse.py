@@ -282,7 +282,16 @@ SPARSE_GAPS = [
     "estimate started to keep its probabilities buffer across estimates (`estimate.Workspace`): TTFT 277 vs "
     "321 s projected dense (1.16x), attention 1.28x, estimation 31.8 s, 17.0 % of the sparse attention "
     "(42 s and 20.7 % before). This machine was faster that hour (a dense layer took 11.0 s, not 13.7 s), so "
-    "part of the drop is the machine; alternating on synthetic inputs the buffer saved 5-13 % of an estimate.",
+    "part of the drop is the machine; alternating on synthetic inputs the buffer saved 5-13 % of an estimate. "
+    "The row now in the table ran after the estimate went through passes of 32 MB instead of 128 MB (25-33 % "
+    "less time per estimate on synthetic inputs, alternating) on a slower hour (a dense layer took 12.7 s): "
+    "TTFT 344 vs 389 s projected dense (1.13x), attention 1.23x, estimation 32.2 s, 14.1 % of the sparse "
+    "attention. Measured end to end (table 'Time to first token, both sides measured'), bf16 at 64K gives "
+    "1.11x.",
+    "- The refined budgets (the searched ones after one refine pass at 64K, section below) are as fast as the "
+    "default budgets with the mass cut-off, not faster: at 64K (16K chunks, 8K parts) TTFT 1.61x the projected "
+    "dense (713 vs 1148 s), attention 1.97x on the timed layers, density 0.47, estimation 6.5 %, passkey "
+    "correct; their perplexity is within 3 % but for one bucket (1.032x).",
     "- The searched budgets (`megactx sparse search`, 32000 tokens of torch's source) are fast but lose "
     "accuracy. At 128K: TTFT 3.38x the projected dense (1388 vs 4689 s), attention 4.57x on the timed "
     "layers 4, 16, 23 (the two densest of the searched plan among them; 5.80x over all 24 layers against "
