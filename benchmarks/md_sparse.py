@@ -105,7 +105,8 @@ def end_to_end_section() -> list[str]:
            "--max-num-batched-tokens 8192 --dtypes DTYPE --json`: two whole prefills of the same prompt (filler text, "
            "not the passkey prompt of the table above), each in a process of its own after a 32-token warm-up, dense "
            "DCA first; nothing projected.", "",
-           "| length | dtype | TTFT dense DCA s | TTFT sparse s | speedup |", "|---:|---|---:|---:|---:|"]
+           "| length | dtype | TTFT dense DCA s | TTFT sparse s | speedup | peak RSS MB dense / sparse |",
+           "|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         if "sparse" not in r["mode"]:
             continue
@@ -113,7 +114,7 @@ def end_to_end_section() -> list[str]:
                       and d["dtype"] == r["dtype"]), None)
         if dense:
             out.append(f"| {r['length']} | {r['dtype']} | {dense['ttft_s']:.0f} | {r['ttft_s']:.0f} | "
-                       f"{dense['ttft_s'] / r['ttft_s']:.2f}x |")
+                       f"{dense['ttft_s'] / r['ttft_s']:.2f}x | {dense['peak_rss_mb']:.0f} / {r['peak_rss_mb']:.0f} |")
     return out + [""]
 
 
