@@ -141,6 +141,21 @@ def test_estimating_a_few_heads_per_pass_equals_one_pass(monkeypatch):
         assert torch.equal(few.verticals, one.verticals) and torch.equal(few.slashes, one.slashes)
 
 
+def test_estimate_of_bf16_inputs_equals_the_fp32_estimate_of_the_same_values():
+    # a bf16 model's keys and queries are scored in fp32 (keys converted once per estimate): the same choice as
+    # the fp32 estimate of the very same values, in every pass size
+    g = torch.Generator().manual_seed(9)
+    h, hkv, d, m, r = 6, 2, 8, 300, 16
+    segments = [(0, 120, torch.randn(r, h, d, generator=g).bfloat16()),
+                (120, m, torch.randn(r, h, d, generator=g).bfloat16())]
+    k = torch.randn(hkv, m, d, generator=g).bfloat16()
+    q_pos = torch.arange(m - r, m)
+    as_fp32 = estimate_vertical_slash([(lo, hi, q.float()) for lo, hi, q in segments], k.float(), q_pos, d ** -0.5,
+                                      40, 120, mass=0.9)
+    got = estimate_vertical_slash(segments, k, q_pos, d ** -0.5, 40, 120, mass=0.9)
+    assert torch.equal(got.verticals, as_fp32.verticals) and torch.equal(got.slashes, as_fp32.slashes)
+
+
 def _naive_union_coverage(q, k, q_pos, scale, vs):
     """[H] attention mass (summed over the estimating rows) inside the chosen verticals and slashes together,
     and [H, m] the slash scores of what the verticals leave."""
