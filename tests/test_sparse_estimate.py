@@ -143,7 +143,7 @@ def test_estimating_a_few_heads_per_pass_equals_one_pass(monkeypatch):
 
 def test_estimate_of_bf16_inputs_equals_the_fp32_estimate_of_the_same_values():
     # a bf16 model's keys and queries are scored in fp32 (keys converted once per estimate): the same choice as
-    # the fp32 estimate of the very same values, in every pass size
+    # the fp32 estimate of the very same values
     g = torch.Generator().manual_seed(9)
     h, hkv, d, m, r = 6, 2, 8, 300, 16
     segments = [(0, 120, torch.randn(r, h, d, generator=g).bfloat16()),

@@ -116,7 +116,8 @@ def measure(engine: str, mode: str, length: int, args, dtype: str = "fp32") -> d
            "--length", str(length), "--threads", str(args.threads), "--chunk", str(args.max_num_batched_tokens),
            "--dtype", dtype]
     cmd += ["--model", args.model] if args.model else []
-    cmd += ["--sparse-mass", str(args.sparse_mass)] if args.sparse_mass is not None and "sparse" in mode else []
+    mass = args.sparse_mass if "sparse" in mode else None
+    cmd += ["--sparse-mass", str(mass)] if mass is not None else []
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS=str(args.threads))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -126,8 +127,8 @@ def measure(engine: str, mode: str, length: int, args, dtype: str = "fp32") -> d
     r = json.loads(line[7:])
     row = {"engine": engine, "mode": mode, "dtype": dtype, "length": length, "ttft_s": round(r["ttft_s"], 3),
            "prefill_tok_s": round(r["tokens"] / r["ttft_s"], 1), "peak_rss_mb": round(r["peak_rss_mb"], 1)}
-    if args.sparse_mass is not None and "sparse" in mode:
-        row["sparse_mass"] = args.sparse_mass
+    if mass is not None:
+        row["sparse_mass"] = mass
     return row
 
 
