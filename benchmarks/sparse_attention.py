@@ -92,6 +92,7 @@ def run_length(args, length: int) -> dict:
             "density": round(sum(dens) / len(dens), 4) if dens else None,
             "planned_density": round(sum(planned) / len(planned), 4) if planned else None,
             "dense_fallbacks": stats.fallbacks.get(li, 0), "chunks": len(planned),
+            "planned_by_chunk": [round(x, 3) for x in planned],  # in prefill order: where the fallbacks fall
             "recall": round(sum(r * w for r, w in recalls) / weight, 4) if weight else None})
     dense_projected = ttft - sparse_attn - estimate + sum(
         record["dense_s"].get(li, mean_dense) for li in range(layers))

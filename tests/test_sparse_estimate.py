@@ -266,18 +266,20 @@ def test_slash_window_budget_bounds_the_keys_a_block_computes():
 
 
 def test_estimates_through_one_workspace_equal_fresh_buffers():
-    """The probabilities buffer kept across estimates (grown when needed) changes no result."""
+    """The buffers kept across estimates (grown when needed: the probabilities, the fp32 copy of bf16 keys)
+    change no result."""
     from megactx.sparse.estimate import Workspace
     g = torch.Generator().manual_seed(7)
     h, hkv, d, r = 4, 2, 8, 16
     workspace = Workspace()
-    for m in (300, 500, 400):
-        q = torch.randn(r, h, d, generator=g) * 3
-        k = torch.randn(hkv, m, d, generator=g)
+    for m, dtype in ((300, torch.float32), (500, torch.bfloat16), (400, torch.float32), (450, torch.bfloat16)):
+        q = (torch.randn(r, h, d, generator=g) * 3).to(dtype)
+        k = torch.randn(hkv, m, d, generator=g).to(dtype)
         q_pos = torch.arange(m - r, m)
         fresh = estimate_vertical_slash(q, k, q_pos, d ** -0.5, 40, 120, mass=0.9)
         reused = estimate_vertical_slash(q, k, q_pos, d ** -0.5, 40, 120, mass=0.9, workspace=workspace)
         assert torch.equal(fresh.verticals, reused.verticals) and torch.equal(fresh.slashes, reused.slashes)
         if m == 500:
-            grown = workspace._flat.data_ptr()
-    assert workspace._flat.data_ptr() == grown  # the smaller estimate after it reused the buffer
+            grown = workspace._flat["probs"].data_ptr()
+    assert workspace._flat["probs"].data_ptr() == grown  # the smaller estimates after it reused the buffer
+    assert workspace._flat["keys"].numel() == hkv * 500 * d  # bf16 keys went through it, fp32 ones did not
