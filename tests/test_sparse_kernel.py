@@ -6,7 +6,8 @@ import torch
 from megactx.attention.dense import reference_attention
 from megactx.sparse.estimate import VerticalSlash
 from megactx.sparse.kernel import KeySource, shared_keys, sparse_attention, subtract_spans, tile_shared_spans
-from megactx.sparse.plan import BlockKeys, block_sparse_plan, plan_mask, vertical_slash_plan
+from megactx.sparse.plan import (BlockKeys, block_sparse_plan, plan_mask, reference_vertical_slash_plan,
+                                 vertical_slash_plan)
 from test_dca import D, H, HKV
 
 def _masked_reference(q, k, v, mask, scale):
@@ -61,6 +62,28 @@ def test_vertical_slash_plan_is_its_naive_definition(q_start, n, block):
         for i, keys in enumerate(plan[h]):
             idx = keys.indices()
             assert len(idx) == len(set(idx.tolist())) and bool((idx < q_start + i * block).all())
+
+
+@pytest.mark.parametrize("merge_gap,diagonal_cost", [(0, 0), (8, 0), (40, 0), (0, 4), (8, 3)])
+def test_vertical_slash_plan_equals_its_reference_block_by_block(merge_gap, diagonal_cost):
+    """The fast plan (runs joined on their ends, columns and spans for all blocks at once) is the reference's:
+    the same spans in the same order, the same columns and exact diagonals, for every head and block; with bands,
+    isolated slashes, padding by repetition, and a head whose slashes reach no earlier key."""
+    g = torch.Generator().manual_seed(merge_gap + diagonal_cost)
+    for q_start, n, block in [(0, 90, 16), (37, 61, 16), (300, 130, 32), (1000, 256, 64)]:
+        m = q_start + n
+        vs = _random_vs(m, 9, 12, seed=q_start + merge_gap)
+        band = torch.arange(1, 13) + int(torch.randint(0, max(m - 13, 1), (1,), generator=g))
+        slashes = torch.cat([vs.slashes[:, :6], band.clamp(max=m - 1)[None].expand(H, -1)[:, :6]], 1)
+        slashes[1] = 0  # only the diagonal itself: no earlier key
+        slashes[2, 6:] = slashes[2, 5]  # padding repeats an index
+        vs = VerticalSlash(vs.verticals, slashes.sort(dim=1).values)
+        fast = vertical_slash_plan(vs, q_start, n, block, merge_gap=merge_gap, diagonal_cost=diagonal_cost)
+        ref = reference_vertical_slash_plan(vs, q_start, n, block, merge_gap=merge_gap, diagonal_cost=diagonal_cost)
+        for head in range(H):
+            for f, r in zip(fast[head], ref[head], strict=True):
+                assert f.ranges == r.ranges
+                assert torch.equal(f.columns, r.columns) and torch.equal(f.diagonals, r.diagonals)
 
 
 @pytest.mark.parametrize("q_start", [0, 64])
