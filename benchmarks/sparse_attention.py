@@ -56,7 +56,7 @@ def run_length(args, length: int) -> dict:
               sparse_config=args.sparse_config, sparse_threshold=args.threshold, sparse_mass=args.mass,
               sparse_max_density=args.max_density, sparse_estimate_span=args.estimate_span,
               sparse_exact_diagonals=args.exact_diagonals, sparse_mass_union=args.mass_union,
-              sparse_slash_window=args.slash_window,
+              sparse_slash_window=args.slash_window, sparse_block_size=args.block,
               max_num_batched_tokens=args.chunk, num_threads=args.threads, dtype=args.dtype)
     backend = InProcessBackend(llm)
     key = make_key(0, length, 50, 0)
@@ -108,12 +108,14 @@ def run_length(args, length: int) -> dict:
             "layers": per_layer, "chunk": args.chunk, "sparse_config": args.sparse_config or "default budgets",
             "mass": args.mass, "mass_union": args.mass_union, "slash_window": args.slash_window, "dtype": args.dtype,
             "max_density": args.max_density, "estimate_span": args.estimate_span,
-            "dca_temperature": llm.engine.dca.temperature, "kernel": _kernel(args),
+            "dca_temperature": llm.engine.dca.temperature, "kernel": _kernel(args, llm.engine.sparse.block_size),
             "dense_fallbacks": sum(stats.fallbacks.values()), "chunks": sum(len(d) for d in stats.planned.values())}
 
 
-def _kernel(args) -> str:
-    return KERNEL_NAME + (", exact diagonals" if args.exact_diagonals else "")
+def _kernel(args, block: int) -> str:
+    # the block height is named when it is not the fp32 default the earlier rows ran with
+    return KERNEL_NAME + (", exact diagonals" if args.exact_diagonals else "") + (
+        f", {block}-row blocks" if block != 256 else "")
 
 
 def main():
@@ -139,6 +141,8 @@ def main():
     ap.add_argument("--slash-window", type=int, default=0, help="--sparse-slash-window: slashes chosen in windows "
                     "of this many diagonals, the slash budget counted in keys (0: top-k diagonals)")
     ap.add_argument("--dtype", default="fp32", help="compute dtype of both sides (fp32, bf16)")
+    ap.add_argument("--block", type=int, default=None, help="sparse kernel block rows (default: by dtype, "
+                    "256 in fp32, 512 in bf16)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/sparse_attention_eval.json")
     args = ap.parse_args()
@@ -151,7 +155,7 @@ def main():
                                r.get("estimate_span", 0), r.get("kernel", "per span"), r.get("mass_union", False),
                                r.get("dtype", "fp32"), r.get("slash_window", 0)) !=
                            (length, args.prompt, args.mass, args.max_density, row["sparse_config"],
-                            row["dca_temperature"], args.chunk, args.estimate_span, _kernel(args),
+                            row["dca_temperature"], args.chunk, args.estimate_span, row["kernel"],
                             args.mass_union, args.dtype, args.slash_window)] + [row]
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

@@ -196,7 +196,7 @@ class EngineConfig:
     sparse_exact_diagonals: bool = False  # isolated slashes one key per row instead of a block-wide span
     sparse_mass_union: bool = False  # the mass cut-off counts verticals and slashes together
     sparse_slash_window: int = 0  # slashes chosen in windows of this many diagonals, the budget in keys (0: off)
-    sparse_block_size: int = 256  # query rows per kernel block (Python only: tests use small blocks)
+    sparse_block_size: int | None = None  # query rows per kernel block; None: by dtype (sparse/config.py)
 
     def __post_init__(self):
         parse_dtype(self.dtype)

@@ -233,3 +233,15 @@ def test_mass_setting_is_checked():
         SparseConfig(slash_window=-1)
     with pytest.raises(ConfigError, match="use one of them"):
         SparseConfig(mass=0.9, mass_union=True, slash_window=64)
+
+
+def test_kernel_block_height_follows_the_compute_dtype_unless_set(tiny_dir):
+    """256-row blocks in fp32, 512 in bf16 (fewer, taller flash calls; default_block_size measures why);
+    an explicit sparse_block_size wins. The engine's sparse config is the one its attention backend uses."""
+    from megactx.config import EngineConfig
+    from megactx.engine.llm_engine import LLMEngine
+    path = tiny_dir("qwen2")
+    for kw, rows in (({}, 256), ({"dtype": "bf16"}, 512), ({"dtype": "bf16", "sparse_block_size": 64}, 64)):
+        engine = LLMEngine(EngineConfig(model=path, **kw))
+        assert engine.sparse.block_size == rows
+        assert engine.runner.backend.sparse.cfg.block_size == rows

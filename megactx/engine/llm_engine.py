@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from megactx.attention.dca import resolve_dca
-from megactx.sparse.config import resolve_sparse
+from megactx.sparse.config import default_block_size, resolve_sparse
 from megactx.config import EngineConfig, ceil_div, log_fmt_bytes, parse_dtype
 from megactx.engine.detokenizer import IncrementalDetokenizer
 from megactx.engine.kv_cache import BlockAllocator
@@ -71,7 +71,9 @@ class LLMEngine:
         if self.dca is not None:
             logger.info("Dual Chunk Attention: %s", self.dca.describe())
         self.sparse = resolve_sparse(self.source.path, config.sparse, config.sparse_config, config.sparse_threshold,
-                                     config.sparse_last_q, config.sparse_block_size, config.sparse_mass,
+                                     config.sparse_last_q,
+                                     config.sparse_block_size or default_block_size(parse_dtype(config.dtype)),
+                                     config.sparse_mass,
                                      config.sparse_max_density, config.sparse_estimate_span,
                                      config.sparse_exact_diagonals, config.sparse_mass_union,
                                      config.sparse_slash_window)
