@@ -5,7 +5,8 @@ import torch
 
 from megactx.attention.dense import reference_attention
 from megactx.sparse.estimate import VerticalSlash
-from megactx.sparse.kernel import KeySource, shared_keys, sparse_attention, subtract_spans, tile_shared_spans
+from megactx.sparse.kernel import (KeySource, shared_keys, span_positions, sparse_attention, subtract_spans,
+                                   tile_shared_spans)
 from megactx.sparse.plan import (BlockKeys, block_sparse_plan, plan_mask, reference_vertical_slash_plan,
                                  vertical_slash_plan)
 from test_dca import D, H, HKV
@@ -140,6 +141,15 @@ def test_isolated_slashes_as_exact_diagonals_are_their_naive_definition():
 
 def _span_keys(spans):
     return {j for lo, hi in spans for j in range(lo, hi)}
+
+
+def test_span_positions_are_the_spans_keys_in_order():
+    g = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        cuts = torch.randperm(200, generator=g)[:int(torch.randint(0, 12, (1,), generator=g))].sort().values.tolist()
+        spans = [(a, b) for a, b in zip(cuts[::2], cuts[1::2]) if b > a]
+        want = [j for lo, hi in spans for j in range(lo, hi)]
+        assert span_positions(spans).tolist() == want
 
 
 def test_span_set_operations_agree_with_sets():

@@ -10,10 +10,13 @@ from __future__ import annotations
 import torch
 
 
-def merge_attention(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    # outs: P x [..., D], lses: P x [...] (out's shape without D) -> out [..., D] (dtype of outs[0]), lse [...] fp32
+def merge_attention(outs: list[torch.Tensor], lses: list[torch.Tensor],
+                    out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    # outs: P x [..., D], lses: P x [...] (out's shape without D) -> out [..., D] (out_dtype, default the dtype
+    # of outs[0]), lse [...] fp32. out_dtype fp32 keeps a partial result that is merged again unrounded
+    dtype = out_dtype or outs[0].dtype
     if len(outs) == 1:
-        return outs[0], lses[0]
+        return outs[0].to(dtype), lses[0]
     lse = torch.stack(lses).float()  # [P, ...]: the parts' lse are fp32 already (no copy then)
     total = torch.logsumexp(lse, dim=0)
     # all parts empty for a row -> total = -inf; subtract 0 there so that its weights are exp(-inf) = 0, not NaN
@@ -22,4 +25,4 @@ def merge_attention(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple
     out = outs[0] * weights[0]
     for w, o in zip(weights[1:], outs[1:]):
         out.addcmul_(o, w)
-    return out.to(outs[0].dtype), total
+    return out.to(dtype), total

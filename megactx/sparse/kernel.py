@@ -154,8 +154,19 @@ def _attend_diagonals(segments, head: int, rows: slice, key: torch.Tensor, valid
 
 def _gather_short(spans: list[tuple[int, int]], columns: torch.Tensor, min_view: int):
     """-> the spans read as views of the cache (at least min_view keys), the positions of all other keys."""
-    short = [torch.arange(lo, hi) for lo, hi in spans if hi - lo < min_view]
-    return [(lo, hi) for lo, hi in spans if hi - lo >= min_view], torch.cat(short + [columns.cpu()])
+    short = [(lo, hi) for lo, hi in spans if hi - lo < min_view]
+    return [(lo, hi) for lo, hi in spans if hi - lo >= min_view], torch.cat([span_positions(short), columns.cpu()])
+
+
+def span_positions(spans: list[tuple[int, int]]) -> torch.Tensor:
+    """[(lo, hi), ...] -> the positions lo..hi-1 of every span, in order: one arange and a per-span offset
+    instead of an arange per span (a block has dozens of short spans, the kernel thousands of blocks)."""
+    if not spans:
+        return torch.empty(0, dtype=torch.long)
+    bounds = torch.tensor(spans, dtype=torch.long)  # [S, 2]
+    lengths = bounds[:, 1] - bounds[:, 0]
+    shift = bounds[:, 0] - (lengths.cumsum(0) - lengths)  # position - index in the output, per span
+    return torch.arange(int(lengths.sum())) + shift.repeat_interleave(lengths)
 
 
 def sparse_attention(segments: list[tuple[int, int, torch.Tensor]], keys: KeySource, plan: Plan, q_start: int,
@@ -231,4 +242,4 @@ class _PartBuffer:
         if self.out is None:
             self.out = torch.zeros(self.n, 1, self.d, dtype=torch.float32, device=self.device)
             self.lse = torch.full((self.n, 1), float("-inf"), device=self.device)
-        self.out[rows], self.lse[rows] = merge_attention(outs, lses)
+        self.out[rows], self.lse[rows] = merge_attention(outs, lses, out_dtype=torch.float32)
