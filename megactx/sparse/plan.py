@@ -72,6 +72,20 @@ def _runs(sorted_values: torch.Tensor) -> list[tuple[int, int]]:
 MERGE_GAP = 256  # spans closer than this many keys are computed as one: a call costs about as much as 256 keys
 
 
+def _slash_cover(vs: VerticalSlash, block: int):
+    """-> slashes, sorted verticals (duplicates adjacent), max_d, covered [H, max_d + 2] bool: covered[h, u] when
+    the key a - u is in some slash's range [a - d, a - d + block) of the block at a, i.e. d - block < u <= d
+    (u = 0, the block's own first key, never is: d > 0 only)."""
+    h = vs.verticals.shape[0]
+    slashes, verticals = vs.slashes.cpu(), vs.verticals.cpu().sort(dim=-1).values
+    max_d = max(int(slashes.max()), 0) if slashes.numel() else 0
+    real = (slashes > 0).to(torch.int32)
+    diff = torch.zeros(h, max_d + 2, dtype=torch.int32)
+    diff.scatter_add_(1, (slashes - block).clamp(min=0) + 1, real)
+    diff.scatter_add_(1, slashes.clamp(min=0) + 1, -real)
+    return slashes, verticals, max_d, diff.cumsum(1) > 0
+
+
 def vertical_slash_plan(vs: VerticalSlash, q_start: int, n: int, block: int, merge_gap: int = MERGE_GAP,
                         diagonal_cost: int = 0) -> Plan:
     """merge_gap: spans separated by fewer keys are joined (a superset: fewer, longer kernel calls).
@@ -82,15 +96,9 @@ def vertical_slash_plan(vs: VerticalSlash, q_start: int, n: int, block: int, mer
     14 heads): the gaps are filled on the runs' ends instead of element by element, and each head's spans and
     columns for all its blocks come from a few whole-tensor ops. reference_vertical_slash_plan() is the oracle."""
     h = vs.verticals.shape[0]
-    slashes, verticals = vs.slashes.cpu(), vs.verticals.cpu().sort(dim=-1).values  # sorted: duplicates adjacent
-    max_d = max(int(slashes.max()), 0) if slashes.numel() else 0
-    # covered offsets u (the key a - u): d - block < u <= d for some slash d > 0, as runs [u_lo, u_hi)
-    real = (slashes > 0).to(torch.int32)
-    diff = torch.zeros(h, max_d + 3, dtype=torch.int32)
-    diff.scatter_add_(1, (slashes - block).clamp(min=0) + 1, real)
-    diff.scatter_add_(1, slashes.clamp(min=0) + 1, -real)
-    covered = torch.nn.functional.pad(diff[:, :-1].cumsum(1) > 0, (1, 0))  # [h, max_d + 3], False at 0 and end
-    edge = covered.to(torch.int8).diff(dim=1)  # [h, max_d + 2]: +1 at a run's first u, -1 just after its last
+    slashes, verticals, max_d, covered = _slash_cover(vs, block)
+    # as runs [u_lo, u_hi): pad a False before u = 0 (u = max_d + 1 is never covered, every run ends before it)
+    edge = torch.nn.functional.pad(covered, (1, 0)).to(torch.int8).diff(dim=1)  # +1 at a run's first u, -1 after
     head_of, u_lo = (edge == 1).nonzero().unbind(1)  # runs in (head, u) order
     u_hi = (edge == -1).nonzero()[:, 1]
     if merge_gap > 0 and len(u_lo) > 1:  # join a run to the next one of its head across a gap under merge_gap
@@ -158,15 +166,7 @@ def reference_vertical_slash_plan(vs: VerticalSlash, q_start: int, n: int, block
     column selection per head and block. The tests check it pair by pair against the definition and the fast
     path against it."""
     h = vs.verticals.shape[0]
-    slashes, verticals = vs.slashes.cpu(), vs.verticals.cpu().sort(dim=-1).values  # sorted: duplicates adjacent
-    max_d = max(int(slashes.max()), 0) if slashes.numel() else 0
-    # covered[h, u]: the key a - u is in some slash's range [a - d, a - d + block), i.e. d - block < u <= d
-    # (u = 0, the block's own first key, never is: d > 0 only)
-    real = (slashes > 0).to(torch.int32)
-    diff = torch.zeros(h, max_d + 2, dtype=torch.int32)
-    diff.scatter_add_(1, (slashes - block).clamp(min=0) + 1, real)
-    diff.scatter_add_(1, slashes.clamp(min=0) + 1, -real)
-    covered = diff.cumsum(1) > 0
+    slashes, verticals, max_d, covered = _slash_cover(vs, block)
     if merge_gap > 0:  # fill the uncovered gaps shorter than merge_gap between two covered runs
         u = torch.arange(max_d + 2).expand(h, -1)
         prev = torch.where(covered, u, -1).cummax(1).values
