@@ -185,7 +185,8 @@ def _sparse_vs_dense(settings: dict, names: list[str]) -> list[str]:
     """Each sparse run against the dense DCA run of the same DCA settings: worst bucket and whole document."""
     out = []
     for n in (n for n in names if "sparse" in n):
-        ref = next((r for r in names if "sparse" not in r and settings[r].get("dca") == settings[n].get("dca")), None)
+        ref = next((r for r in names if "sparse" not in r and settings[r].get("dca") == settings[n].get("dca")
+                    and settings[r].get("dtype", "float32") == settings[n].get("dtype", "float32")), None)
         if ref:
             pairs = list(zip(settings[n]["buckets"], settings[ref]["buckets"]))
             worst = max(a["ppl"] / b["ppl"] for a, b in pairs)

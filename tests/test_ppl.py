@@ -47,3 +47,20 @@ def test_default_document_is_the_standard_library(tiny_dir):
     engine = make_engine(tiny_dir("qwen2", num_key_value_heads=2))
     ids = document_ids(engine.tokenizer, 500)
     assert len(ids) == 500 and ids == document_ids(engine.tokenizer, 500)
+
+
+def test_ppl_command_records_the_compute_dtype_and_sparse_setting(tiny_dir, tmp_path):
+    """`megactx eval ppl` writes what a comparison needs: the dtype (BENCHMARKS.md pairs a sparse run with the
+    dense run of the same dtype and DCA settings) and the sparse setting when it applied."""
+    import json
+    from megactx.cli import main
+    path = tiny_dir("qwen2", num_key_value_heads=2)
+    for extra, dtype, sparse in (([], "float32", False), (["--dtype", "bf16", "--sparse-threshold", "64"],
+                                                          "bfloat16", True)):
+        out = tmp_path / f"{dtype}.json"
+        assert main(["eval", "ppl", "--model", str(path), "--length", "150", "--bucket", "64", "--out", str(out),
+                     "--max-num-batched-tokens", "64", *extra]) == 0
+        run = json.loads(out.read_text())
+        assert run["dtype"] == dtype and (dtype in run["setting"]) == (dtype != "float32")
+        assert (run["sparse"] is not None) == sparse and ("sparse prefill" in run["setting"]) == sparse
+        assert [b["tokens"] for b in run["buckets"]] == [63, 64, 22]

@@ -128,12 +128,17 @@ def cmd_ppl(args) -> int:
     setting = f"window {args.window}" if args.window else (
         f"DCA, temperature {dca.temperature}" if dca else "full context, plain RoPE")
     sparse = llm.engine.sparse
-    if sparse is not None and max(len(ids) - 1 if not args.window else args.window, 0) > sparse.threshold:
+    sparse_applied = sparse is not None and max(len(ids) - 1 if not args.window else args.window, 0) > sparse.threshold
+    if sparse_applied:
         setting += ", sparse prefill"
+    dtype = str(llm.engine.runner.dtype).removeprefix("torch.")
+    if dtype != "float32":  # runs compare only with runs of their compute dtype
+        setting += f", {dtype}"
     # The file name only: a results file should not carry the local directory layout.
     model_name = os.path.basename(args.model.rstrip("/")) if args.model else None
     result = {"model": model_name, "length": args.length, "text": args.text or "python-stdlib",
-              "setting": setting, "dca": llm.engine.dca.describe() if llm.engine.dca else None, "buckets": rows}
+              "setting": setting, "dca": llm.engine.dca.describe() if llm.engine.dca else None, "dtype": dtype,
+              "sparse": sparse.describe() if sparse_applied else None, "buckets": rows}
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
