@@ -160,8 +160,8 @@ def _exact_diagonal_runs(runs: list[list[tuple[int, int]]], slashes: torch.Tenso
     return kept, diagonals
 
 
-def reference_vertical_slash_plan(vs: VerticalSlash, q_start: int, n: int, block: int, merge_gap: int = MERGE_GAP,
-                        diagonal_cost: int = 0) -> Plan:
+def reference_vertical_slash_plan(vs: VerticalSlash, q_start: int, n: int, block: int,
+                                  merge_gap: int = MERGE_GAP, diagonal_cost: int = 0) -> Plan:
     """vertical_slash_plan()'s reference: covered offsets, gaps filled element by element, one run list and one
     column selection per head and block. The tests check it pair by pair against the definition and the fast
     path against it."""
