@@ -42,6 +42,7 @@ def test_bench_ttft_json_rows_and_eval_input_errors(tmp_path):
                           (["generate", "--sparse-config", str(bad), "hi"], "bad.json: layer 0 head 0: unknown pattern"),
                           (["bench", "ttft", "--modes", "fast"], "unknown mode 'fast'"),
                           (["bench", "ttft", "--dtypes", "fp8"], "unknown dtype 'fp8'"),
-                          (["bench", "ttft", "--sparse-mass", "1.5"], "--sparse-mass 1.5: a share of the attention")]:
+                          (["bench", "ttft", "--sparse-mass", "1.5"], "--sparse-mass 1.5: a share of the attention"),
+                          (["generate", "--sparse-block-size", "8", "hi"], "--sparse-block-size 8: a kernel block")]:
         r = run(args, "")
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)

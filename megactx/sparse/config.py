@@ -74,7 +74,7 @@ class SparseConfig:
             raise ConfigError("--sparse-slash-window and --sparse-mass-union choose the slashes in different ways: "
                               "use one of them")
         if self.block_size < 16:
-            raise ConfigError(f"sparse block size must be >= 16, got {self.block_size}")
+            raise ConfigError(f"--sparse-block-size {self.block_size}: a kernel block needs at least 16 query rows")
 
     def head(self, layer: int, head: int) -> HeadPattern:
         if layer < len(self.layers):
