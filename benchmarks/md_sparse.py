@@ -312,7 +312,8 @@ SPARSE_GAPS = [
     "1421 s sparse. Profiled on a "
     "captured piece, flash calls are 77 % of the kernel's time; its 512-row calls run at 61-68 % of dense "
     "attention's pair rate and its 2048-row tile calls at 75-86 %. End to end (table 'Time to first token, "
-    "both sides measured', rerun): 331 vs 238 s, 1.39x (1.11x before: 361 vs 324 s).",
+    "both sides measured', rerun): 331 vs 238 s, 1.39x (1.11x before: 361 vs 324 s); fp32 rerun after the "
+    "same changes: 949 vs 527 s, 1.80x (1.84x before: 1040 vs 566 s, on a slower hour for the dense side).",
     "- Peak memory in bf16: sparse prefill at 64K peaked at 4709 MB against 2778 MB dense (fp32: 3978 vs 3845). "
     "Measured at 16K in bf16 (threshold 0, one prefill per process): 3277-3542 MB with glibc's defaults in "
     "four runs (30 s); with a fixed mmap threshold (`MALLOC_MMAP_THRESHOLD_`) of 128 KB, 1 MB or 4 MB "
