@@ -101,8 +101,10 @@ def vertical_slash_plan(vs: VerticalSlash, q_start: int, n: int, block: int, mer
     edge = torch.nn.functional.pad(covered, (1, 0)).to(torch.int8).diff(dim=1)  # +1 at a run's first u, -1 after
     head_of, u_lo = (edge == 1).nonzero().unbind(1)  # runs in (head, u) order
     u_hi = (edge == -1).nonzero()[:, 1]
+    changed = diagonal_cost > 0  # the runs differ from `covered`: it is rebuilt from them below
     if merge_gap > 0 and len(u_lo) > 1:  # join a run to the next one of its head across a gap under merge_gap
         join = (head_of[1:] == head_of[:-1]) & (u_lo[1:] - u_hi[:-1] < merge_gap)
+        changed |= bool(join.any())
         keep_lo = torch.cat([torch.tensor([True]), ~join])
         keep_hi = torch.cat([~join, torch.tensor([True])])
         head_of, u_lo, u_hi = head_of[keep_lo], u_lo[keep_lo], u_hi[keep_hi]
@@ -115,11 +117,11 @@ def vertical_slash_plan(vs: VerticalSlash, q_start: int, n: int, block: int, mer
         u_lo = torch.tensor([x[0] for r in runs for x in r], dtype=torch.long)
         u_hi = torch.tensor([x[1] for r in runs for x in r], dtype=torch.long)
     counts = torch.bincount(head_of, minlength=h).tolist()
-    # covered again from the final runs (gaps joined, exact ones removed): a vertical in a span is not a column
-    diff = torch.zeros(h, max_d + 3, dtype=torch.int32)
-    diff.index_put_((head_of, u_lo), torch.ones(len(u_lo), dtype=torch.int32), accumulate=True)
-    diff.index_put_((head_of, u_hi), torch.full((len(u_hi),), -1, dtype=torch.int32), accumulate=True)
-    covered = diff.cumsum(1)[:, :max_d + 2] > 0
+    if changed:  # covered again from the final runs (gaps joined, exact ones removed): a vertical in a span is not
+        diff = torch.zeros(h, max_d + 3, dtype=torch.int32)  # gathered as a column
+        diff.index_put_((head_of, u_lo), torch.ones(len(u_lo), dtype=torch.int32), accumulate=True)
+        diff.index_put_((head_of, u_hi), torch.full((len(u_hi),), -1, dtype=torch.int32), accumulate=True)
+        covered = diff.cumsum(1)[:, :max_d + 2] > 0
     starts = torch.tensor(block_starts(q_start, n, block))  # [B]
     nb = len(starts)
     # a vertical is gathered for a block when it is before the block and no span covers it
