@@ -37,7 +37,9 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = False) 
     p.add_argument("--kv-cache-memory", default=env_default("--kv-cache-memory"),
                    help="KV cache size, e.g. 8GiB (default: enough for max-model-len x min(max-num-seqs, 4), <= 4GiB)")
     p.add_argument("--kv-cache-dtype", default=env_default("--kv-cache-dtype", "auto"), help="auto, fp32, bf16, fp16")
-    p.add_argument("--dtype", default=env_default("--dtype", "fp32"), help="compute dtype: fp32 (default), bf16 (several times faster prefill on CPUs with AMX), fp16")
+    p.add_argument("--dtype", default=env_default("--dtype", "fp32"),
+                   help="compute dtype: fp32 (default), bf16 (several times faster prefill on CPUs with AMX, "
+                        "several times slower on CPUs without AVX512-BF16), fp16")
     p.add_argument("--weight-dtype", default=env_default("--weight-dtype", "auto"),
                    help="storage of the weight matrices: auto (fp16 for quantized GGUF on CPU, else --dtype), fp32, fp16, bf16")
     p.add_argument("--packed-weights", default=env_default("--packed-weights", "auto"), choices=["auto", "on", "off"],

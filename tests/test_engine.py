@@ -86,3 +86,18 @@ def test_packed_weights_batch_decode_gives_the_same_tokens(qwen_path):
             assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
     single = LLM(qwen_path, max_num_seqs=1).engine.runner.model.linear_layers()
     assert all(m.packed is None for m in single)  # auto: one sequence at a time never batches
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_engine_warns_when_the_cpu_has_no_native_bf16(qwen_path, monkeypatch, caplog, native):
+    # the warning follows what the CPU reports, not this machine: both answers are simulated
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    with caplog.at_level("WARNING", logger="megactx.engine.model_runner"):
+        LLM(qwen_path, dtype="bf16", max_num_batched_tokens=64)
+        LLM(qwen_path, dtype="fp32", max_num_batched_tokens=64)
+    warnings = [r.getMessage() for r in caplog.records if "native" in r.getMessage()]
+    if native:
+        assert warnings == []
+    else:  # one warning, for the bf16 engine only, naming the setting and its fix
+        assert len(warnings) == 1 and "--dtype bf16" in warnings[0] and "--dtype fp32" in warnings[0]
