@@ -104,16 +104,18 @@ def end_to_end_section() -> list[str]:
            "`megactx bench ttft --model EVAL --lengths 65536 --modes dca,dca+sparse --sparse-mass 0.95 "
            "--max-num-batched-tokens 8192 --dtypes DTYPE --json`: two whole prefills of the same prompt (filler text, "
            "not the passkey prompt of the table above), each in a process of its own after a 32-token warm-up, dense "
-           "DCA first; nothing projected.", "",
-           "| length | dtype | TTFT dense DCA s | TTFT sparse s | speedup | peak RSS MB dense / sparse |",
-           "|---:|---|---:|---:|---:|---:|"]
+           "DCA first; nothing projected. CPU: the vector instructions torch's kernels use on the machine of the run "
+           "(the AVX512 machine has AMX too, where bf16 is fast; without AVX512-BF16 or AMX bf16 is several times "
+           "slower than fp32 and was not run).", "",
+           "| length | CPU | dtype | TTFT dense DCA s | TTFT sparse s | speedup | peak RSS MB dense / sparse |",
+           "|---:|---|---|---:|---:|---:|---:|"]
     for r in rows:
         if "sparse" not in r["mode"]:
             continue
         dense = next((d for d in rows if d["mode"] == "dca" and d["length"] == r["length"]
-                      and d["dtype"] == r["dtype"]), None)
+                      and d["dtype"] == r["dtype"] and d.get("cpu") == r.get("cpu")), None)
         if dense:
-            out.append(f"| {r['length']} | {r['dtype']} | {dense['ttft_s']:.0f} | {r['ttft_s']:.0f} | "
+            out.append(f"| {r['length']} | {r.get('cpu', '-')} | {r['dtype']} | {dense['ttft_s']:.0f} | {r['ttft_s']:.0f} | "
                        f"{dense['ttft_s'] / r['ttft_s']:.2f}x | {dense['peak_rss_mb']:.0f} / {r['peak_rss_mb']:.0f} |")
     return out + [""]
 

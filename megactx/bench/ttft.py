@@ -132,6 +132,13 @@ def measure(engine: str, mode: str, length: int, args, dtype: str = "fp32") -> d
     return row
 
 
+def cpu_capability() -> str:
+    """The vector instructions torch's CPU kernels use here (AVX2, AVX512, ...), recorded with every row: the
+    ratios between dtypes, and between attention and the matmuls, differ from one CPU to another."""
+    import torch
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def run(args) -> list[dict]:
     from megactx.config import parse_dtype
     from megactx.eval.cli import parse_int_list
@@ -153,19 +160,20 @@ def run(args) -> list[dict]:
     for c, why in skipped.items():
         logger.warning("skipping %s: %s", c, why)
     rows = []
+    cpu = cpu_capability()
     for length in lengths:
         runs = [("megactx", m, d) for d in dtypes for m in modes]
         # llama.cpp computes in its own types: it runs once, transformers in every dtype asked for
         runs += [(c, "dense", d) for c in others if c not in skipped for d in (dtypes if c == "transformers" else ["-"])]
         for engine, mode, dtype in runs:
             row = measure(engine, mode, length, args, "fp32" if dtype == "-" else dtype)
-            row["dtype"] = dtype
+            row["dtype"], row["cpu"] = dtype, cpu
             base = next((r for r in rows if r["engine"] == "megactx" and r["length"] == length), None)  # first mode
             row["speedup_vs_this"] = round(row["ttft_s"] / base["ttft_s"], 2) if base and row is not base else None
             rows.append(row)
             if args.json:
                 print(json.dumps({k: row[k] for k in ("engine", "mode", "dtype", "length", "ttft_s", "prefill_tok_s",
-                                                      "peak_rss_mb", "sparse_mass") if k in row}), flush=True)
+                                                      "peak_rss_mb", "sparse_mass", "cpu") if k in row}), flush=True)
             else:
                 logger.warning("%s %s %s %d: TTFT %.2f s", engine, mode, dtype, length, row["ttft_s"])
     if not args.json:
