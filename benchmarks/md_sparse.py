@@ -28,7 +28,8 @@ def sparse_table(rows: list[dict]) -> list[str]:
         temperature = r.get("dca_temperature", "position")  # rows without it ran when position was the default
         out.append(f"| {r.get('prompt', 'passkey')} | {r['length']} | {r['prompt_tokens']} | {budgets} | {temperature} | "
                    f"{r.get('mass') or '-'}{' (union)' if r.get('mass_union') else ''} | {_rows_per_estimate(r)} | {r.get('kernel', 'per span')}"
-                   f"{', in ' + r['dtype'] if r.get('dtype', 'fp32') != 'fp32' else ''} | "
+                   f"{', in ' + r['dtype'] if r.get('dtype', 'fp32') != 'fp32' else ''}"
+                   f"{', on an ' + r['cpu'] + ' CPU' if r.get('cpu') else ''} | "
                    f"{fallback} | {verdict} | {r['ttft_sparse_s']:.0f} | {r['ttft_dense_projected_s']:.0f} | "
                    f"{r['ttft_speedup_projected']:.2f}x | {r['attention_speedup']:.2f}x ({timed_s}) | {all_layers:.2f}x | "
                    f"{100 * r['estimate_share']:.1f} % | {sum(dens) / len(dens):.3f} | {sum(rec) / len(rec):.4f} |")
@@ -88,7 +89,7 @@ def sparse_section() -> list[str]:
     except ImportError:
         pass
     return (out + end_to_end_section() + sparse_kernel_section() + searched_config_section() + sparse_smollm2()
-            + sparse_threshold_section() + sparse_density_section())
+            + sparse_threshold_section() + sparse_density_section() + estimate_queries_section())
 
 
 END_TO_END = "ttft_sparse_eval.jsonl"  # make_benchmarks_md's generic TTFT section leaves this file to this one
@@ -184,6 +185,23 @@ def sparse_density_section() -> list[str]:
                 ] + density_table(d["rows"])
         out.append("")
     return out
+
+
+def estimate_queries_section() -> list[str]:
+    path = os.path.join(HERE, "results", "sparse_estimate_queries.json")
+    if not os.path.exists(path):
+        return []
+    from sparse_estimate_queries import table  # the benchmark's own table (it imports torch: only when needed)
+    d = json.load(open(path))
+    first = d["layers"][0]
+    return [f"### Which queries estimate the pattern ({d['model']})", "",
+            f"`python benchmarks/sparse_estimate_queries.py --model EVAL --length {d['length']}`: one prefill of "
+            f"the perplexity document in {d['chunk']}-token chunks; at the last piece ({first['rows']} rows, "
+            f"{first['keys']} keys) of each of the {len(d['layers']) // len(d['summary'])} layers the pattern is "
+            "estimated from the piece's last 64 queries (the engine) or from 64 spread evenly over it, planned, "
+            "computed and compared with the dense attention of the same rows (default budgets; means over "
+            "layers). The relative output error is |o_sparse - o_dense| / |o_dense| per row and head.", ""
+            ] + table(d["summary"]) + [""]
 
 
 def sparse_kernel_section() -> list[str]:

@@ -109,7 +109,8 @@ def run_length(args, length: int) -> dict:
             "mass": args.mass, "mass_union": args.mass_union, "slash_window": args.slash_window, "dtype": args.dtype,
             "max_density": args.max_density, "estimate_span": args.estimate_span,
             "dca_temperature": llm.engine.dca.temperature, "kernel": _kernel(args, llm.engine.sparse.block_size),
-            "dense_fallbacks": sum(stats.fallbacks.values()), "chunks": sum(len(d) for d in stats.planned.values())}
+            "dense_fallbacks": sum(stats.fallbacks.values()), "chunks": sum(len(d) for d in stats.planned.values()),
+            "cpu": torch.backends.cpu.get_cpu_capability()}
 
 
 def _kernel(args, block: int) -> str:
@@ -153,10 +154,10 @@ def main():
                            if (r["length"], r.get("prompt", "passkey"), r.get("mass"), r.get("max_density", 1.0),
                                r["sparse_config"], r.get("dca_temperature", "position"), r.get("chunk", 16384),
                                r.get("estimate_span", 0), r.get("kernel", "per span"), r.get("mass_union", False),
-                               r.get("dtype", "fp32"), r.get("slash_window", 0)) !=
+                               r.get("dtype", "fp32"), r.get("slash_window", 0), r.get("cpu")) !=
                            (length, args.prompt, args.mass, args.max_density, row["sparse_config"],
                             row["dca_temperature"], args.chunk, args.estimate_span, row["kernel"],
-                            args.mass_union, args.dtype, args.slash_window)] + [row]
+                            args.mass_union, args.dtype, args.slash_window, row["cpu"])] + [row]
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
         verdict = {True: "ok", False: "WRONG", None: "-"}[row["passkey_correct"]]

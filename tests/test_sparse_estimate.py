@@ -82,15 +82,17 @@ def test_mass_cut_off_keeps_the_fewest_best_indices_reaching_the_share():
 
 
 def test_scores_per_key_segment_and_queries_before_the_last_key():
-    # DCA scores each key segment with its own query rotation; the queries need not be the last positions
+    # DCA scores each key segment with its own query rotation; the queries need not be the last positions,
+    # nor consecutive
     from megactx.sparse.estimate import attention_probs, slash_scores
     g = torch.Generator().manual_seed(2)
     h, hkv, d, m, r = 4, 2, 8, 90, 12
     qs = [torch.randn(r, h, d, generator=g) for _ in range(3)]
     k = torch.randn(hkv, m, d, generator=g)
     segments = [(0, 20, qs[0]), (20, 55, qs[1]), (55, m, qs[2])]
-    for first in (70, 78, 5):  # queries at [first, first + r): keys after them exist, or few keys before them
-        q_pos = torch.arange(first, first + r)
+    # queries at [first, first + r): keys after them exist, or few keys before them; or spread in runs
+    spread = torch.tensor([3, 10, 11, 30, 50, 51, 52, 60, 70, 80, 85, 89])
+    for q_pos in (torch.arange(70, 70 + r), torch.arange(78, 78 + r), torch.arange(5, 5 + r), spread):
         probs = attention_probs(segments, k, q_pos, 0.4)
         want = torch.zeros(h, r, m, dtype=torch.float64)
         slash = torch.zeros(h, m, dtype=torch.float64)

@@ -116,13 +116,16 @@ def attention_probs(segments: list[tuple[int, int, torch.Tensor]], k: torch.Tens
 
 
 def slash_scores(probs: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
-    """[H, r, m] probabilities of consecutive queries -> [H, m] score of each diagonal offset d = pos_i - j.
-    Row i's element j + i is offset p0 - j for every row: read with a row stride of m + 1, each diagonal is a
-    column of a view (no copy), then a column sum. The few offsets beyond p0 that only later rows reach are
-    gathered separately. (Keys after a query have probability 0: their negative offsets are dropped.)"""
+    """[H, r, m] probabilities of queries at increasing positions q_pos -> [H, m] score of each diagonal offset
+    d = pos_i - j. In a run of consecutive queries, row i's element j + i is offset p0 - j for every row: read
+    with a row stride of m + 1, each diagonal is a column of a view (no copy), then a column sum. The few
+    offsets beyond p0 that only later rows reach are gathered separately. (Keys after a query have probability
+    0: their negative offsets are dropped.)"""
     h, r, m = probs.shape
     if r > 1 and not bool((q_pos.diff() == 1).all()):
-        raise ValueError("slash estimation needs consecutive query positions")
+        # queries in several runs of consecutive positions (spread over a piece): each run's diagonals, summed
+        breaks = (torch.nonzero(q_pos.diff() != 1).flatten() + 1).tolist()
+        return sum(slash_scores(probs[:, a:b], q_pos[a:b]) for a, b in zip([0] + breaks, breaks + [r]))
     p0, p_last = int(q_pos[0]), int(q_pos[-1])
     probs = probs.contiguous()
     out = torch.zeros(h, m, dtype=probs.dtype, device=probs.device)
