@@ -59,8 +59,8 @@ def resolve_weight_dtype(name: str, source: ModelSource, dtype: torch.dtype, dev
 def cpu_has_native(dtype: torch.dtype) -> bool:
     """Whether this CPU multiplies `dtype` matrices natively: bf16 needs AVX512-BF16 or AMX, fp16 AMX-FP16.
     Without them oneDNN and ATen convert element by element: measured on an AVX2-only CPU (2 threads), a bf16
-    linear of the 0.5B model's MLP shape (512 x 896 x 4864) ran at 17 GFLOP/s against 106 in fp32 (fp16 no
-    faster than bf16), and a bf16 `@` of two 2048 x 2048 matrices at 0.3 GFLOP/s."""
+    linear of the 0.5B model's MLP shape (512 x 896 x 4864) ran at 17 GFLOP/s against 106 in fp32 (fp16 about
+    as slow), and a bf16 `@` of two 2048 x 2048 matrices at 0.3 GFLOP/s."""
     if dtype == torch.float32:
         return True
     cpu = torch.cpu
