@@ -197,7 +197,7 @@ def estimate_queries_section() -> list[str]:
     return [f"### Which queries estimate the pattern ({d['model']})", "",
             f"`python benchmarks/sparse_estimate_queries.py --model EVAL --length {d['length']}`: one prefill of "
             f"the perplexity document in {d['chunk']}-token chunks; at the last piece ({first['rows']} rows, "
-            f"{first['keys']} keys) of each of the {len(d['layers']) // len(d['summary'])} layers the pattern is "
+            f"{first['keys']} keys) of each of the {d['summary'][0]['layers']} layers the pattern is "
             "estimated from the piece's last 64 queries (the engine) or from 64 spread evenly over it, planned, "
             "computed and compared with the dense attention of the same rows (default budgets; means over "
             "layers). The relative output error is |o_sparse - o_dense| / |o_dense| per row and head.", ""

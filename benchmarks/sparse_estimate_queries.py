@@ -13,6 +13,7 @@ Nothing here is timed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -25,9 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import megactx.sparse.prefill as prefill  # noqa: E402
 from megactx import LLM, SamplingParams  # noqa: E402
 from megactx.eval.ppl import document_ids  # noqa: E402
-from megactx.sparse.estimate import estimate_vertical_slash  # noqa: E402
 from megactx.sparse.kernel import sparse_attention  # noqa: E402
-from megactx.sparse.plan import MERGE_GAP, plan_density, vertical_slash_plan  # noqa: E402
+from megactx.sparse.plan import plan_density  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 QUERY_SETS = ("last", "spread")
@@ -42,18 +42,13 @@ def compare(sp: prefill.SparsePrefill, layer: int, segments, keys, q_start: int,
     (lo, hi, q), = segments  # one key segment: the prompt fits in one DCA chunk
     n, m, cfg = q.shape[0], q_start + q.shape[0], sp.cfg
     out_dense, lse_dense = dense()
-    patterns = sp.patterns[layer]
-    verticals = torch.tensor([p.vertical_size for p in patterns])
-    slashes = torch.tensor([p.slash_size for p in patterns])
-    k_all = keys.span(0, m)[0]
     rows, quarter = [], n // 4
     for kind in QUERY_SETS:
         idx = query_rows(kind, n, min(cfg.last_q, n))
         for mass in masses:
-            vs = estimate_vertical_slash(q[idx], k_all, idx + q_start, sp.scale, verticals, slashes, mass,
-                                         block=cfg.block_size)
-            plan = vertical_slash_plan(vs, q_start, n, cfg.block_size, merge_gap=min(MERGE_GAP, cfg.block_size),
-                                       diagonal_cost=cfg.diagonal_cost)
+            sp.cfg = dataclasses.replace(cfg, mass=mass)  # the engine's plan, at this cut-off
+            plan = sp.plan(layer, segments, [(lo, hi, q[idx])], keys, q_start, n, (), q_pos=idx + q_start)
+            sp.cfg = cfg
             out, lse = sparse_attention(segments, keys, plan, q_start, cfg.block_size, sp.scale)
             recall = (lse - lse_dense).exp()  # [n, H]
             error = ((out - out_dense).float().norm(dim=-1) / out_dense.float().norm(dim=-1)).mean()

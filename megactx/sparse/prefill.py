@@ -73,7 +73,8 @@ class SparsePrefill:
         return out
 
     def plan(self, layer: int, segments, estimate_segments, keys: KeySource, q_start: int, n: int,
-             dca_parts) -> Plan:
+             dca_parts, q_pos: torch.Tensor | None = None) -> Plan:
+        """q_pos: positions of the estimating queries (default: the last r, as MInference and the engine)."""
         patterns = self.patterns[layer]
         h = len(patterns)
         m = q_start + n
@@ -88,7 +89,8 @@ class SparsePrefill:
         if len(vs_heads):
             r = estimate_segments[0][2].shape[0]
             # only the vertical-slash heads are estimated: the others never read the estimate
-            vs = estimate_vertical_slash(estimate_segments, k_all, torch.arange(m - r, m), self.scale,
+            q_pos = torch.arange(m - r, m) if q_pos is None else q_pos
+            vs = estimate_vertical_slash(estimate_segments, k_all, q_pos, self.scale,
                                          verticals[vs_heads], slashes[vs_heads], self.cfg.mass,
                                          heads=vs_heads if len(vs_heads) < h else None, union=self.cfg.mass_union,
                                          slash_window=self.cfg.slash_window, block=block,
