@@ -89,7 +89,8 @@ def sparse_section() -> list[str]:
     except ImportError:
         pass
     return (out + end_to_end_section() + sparse_kernel_section() + searched_config_section() + sparse_smollm2()
-            + sparse_threshold_section() + sparse_density_section() + estimate_queries_section())
+            + sparse_threshold_section() + sparse_density_section() + estimate_queries_section()
+            + oracle_section())
 
 
 END_TO_END = "ttft_sparse_eval.jsonl"  # make_benchmarks_md's generic TTFT section leaves this file to this one
@@ -206,6 +207,34 @@ def estimate_queries_section() -> list[str]:
             "at 0.95 for less error, so neither set is both sparser and more accurate at these cut-offs, and "
             "the engine keeps MInference's last queries. In this 6144-row piece the rows far from the last queries "
             "(the first quarter) keep the recall of the nearest ones.", ""]
+
+
+def oracle_section() -> list[str]:
+    out = []
+    for name in sorted(f for f in os.listdir(os.path.join(HERE, "results")) if f.startswith("sparse_oracle_")):
+        from sparse_oracle import tables  # the benchmark's own tables (it imports torch: only when needed)
+        d = json.load(open(os.path.join(HERE, "results", name)))
+        first = d["layers"][0]
+        out += [f"### How sparse the attention is: the engine's plans against an oracle ({d['model']}, "
+                f"{d['length']} tokens)", "",
+                f"`python benchmarks/sparse_oracle.py --model EVAL --length {d['length']}`: one prefill of the "
+                f"perplexity document in {d['chunk']}-token chunks; at the last piece ({first['rows']} rows, "
+                f"{first['keys']} keys) of each of the {d['summary']['layers']} layers the exact attention "
+                "probabilities give the fewest (query, key) pairs that keep a mean recall (the attention mass the "
+                "computed keys carry, mean over rows and heads), greedy over the layer, at four granularities: "
+                "each row its own keys (64 rows sampled), each 256-row block its own keys, 256-row blocks of "
+                "64-key groups, 64-row blocks of 64-key groups. The engine's plan (its last 64 queries, default "
+                "budgets) is computed by the sparse kernel at each mass cut-off, and the oracle's density is read "
+                "at the recall the engine reached, layer by layer (means over layers).", ""] + tables(d["summary"]) + [""]
+        e = next((e for e in d["summary"]["engine"] if e["mass"] == 0.95), None)
+        if e:
+            share = {g: e["oracle"][g] / e["density"] for g in e["oracle"]}
+            out += [f"At the recall the engine keeps with mass 0.95 ({e['recall']:.3f}), an oracle computes "
+                    f"{share['256 x 64']:.2f} of its pairs in 256-row blocks of 64-key groups, {share['256 x 1']:.2f} "
+                    f"with any keys per 256-row block and {share['per row']:.2f} with any keys per row: the attention "
+                    "is sparse per row, but the keys a row needs are scattered and differ from row to row, so "
+                    "the columns and diagonals the last queries see cover them only in part.", ""]
+    return out
 
 
 def sparse_kernel_section() -> list[str]:
