@@ -225,7 +225,12 @@ def oracle_section() -> list[str]:
                 "each row its own keys (64 rows sampled), each 256-row block its own keys, 256-row blocks of "
                 "64-key groups, 64-row blocks of 64-key groups. The engine's plan (its last 64 queries, default "
                 "budgets) is computed by the sparse kernel at each mass cut-off, and the oracle's density is read "
-                "at the recall the engine reached, layer by layer (means over layers).", ""] + tables(d["summary"]) + [""]
+                "at the recall the engine reached, layer by layer (means over layers). The last table: block "
+                "estimates at 256-row blocks of 64-key groups, each head and block keeping its best groups until a "
+                "cut-off of their estimated mass ('exact': the true masses, the best such a cut-off can do; "
+                "'sampled': the true masses of every 16th row; 'pooled': every row scored against each group's "
+                "mean key), their density read at the engine's recall, over the layers where every estimate "
+                "reaches it.", ""] + tables(d["summary"]) + [""]
         e = next((e for e in d["summary"]["engine"] if e["mass"] == 0.95), None)
         if e:
             share = {g: e["oracle"][g] / e["density"] for g in e["oracle"]}
