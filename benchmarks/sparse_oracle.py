@@ -20,7 +20,9 @@ Block estimates, at 256-row blocks of 64-key groups, each (head, block) keeping 
 estimated mass reaches a cut-off (its own keys and the first group always): "exact" (the block's true group
 masses: the best a per-block cut-off can do), "sampled" (the true masses of every 16th row of the block: what
 an estimate from 16 queries a block would see) and "pooled" (every row scored against each group's mean key,
-softmax over the groups: costs 1/64 of the dense scores). Their density is read at the engine's recall too. Nothing here is timed: the ratio of the two densities says
+softmax over the groups: costs 1/64 of the dense scores). Their density is read at the engine's recall too.
+
+Nothing here is timed (sparse_block_plans.py times the kernel on pooled plans): the ratio of the densities says
 how much an estimate could gain; the oracle's density bounds the speed-up of any kernel that costs what the dense
 one does per pair.
 
@@ -90,14 +92,17 @@ def group_sum(x: torch.Tensor, group: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, pad)).view(*x.shape[:-1], (m + pad) // group, group).sum(-1)
 
 
-def pooled_scores(segments, k: torch.Tensor, pos: torch.Tensor, scale: float) -> torch.Tensor:
+def group_means(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k [Hkv, m, D] -> each 64-key group's mean key [Hkv, groups, D] and its size [groups]."""
+    m = k.shape[1]
+    size = (m - torch.arange(0, m, 64)).clamp(max=64).float()
+    return group_sum(k.float().transpose(1, 2), 64).transpose(1, 2) / size[None, :, None], size
+
+
+def pooled_scores(segments, means: torch.Tensor, size: torch.Tensor, pos: torch.Tensor, scale: float) -> torch.Tensor:
     """The "pooled" estimate of rows at pos: each 64-key group scored by its mean key (plus log of its size), scored
     with the queries of the segment its first key is in, softmax over the causal groups -> [H, rows, groups]."""
-    hkv, m, dim = k.shape
-    ng = -(-m // 64)
-    means = group_sum(k.float().transpose(1, 2), 64).transpose(1, 2)  # [Hkv, groups, D] sums
-    size = (m - torch.arange(0, m, 64)).clamp(max=64).float()
-    means = means / size[None, :, None]
+    hkv, ng, _ = means.shape
     h = segments[0][2].shape[1]
     logits = torch.full((h, len(pos), ng), float("-inf"))
     for lo, hi, q in segments:
@@ -106,7 +111,7 @@ def pooled_scores(segments, k: torch.Tensor, pos: torch.Tensor, scale: float) ->
             heads = slice(j * (h // hkv), (j + 1) * (h // hkv))
             logits[heads, :, g0:g1] = q[:, heads].float().transpose(0, 1) @ means[j, g0:g1].t() * scale
     logits += size.log()
-    logits.masked_fill_(torch.arange(0, m, 64)[None, None, :] > pos[None, :, None], float("-inf"))
+    logits.masked_fill_(torch.arange(ng)[None, None, :] * 64 > pos[None, :, None], float("-inf"))
     return logits.softmax(-1)
 
 
@@ -118,6 +123,7 @@ def oracle_items(segments, k, q_start: int, n: int, scale: float) -> tuple[dict[
     sampled = set(torch.linspace(0, n - 1, min(SAMPLED_ROWS, n)).round().long().tolist())
     col256, fine, rows, row_pos, sample_fine, pooled_fine = [], [], [], [], [], []
     buffer = torch.empty(h, FINE, m)
+    means, size = group_means(k)
     for a in range(0, n, FINE):
         b = min(a + FINE, n)
         pos = torch.arange(q_start + a, q_start + b)
@@ -130,7 +136,7 @@ def oracle_items(segments, k, q_start: int, n: int, scale: float) -> tuple[dict[
         fine.append((groups.sum(1), causal_pairs(pos, m, 64)))
         every = (pos - q_start) % SAMPLE_EVERY == SAMPLE_EVERY - 1
         sample_fine.append(groups[:, every].sum(1))
-        pooled_fine.append(pooled_scores([(lo, hi, q[a:b]) for lo, hi, q in segments], k, pos, scale).sum(1))
+        pooled_fine.append(pooled_scores([(lo, hi, q[a:b]) for lo, hi, q in segments], means, size, pos, scale).sum(1))
         for i in sorted(sampled.intersection(range(a, b))):
             rows.append(probs[:, i - a].clone())
             row_pos.append(q_start + i)
