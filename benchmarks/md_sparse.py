@@ -215,11 +215,14 @@ def oracle_section() -> list[str]:
         from sparse_oracle import tables  # the benchmark's own tables (it imports torch: only when needed)
         d = json.load(open(os.path.join(HERE, "results", name)))
         first = d["layers"][0]
+        ids = [r["layer"] for r in d["layers"]]
+        some = ids != list(range(len(ids)))  # measured on the layers given by --layers
         out += [f"### How sparse the attention is: the engine's plans against an oracle ({d['model']}, "
                 f"{d['length']} tokens)", "",
-                f"`python benchmarks/sparse_oracle.py --model EVAL --length {d['length']}`: one prefill of the "
+                f"`python benchmarks/sparse_oracle.py --model EVAL --length {d['length']}"
+                + (f" --layers {','.join(map(str, ids))}" if some else "") + "`: one prefill of the "
                 f"perplexity document in {d['chunk']}-token chunks; at the last piece ({first['rows']} rows, "
-                f"{first['keys']} keys) of each of the {d['summary']['layers']} layers the exact attention "
+                f"{first['keys']} keys) of each of {'these' if some else 'the'} {len(ids)} layers the exact attention "
                 "probabilities give the fewest (query, key) pairs that keep a mean recall (the attention mass the "
                 "computed keys carry, mean over rows and heads), greedy over the layer, at four granularities: "
                 "each row its own keys (64 rows sampled), each 256-row block its own keys, 256-row blocks of "

@@ -8,7 +8,7 @@ and sparse prefill on (mass 0.95); at the last piece of each chosen layer, the d
 engine's estimate and plan (mass 0.95) and its kernel, and the pooled estimate and plan at several cut-offs and
 their kernel, best of `--repeat`, with each plan's density and recall exp(lse_sparse - lse_dense).
 
-  python benchmarks/sparse_block_plans.py --model M.gguf --length 30720 --layers 2,5,13,15,18
+  python benchmarks/sparse_block_plans.py --model M.gguf --length 30720 --layers 2,5,9,13,15,18 --cutoffs 0.8,0.9,0.95
 """
 from __future__ import annotations
 
@@ -36,8 +36,9 @@ BLOCK = 256
 
 
 def pooled_plan(segments, k: torch.Tensor, q_start: int, n: int, scale: float, cutoff: float):
-    """The pooled block plan: per head and 256-row block, the 64-key groups before the block whose summed pooled
-    score reaches `cutoff` of the block's (the first group always), as key ranges."""
+    """The pooled block plan: per head and 256-row block, the best 64-key groups before the block until their summed
+    pooled score reaches `cutoff` of what all groups before it score (the first group always), as key ranges;
+    the kernel computes the block's own keys anyway."""
     starts = block_starts(q_start, n, BLOCK)
     means, size = group_means(k[:, :q_start + n])
     score = torch.stack([pooled_scores([(lo, hi, q[a - q_start:a - q_start + BLOCK]) for lo, hi, q in segments],
@@ -99,8 +100,8 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--length", type=int, default=30720, help="prompt tokens")
     ap.add_argument("--chunk", type=int, default=8192, help="prefill chunk (--max-num-batched-tokens)")
-    ap.add_argument("--layers", default="2,5,13,15,18")
-    ap.add_argument("--cutoffs", default="0.97,0.98,0.99")
+    ap.add_argument("--layers", default="2,5,9,13,15,18")
+    ap.add_argument("--cutoffs", default="0.8,0.9,0.95")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "sparse_block_plans.json"))
