@@ -1,7 +1,8 @@
 """How sparse could a prefill piece's attention be at all: the engine's plans against an oracle that sees it.
 
 One prefill of the perplexity document with DCA and sparse prefill on (mass 0.95 for the pieces before the last).
-At the last piece of every layer, before the engine goes on, the exact attention probabilities of all its rows are
+At the piece that starts at the last multiple of the chunk (the last piece, unless a DCA chunk boundary cuts it
+first) of every layer, before the engine goes on, the exact attention probabilities of all its rows are
 computed, and from them the fewest (query, key) pairs that keep a given mean recall (the attention mass the
 computed keys carry, mean over rows and heads: what exp(lse_sparse - lse_dense) measures), at the granularity a
 kernel computes:
