@@ -7,7 +7,8 @@ import math
 import os
 import platform
 
-from md_sparse import END_TO_END, SPARSE_GAPS, sparse_section
+from md_sparse import END_TO_END, sparse_section
+from sparse_gaps import SPARSE_GAPS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
