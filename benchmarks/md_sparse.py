@@ -44,6 +44,8 @@ def _rows_per_estimate(r: dict) -> str:
 
 def _budgets(r: dict) -> str:
     window = f", slashes in windows of {r['slash_window']} (budget in keys)" if r.get("slash_window") else ""
+    if r.get("estimate") == "pooled":
+        return f"pooled block estimate, cut-off {r.get('mass') or 0.8}"
     if r["sparse_config"] == "default budgets":
         return "default" + window
     name = os.path.basename(r["sparse_config"])

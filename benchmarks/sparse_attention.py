@@ -56,7 +56,7 @@ def run_length(args, length: int) -> dict:
               sparse_config=args.sparse_config, sparse_threshold=args.threshold, sparse_mass=args.mass,
               sparse_max_density=args.max_density, sparse_estimate_span=args.estimate_span,
               sparse_exact_diagonals=args.exact_diagonals, sparse_mass_union=args.mass_union,
-              sparse_slash_window=args.slash_window, sparse_block_size=args.block,
+              sparse_slash_window=args.slash_window, sparse_block_size=args.block, sparse_estimate=args.estimate,
               max_num_batched_tokens=args.chunk, num_threads=args.threads, dtype=args.dtype)
     backend = InProcessBackend(llm)
     key = make_key(0, length, 50, 0)
@@ -106,7 +106,7 @@ def run_length(args, length: int) -> dict:
             "attention_speedup": round(sum(record["dense_s"].values()) /
                                        max(sum(stats.attention_s[li] + stats.estimate_s[li] for li in measured), 1e-9), 2),
             "layers": per_layer, "chunk": args.chunk, "sparse_config": args.sparse_config or "default budgets",
-            "mass": args.mass, "mass_union": args.mass_union, "slash_window": args.slash_window, "dtype": args.dtype,
+            "mass": args.mass, "estimate": args.estimate, "mass_union": args.mass_union, "slash_window": args.slash_window, "dtype": args.dtype,
             "max_density": args.max_density, "estimate_span": args.estimate_span,
             "dca_temperature": llm.engine.dca.temperature, "kernel": _kernel(args, llm.engine.sparse.block_size),
             "dense_fallbacks": sum(stats.fallbacks.values()), "chunks": sum(len(d) for d in stats.planned.values()),
@@ -141,6 +141,8 @@ def main():
                     "and slashes together")
     ap.add_argument("--slash-window", type=int, default=0, help="--sparse-slash-window: slashes chosen in windows "
                     "of this many diagonals, the slash budget counted in keys (0: top-k diagonals)")
+    ap.add_argument("--estimate", choices=("vertical-slash", "pooled"), default="vertical-slash",
+                    help="--sparse-estimate: how the heads are planned (pooled: cut-off --mass, default 0.8)")
     ap.add_argument("--dtype", default="fp32", help="compute dtype of both sides (fp32, bf16)")
     ap.add_argument("--block", type=int, default=None, help="sparse kernel block rows (default: by dtype, "
                     "256 in fp32, 512 in bf16)")
@@ -154,10 +156,11 @@ def main():
                            if (r["length"], r.get("prompt", "passkey"), r.get("mass"), r.get("max_density", 1.0),
                                r["sparse_config"], r.get("dca_temperature", "position"), r.get("chunk", 16384),
                                r.get("estimate_span", 0), r.get("kernel", "per span"), r.get("mass_union", False),
-                               r.get("dtype", "fp32"), r.get("slash_window", 0), r.get("cpu")) !=
+                               r.get("dtype", "fp32"), r.get("slash_window", 0), r.get("cpu"),
+                               r.get("estimate", "vertical-slash")) !=
                            (length, args.prompt, args.mass, args.max_density, row["sparse_config"],
                             row["dca_temperature"], args.chunk, args.estimate_span, row["kernel"],
-                            args.mass_union, args.dtype, args.slash_window, row["cpu"])] + [row]
+                            args.mass_union, args.dtype, args.slash_window, row["cpu"], args.estimate)] + [row]
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
         verdict = {True: "ok", False: "WRONG", None: "-"}[row["passkey_correct"]]

@@ -104,6 +104,12 @@ def add_dca_args(p: argparse.ArgumentParser) -> None:
                    help="choose slashes in windows of this many neighbouring diagonals and count a head's slash budget "
                         "in the keys a query row computes, not in diagonals (scattered diagonals each cost a "
                         "block-wide span); e.g. 128 (default 0: MInference's per-diagonal top-k)")
+    g.add_argument("--sparse-estimate", choices=("vertical-slash", "pooled"),
+                   default=env_default("--sparse-estimate", "vertical-slash"),
+                   help="how the vertical_and_slash heads are planned: 'vertical-slash' (MInference: columns and "
+                        "diagonals from each chunk's last queries) or 'pooled' (every query row against each 64-key "
+                        "group's mean key; key groups kept up to --sparse-mass of each block's estimated attention, "
+                        "default 0.8)")
 
 
 def engine_kwargs(args) -> dict:
@@ -122,7 +128,7 @@ def dca_kwargs(args) -> dict:
                 sparse_mass=args.sparse_mass, sparse_max_density=args.sparse_max_density,
                 sparse_estimate_span=args.sparse_estimate_span, sparse_exact_diagonals=args.sparse_exact_diagonals,
                 sparse_mass_union=args.sparse_mass_union, sparse_slash_window=args.sparse_slash_window,
-                sparse_block_size=args.sparse_block_size)
+                sparse_block_size=args.sparse_block_size, sparse_estimate=args.sparse_estimate)
 
 
 def single_stream_kwargs(args) -> dict:

@@ -17,7 +17,7 @@ from helpers import engine_logits, token_ids
 from test_dca import D, H, HKV, _qkv, _rotary
 
 def _run_sparse_dca(q, k, v, dca, splits, budgets, block=16, max_density=1.0, stats=None, span=8192,
-                    exact_diagonals=False, slash_window=0):
+                    exact_diagonals=False, slash_window=0, **settings):
     """The DCA backend with sparse prefill on, fed in chunks; returns outputs and the recorded plans.
     max_density 1.0: the sparse kernel computes every chunk (no dense fallback) unless the test says otherwise."""
     t = q.shape[0]
@@ -25,7 +25,7 @@ def _run_sparse_dca(q, k, v, dca, splits, budgets, block=16, max_density=1.0, st
     backend = DualChunkAttentionBackend(H, HKV, D, dca, rotary)
     backend.cache = KVCacheTensors(1, HKV, D, t, torch.float32, torch.device("cpu"))
     cfg = SparseConfig(threshold=0, last_q=8, block_size=block, max_density=max_density, estimate_span=span,
-                       exact_diagonals=exact_diagonals, slash_window=slash_window,
+                       exact_diagonals=exact_diagonals, slash_window=slash_window, **settings,
                        layers=[{h: HeadPattern("vertical_and_slash", *budgets) for h in range(H)}])
     backend.sparse = SparsePrefill(cfg, 1, H, backend.scale)
     backend.sparse.plans = []

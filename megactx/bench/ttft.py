@@ -20,8 +20,9 @@ from megactx.errors import MegactxError
 logger = logging.getLogger(__name__)
 COMPARE = ("transformers", "llama.cpp")
 # dense: plain attention (beyond the trained length plain RoPE: an ablation of speed, not quality); dca: Dual
-# Chunk Attention; sparse: sparse prefill above the threshold (default 32768 tokens); dca+sparse: both
-MODES = ("dense", "dca", "sparse", "dca+sparse")
+# Chunk Attention; sparse: sparse prefill above the threshold (default 32768 tokens); dca+sparse: both;
+# -pooled: sparse prefill planned by the pooled block estimate (--sparse-estimate pooled)
+MODES = ("dense", "dca", "sparse", "dca+sparse", "sparse-pooled", "dca+sparse-pooled")
 
 
 def peak_rss_mb() -> float:
@@ -47,7 +48,8 @@ def run_megactx(model, ids, mode, threads, chunk=4096, dtype="fp32", sparse_mass
     from megactx import LLM, SamplingParams
     llm = LLM(model, max_model_len=len(ids) + 8, max_num_seqs=1, num_threads=threads, dca="dca" in mode,
               sparse="sparse" in mode, allow_long_context="dca" not in mode, max_num_batched_tokens=chunk,
-              dtype=dtype, sparse_mass=sparse_mass)
+              dtype=dtype, sparse_mass=sparse_mass,
+              sparse_estimate="pooled" if mode.endswith("-pooled") else "vertical-slash")
     llm.generate(ids[:32], SamplingParams(temperature=0, max_tokens=1))  # warm-up
     out = llm.generate(ids, SamplingParams(temperature=0, max_tokens=1))[0]
     return out.metrics["first_token_time"] - out.metrics["arrival"]
@@ -129,6 +131,9 @@ def measure(engine: str, mode: str, length: int, args, dtype: str = "fp32") -> d
            "prefill_tok_s": round(r["tokens"] / r["ttft_s"], 1), "peak_rss_mb": round(r["peak_rss_mb"], 1)}
     if mass is not None:
         row["sparse_mass"] = mass
+    if mode.endswith("-pooled"):
+        from megactx.sparse.config import SparseConfig
+        row["sparse_mass"] = SparseConfig(estimate="pooled", mass=mass).pooled_cutoff  # the cut-off it ran with
     return row
 
 
@@ -198,7 +203,8 @@ def add_parser(bench_sub, env_default) -> None:
     p.add_argument("--compare", default="", help="comma list: transformers, llama.cpp")
     p.add_argument("--threads", type=int, default=env_default("--threads", os.cpu_count() or 1, int))
     p.add_argument("--max-num-batched-tokens", type=int, default=4096, help="this engine's prefill chunk")
-    p.add_argument("--sparse-mass", type=float, default=None, help="the sparse modes' --sparse-mass (cut-off)")
+    p.add_argument("--sparse-mass", type=float, default=None,
+                   help="the sparse modes' --sparse-mass (cut-off; the -pooled modes default to 0.8)")
     p.add_argument("--json", action="store_true", help="one JSON object per row")
     p.set_defaults(func=lambda a: 0 if run(a) is not None else 1)
 

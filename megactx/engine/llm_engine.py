@@ -76,7 +76,7 @@ class LLMEngine:
                                      config.sparse_mass,
                                      config.sparse_max_density, config.sparse_estimate_span,
                                      config.sparse_exact_diagonals, config.sparse_mass_union,
-                                     config.sparse_slash_window)
+                                     config.sparse_slash_window, config.sparse_estimate)
         if self.sparse is not None and self.max_model_len > self.sparse.threshold:
             logger.info("Sparse prefill: %s", self.sparse.describe())
         dtype = parse_dtype(cc.kv_cache_dtype) or parse_dtype(config.dtype) or torch.float32

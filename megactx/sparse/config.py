@@ -17,6 +17,10 @@ from pathlib import Path
 from megactx.errors import ConfigError
 
 PATTERNS = ("vertical_and_slash", "a_shape", "block_sparse")
+# how the vertical_and_slash heads are planned: from the last queries' columns and diagonals (estimate.py), or
+# from every row against pooled 64-key groups (pooled.py), cut by --sparse-mass (default POOLED_CUTOFF)
+ESTIMATES = ("vertical-slash", "pooled")
+POOLED_CUTOFF = 0.8
 ALIASES = {"stream_llm": "a_shape"}
 CONFIG_NAME = "sparse_attention_config.json"
 
@@ -53,6 +57,7 @@ class SparseConfig:
     # block granularity (estimate.py _top_windows); 0: MInference's top-k diagonals. Off by default: with 128 it
     # cost 18 % perplexity in the worst 4K bucket at 64K (BENCHMARKS.md)
     slash_window: int = 0
+    estimate: str = "vertical-slash"  # one of ESTIMATES
     layers: list[dict[int, HeadPattern]] = field(default_factory=list)
     source: str | None = None  # the file the budgets came from, for messages
 
@@ -73,6 +78,11 @@ class SparseConfig:
         if self.slash_window and self.mass_union:
             raise ConfigError("--sparse-slash-window and --sparse-mass-union choose the slashes in different ways: "
                               "use one of them")
+        if self.estimate not in ESTIMATES:
+            raise ConfigError(f"--sparse-estimate {self.estimate!r}: choose one of {', '.join(ESTIMATES)}")
+        if self.estimate == "pooled" and (self.slash_window or self.mass_union or self.exact_diagonals):
+            raise ConfigError("--sparse-estimate pooled plans key groups, not slashes: drop --sparse-slash-window, "
+                              "--sparse-mass-union and --sparse-exact-diagonals")
         if self.block_size < 16:
             raise ConfigError(f"--sparse-block-size {self.block_size}: a kernel block needs at least 16 query rows")
 
@@ -84,7 +94,17 @@ class SparseConfig:
     def layer_patterns(self, layer: int, num_heads: int) -> list[HeadPattern]:
         return [self.head(layer, h) for h in range(num_heads)]
 
+    @property
+    def pooled_cutoff(self) -> float:
+        return self.mass if self.mass is not None else POOLED_CUTOFF
+
     def describe(self) -> str:
+        if self.estimate == "pooled":
+            from megactx.sparse.pooled import ROW_STRIDE
+            span = f"an estimate every {self.estimate_span} rows" if self.estimate_span else "an estimate per chunk"
+            return (f"threshold {self.threshold} tokens, pooled block estimate (every {ROW_STRIDE}th row against "
+                    f"64-key group means), {span}, cut-off {self.pooled_cutoff} of each block's estimated attention, "
+                    f"{self.block_size}-row blocks, dense above density {self.max_density}")
         budgets = f"budgets from {self.source}" if self.source else "default budgets (1000 verticals, 6096 slashes)"
         cut = f", mass cut-off {self.mass}" if self.mass is not None else ""
         cut += " (verticals and slashes together)" if self.mass is not None and self.mass_union else ""
@@ -166,7 +186,8 @@ def resolve_sparse(model_path: str | Path | None, enabled: bool = True, config_f
                    threshold: int = 32768, last_q: int = 64, block_size: int | None = None,
                    mass: float | None = None, max_density: float = 0.6,
                    estimate_span: int = 8192, exact_diagonals: bool = False,
-                   mass_union: bool = False, slash_window: int = 0) -> SparseConfig | None:
+                   mass_union: bool = False, slash_window: int = 0,
+                   estimate: str = "vertical-slash") -> SparseConfig | None:
     """--sparse-config FILE, else sparse_attention_config.json beside the model, else default budgets.
     block_size None: 256 (the engine passes default_block_size(its compute dtype))."""
     if not enabled:
@@ -174,7 +195,7 @@ def resolve_sparse(model_path: str | Path | None, enabled: bool = True, config_f
     block_size = block_size or default_block_size(None)
     settings = dict(threshold=threshold, last_q=last_q, block_size=block_size, mass=mass, max_density=max_density,
                     estimate_span=estimate_span, exact_diagonals=exact_diagonals, mass_union=mass_union,
-                    slash_window=slash_window)
+                    slash_window=slash_window, estimate=estimate)
     if config_file:
         return load_sparse_config(config_file, **settings)
     if model_path is not None:

@@ -14,6 +14,7 @@ import torch
 from megactx.sparse.config import HeadPattern, SparseConfig
 from megactx.sparse.estimate import VerticalSlash, Workspace, estimate_vertical_slash
 from megactx.sparse.kernel import KeySource, sparse_attention
+from megactx.sparse.pooled import pooled_plan, pooled_scores
 from megactx.sparse.plan import MERGE_GAP, Plan, block_sparse_plan, plan_density, vertical_slash_plan
 
 DCA_PART_COLUMNS = 8  # evenly spaced columns every DCA part keeps, so that no part is ever empty
@@ -86,7 +87,13 @@ class SparsePrefill:
         vs_heads = torch.tensor([i for i, kind in enumerate(kinds) if kind == "vertical_and_slash"], dtype=torch.long)
         # [Hkv, m, D]: a view of a contiguous cache, a gather of a paged one: read once for both patterns
         k_all = keys.span(0, m)[0] if len(vs_heads) or "block_sparse" in kinds else None
-        if len(vs_heads):
+        if len(vs_heads) and self.cfg.estimate == "pooled":
+            # every head is scored (a config mixing kinds pays for the others too): [len(vs_heads), B, G]
+            score = pooled_scores(segments, k_all, q_start, block, self.scale)[vs_heads]
+            for head, plan in zip(vs_heads.tolist(), pooled_plan(score, q_start, n, block, self.cfg.pooled_cutoff,
+                                                                   dca_parts)):
+                plans[head] = plan
+        elif len(vs_heads):
             r = estimate_segments[0][2].shape[0]
             # only the vertical-slash heads are estimated: the others never read the estimate
             q_pos = torch.arange(m - r, m) if q_pos is None else q_pos

@@ -1,0 +1,131 @@
+"""The pooled block estimate (`--sparse-estimate pooled`): its scores and plans against their row-by-row
+definitions, inside DCA against the naive DCA reference under the recorded plans, everything kept equals dense,
+and its settings' errors."""
+import pytest
+import torch
+
+from megactx.attention.dca import DCAConfig, reference_dual_chunk_attention
+from megactx.errors import ConfigError
+from megactx.sparse import pooled
+from megactx.sparse.config import SparseConfig
+from megactx.sparse.plan import plan_mask
+from megactx.sparse.pooled import pooled_plan, pooled_scores, reference_pooled_plan, reference_pooled_scores
+from helpers import engine_logits, token_ids
+from test_dca import D, _qkv
+from test_sparse import _run_sparse_dca
+
+DCA = DCAConfig(chunk_size=40, local_size=8, original_max_position_embeddings=20, temperature="none")
+
+
+@pytest.fixture
+def small_groups(monkeypatch):
+    # 8-key groups: the tests' sequences of a few hundred keys get dozens of groups, not four
+    monkeypatch.setattr(pooled, "GROUP", 8)
+
+
+def _segments(n: int, h: int, bounds: list[int], seed: int = 0):
+    """Key segments [bounds[i], bounds[i + 1]) each with its own random queries, as DCA's parts."""
+    g = torch.Generator().manual_seed(seed)
+    return [(lo, hi, torch.randn(n, h, 16, generator=g)) for lo, hi in zip(bounds, bounds[1:])]
+
+
+@pytest.mark.parametrize("q_start,n,block,stride", [(0, 70, 16, 1), (45, 61, 16, 1), (100, 50, 32, 4), (37, 40, 16, 3)])
+def test_pooled_scores_are_the_row_by_row_definition(small_groups, q_start, n, block, stride):
+    m = q_start + n
+    k = torch.randn(2, m + 5, 16)  # keys beyond the chunk's end exist in a cache and must not be read
+    bounds = [0, q_start // 3, q_start // 3 + 11, m] if q_start else [0, m]
+    segments = _segments(n, 4, sorted(set(bounds)))
+    fast = pooled_scores(segments, k, q_start, block, 0.25, row_stride=stride)
+    ref = reference_pooled_scores(segments, k, q_start, block, 0.25, row_stride=stride)
+    torch.testing.assert_close(fast, ref.float(), atol=1e-5, rtol=1e-5)
+    rows = [len(range(min(n, a + block) - 1, a - 1, -stride)) for a in range(0, n, block)]
+    torch.testing.assert_close(fast.sum(-1), torch.tensor(rows, dtype=torch.float32).expand(4, -1))  # a softmax a row
+
+
+@pytest.mark.parametrize("cutoff", [0.2, 0.5, 0.8, 0.95, 1.0])
+@pytest.mark.parametrize("q_start,parts", [(96, []), (133, [(40, 90), (0, 40)])])
+def test_pooled_plan_is_its_definition_and_keeps_sinks_local_and_part_groups(small_groups, cutoff, q_start, parts):
+    n, block = 70, 16
+    segments = _segments(n, 4, [0, q_start + n], seed=1)
+    score = pooled_scores(segments, torch.randn(2, q_start + n, 16), q_start, block, 0.5, row_stride=1)
+    fast = pooled_plan(score, q_start, n, block, cutoff, parts)
+    ref = reference_pooled_plan(score, q_start, n, block, cutoff, parts)
+    assert [[b.ranges for b in head] for head in fast] == [[b.ranges for b in head] for head in ref]
+    for head in fast:
+        for i, a in enumerate(range(q_start, q_start + n, block)):
+            keys = set(head[i].indices().tolist())
+            assert keys <= set(range(a)) and {0, a - 1} <= keys  # sinks and the keys just before the block
+            assert all(lo in keys for lo, hi in parts)
+            if cutoff == 1.0:
+                assert keys == set(range(a))
+    if cutoff <= 0.5:  # really sparse: fewer keys than all those before the blocks
+        assert sum(b.size() for head in fast for b in head) < 4 * sum(range(q_start, q_start + n, block))
+
+
+def test_a_higher_cutoff_keeps_a_superset_with_more_estimated_attention(small_groups):
+    n, q_start, block = 64, 192, 32
+    score = pooled_scores(_segments(n, 4, [0, q_start + n], seed=2), torch.randn(2, q_start + n, 16), q_start,
+                          block, 0.5)
+    kept = []
+    for cutoff in (0.3, 0.6, 0.9):
+        plan = pooled_plan(score, q_start, n, block, cutoff)
+        kept.append([[set(b.indices().tolist()) for b in head] for head in plan])
+    for low, high in zip(kept, kept[1:]):
+        assert all(a <= b for hl, hh in zip(low, high) for a, b in zip(hl, hh))
+    assert kept[0] != kept[-1]
+
+
+def test_pooled_inside_dca_equals_the_reference_under_the_plan(small_groups):
+    """Each group is scored with the rotation of the DCA part its first key is in; the plan's keys are computed
+    with the rotation of the part each key is in, which the naive DCA reference under the plan's mask checks."""
+    t = 150
+    q, k, v = _qkv(t, seed=4)
+    out, plans, rotary = _run_sparse_dca(q, k, v, DCA, [70, 80], (1000, 6096), block=16, estimate="pooled", mass=0.6)
+    mask = torch.zeros(q.shape[1], t, t, dtype=torch.bool)
+    for _, q_start, plan in plans:
+        piece = plan_mask(plan, q_start, min(len(plan[0]) * 16, t - q_start), 16, t)
+        mask[:, q_start:q_start + piece.shape[1]] = piece
+    assert not bool(mask[:, torch.ones(t, t, dtype=torch.bool).tril()].all())  # really sparse
+    expected = reference_dual_chunk_attention(q, k, v, rotary, DCA, D ** -0.5, mask=mask)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("splits", [[150], [61, 89]])
+def test_pooled_keeping_everything_inside_dca_equals_dense_dca(small_groups, splits):
+    q, k, v = _qkv(150)
+    out, _, rotary = _run_sparse_dca(q, k, v, DCA, splits, (1000, 6096), estimate="pooled", mass=1.0)
+    torch.testing.assert_close(out, reference_dual_chunk_attention(q, k, v, rotary, DCA, D ** -0.5),
+                               atol=2e-5, rtol=1e-4)
+
+
+def test_engine_pooled_keeping_everything_equals_dense_and_a_cutoff_computes_less(tiny_dir):
+    from megactx.config import EngineConfig, SchedulerConfig
+    from megactx.engine.llm_engine import LLMEngine
+    path = tiny_dir("qwen2")
+    ids = token_ids(400)
+
+    def run(**kw):
+        e = LLMEngine(EngineConfig(model=path, scheduler=SchedulerConfig(max_num_batched_tokens=200), **kw))
+        return engine_logits(e, ids), e
+
+    dense, _ = run(sparse=False)
+    full, engine = run(sparse_threshold=0, sparse_estimate="pooled", sparse_mass=1.0, sparse_block_size=32,
+                       sparse_max_density=1.0)
+    stats = engine.runner.backend.sparse.stats
+    assert stats.attention_s and not stats.fallbacks
+    torch.testing.assert_close(full, dense, atol=1e-4, rtol=1e-4)
+    _, engine = run(sparse_threshold=0, sparse_estimate="pooled", sparse_mass=0.3, sparse_block_size=32,
+                    sparse_max_density=1.0)
+    planned = [d for per_layer in engine.runner.backend.sparse.stats.planned.values() for d in per_layer]
+    assert planned and min(planned) < 1.0  # the 64-key groups of 400 tokens leave something out at cut-off 0.3
+
+
+def test_pooled_settings_are_checked_and_described():
+    cfg = SparseConfig(estimate="pooled")
+    assert cfg.pooled_cutoff == 0.8 and "pooled block estimate" in cfg.describe() and "cut-off 0.8" in cfg.describe()
+    assert SparseConfig(estimate="pooled", mass=0.9).pooled_cutoff == 0.9
+    with pytest.raises(ConfigError, match="--sparse-estimate 'columns': choose one of vertical-slash, pooled"):
+        SparseConfig(estimate="columns")
+    for bad in (dict(slash_window=64), dict(mass_union=True), dict(exact_diagonals=True)):
+        with pytest.raises(ConfigError, match="drop --sparse-slash-window"):
+            SparseConfig(estimate="pooled", **bad)
