@@ -111,16 +111,24 @@ def end_to_end_section() -> list[str]:
            "DCA first; nothing projected. CPU: the vector instructions torch's kernels use on the machine of the run "
            "(the AVX512 machine has AMX too, where bf16 is fast; without AVX512-BF16 or AMX bf16 is several times "
            "slower than fp32 and was not run).", "",
-           "| length | CPU | dtype | TTFT dense DCA s | TTFT sparse s | speedup | peak RSS MB dense / sparse |",
-           "|---:|---|---|---:|---:|---:|---:|"]
+           "`--modes dca,dca+sparse-pooled` runs the pooled block estimate (`--sparse-estimate pooled`, its "
+           "default cut-off 0.8 unless `--sparse-mass`). Each sparse row is set against the dense row of the same "
+           "run (the last one before it).", "",
+           "| length | CPU | dtype | sparse mode (cut-off) | TTFT dense DCA s | TTFT sparse s | speedup "
+           "| peak RSS MB dense / sparse |",
+           "|---:|---|---|---|---:|---:|---:|---:|"]
+    dense_of: dict[tuple, dict] = {}
     for r in rows:
-        if "sparse" not in r["mode"]:
+        key = (r["length"], r["dtype"], r.get("cpu"))
+        if r["mode"] == "dca":
+            dense_of[key] = r
             continue
-        dense = next((d for d in rows if d["mode"] == "dca" and d["length"] == r["length"]
-                      and d["dtype"] == r["dtype"] and d.get("cpu") == r.get("cpu")), None)
-        if dense:
-            out.append(f"| {r['length']} | {r.get('cpu', '-')} | {r['dtype']} | {dense['ttft_s']:.0f} | {r['ttft_s']:.0f} | "
-                       f"{dense['ttft_s'] / r['ttft_s']:.2f}x | {dense['peak_rss_mb']:.0f} / {r['peak_rss_mb']:.0f} |")
+        dense = dense_of.get(key)
+        if "sparse" in r["mode"] and dense:
+            mode = f"{r['mode']} ({r.get('sparse_mass', '-')})"
+            out.append(f"| {r['length']} | {r.get('cpu', '-')} | {r['dtype']} | {mode} | {dense['ttft_s']:.0f} | "
+                       f"{r['ttft_s']:.0f} | {dense['ttft_s'] / r['ttft_s']:.2f}x | "
+                       f"{dense['peak_rss_mb']:.0f} / {r['peak_rss_mb']:.0f} |")
     return out + [""]
 
 
