@@ -42,6 +42,15 @@ def _run_sparse_dca(q, k, v, dca, splits, budgets, block=16, max_density=1.0, st
     return torch.cat(outs), backend.sparse.plans, rotary
 
 
+def recorded_mask(plans, t: int, block: int = 16) -> torch.Tensor:
+    """[H, t, t] the keys the recorded plans computed: one plan per piece, rows [q_start, q_start + n)."""
+    mask = torch.zeros(H, t, t, dtype=torch.bool)
+    for _, q_start, plan in plans:
+        piece = plan_mask(plan, q_start, min(len(plan[0]) * block, t - q_start), block, t)
+        mask[:, q_start:q_start + piece.shape[1]] = piece
+    return mask
+
+
 @pytest.mark.parametrize("splits", [[150], [61, 89], [33, 50, 67]])
 def test_full_budgets_inside_dca_equal_dense_dca(splits):
     dca = DCAConfig(chunk_size=40, local_size=8, original_max_position_embeddings=20, temperature="none")
@@ -57,12 +66,7 @@ def test_partial_budgets_inside_dca_equal_the_reference_under_the_plan(slash_win
     t = 150
     q, k, v = _qkv(t, seed=4)
     out, plans, rotary = _run_sparse_dca(q, k, v, dca, [70, 80], (31, 50), block=16, slash_window=slash_window)
-    mask = torch.zeros(H, t, t, dtype=torch.bool)
-    for _, q_start, plan in plans:  # one plan per DCA piece; rows [q_start, q_start + n)
-        n = len(plan[0]) * 16
-        piece = plan_mask(plan, q_start, min(n, t - q_start), 16, t)
-        rows = slice(q_start, q_start + piece.shape[1])
-        mask[:, rows] = piece
+    mask = recorded_mask(plans, t)
     assert not bool(mask.all(-1).all())  # really sparse
     expected = reference_dual_chunk_attention(q, k, v, rotary, dca, D ** -0.5, mask=mask)
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
@@ -75,10 +79,7 @@ def test_exact_diagonals_inside_dca_equal_the_reference_under_the_plan():
     q, k, v = _qkv(t, seed=7)
     out, plans, rotary = _run_sparse_dca(q, k, v, dca, [170, 230], (6, 130), block=16, exact_diagonals=True)
     assert any(len(b.diagonals) for _, _, plan in plans for head in plan for b in head)
-    mask = torch.zeros(H, t, t, dtype=torch.bool)
-    for _, q_start, plan in plans:
-        piece = plan_mask(plan, q_start, min(len(plan[0]) * 16, t - q_start), 16, t)
-        mask[:, q_start:q_start + piece.shape[1]] = piece
+    mask = recorded_mask(plans, t)
     assert not bool(mask[:, torch.ones(t, t, dtype=torch.bool).tril()].all())  # really sparse
     expected = reference_dual_chunk_attention(q, k, v, rotary, dca, D ** -0.5, mask=mask)
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)

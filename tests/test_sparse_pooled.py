@@ -8,11 +8,10 @@ from megactx.attention.dca import DCAConfig, reference_dual_chunk_attention
 from megactx.errors import ConfigError
 from megactx.sparse import pooled
 from megactx.sparse.config import SparseConfig
-from megactx.sparse.plan import plan_mask
 from megactx.sparse.pooled import pooled_plan, pooled_scores, reference_pooled_plan, reference_pooled_scores
 from helpers import engine_logits, token_ids
 from test_dca import D, _qkv
-from test_sparse import _run_sparse_dca
+from test_sparse import _run_sparse_dca, recorded_mask
 
 DCA = DCAConfig(chunk_size=40, local_size=8, original_max_position_embeddings=20, temperature="none")
 
@@ -81,10 +80,7 @@ def test_pooled_inside_dca_equals_the_reference_under_the_plan(small_groups):
     t = 150
     q, k, v = _qkv(t, seed=4)
     out, plans, rotary = _run_sparse_dca(q, k, v, DCA, [70, 80], (1000, 6096), block=16, estimate="pooled", mass=0.6)
-    mask = torch.zeros(q.shape[1], t, t, dtype=torch.bool)
-    for _, q_start, plan in plans:
-        piece = plan_mask(plan, q_start, min(len(plan[0]) * 16, t - q_start), 16, t)
-        mask[:, q_start:q_start + piece.shape[1]] = piece
+    mask = recorded_mask(plans, t)
     assert not bool(mask[:, torch.ones(t, t, dtype=torch.bool).tril()].all())  # really sparse
     expected = reference_dual_chunk_attention(q, k, v, rotary, DCA, D ** -0.5, mask=mask)
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
