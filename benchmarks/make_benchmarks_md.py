@@ -77,6 +77,10 @@ PASSKEY_RUNS = {  # what each results folder was run with (the folder name is th
                                         "8192); its depth-50 cell ran in `benchmarks/sparse_attention.py` (correct). "
                                         "The TTFT of depths 0 and 100 is not a speed figure (other runs shared the two "
                                         "cores); depth 25 ran alone, with the tiled kernel that gathers short spans",
+    "eval_dca_sparse_pooled": "DCA (temperature none) with sparse prefill planned by the pooled block estimate "
+                              "(`--dca --sparse-estimate pooled --max-model-len 65600 --max-num-batched-tokens 8192`, "
+                              "cut-off 0.8); its depth-50 cell ran in `benchmarks/sparse_attention.py --estimate pooled` "
+                              "(correct). TTFT here is not a speed figure: tests shared the CPU for part of the run",
 }
 
 
