@@ -11,6 +11,7 @@ import os
 import sys
 
 from megactx.errors import MegactxError
+from megactx.sparse.config import ESTIMATES
 
 log = logging.getLogger("megactx")
 
@@ -82,7 +83,8 @@ def add_dca_args(p: argparse.ArgumentParser) -> None:
                    help="last queries of each prefill chunk that estimate the pattern (default 64)")
     g.add_argument("--sparse-mass", type=float, default=env_default("--sparse-mass", None, float),
                    help="per head, keep only the best verticals and slashes (within the budgets) that reach this share "
-                        "of the estimated attention, e.g. 0.95 (default: the whole budget)")
+                        "of the estimated attention, e.g. 0.95 (default: the whole budget); with --sparse-estimate "
+                        "pooled, the share of each block's estimated attention its key groups keep (default 0.8)")
     g.add_argument("--sparse-max-density", type=float, default=env_default("--sparse-max-density", 0.6, float),
                    help="a prefill chunk whose plan computes more than this share of the causal pairs is computed "
                         "densely, where sparse would be slower (default 0.6; 1 always runs the sparse kernel)")
@@ -104,12 +106,12 @@ def add_dca_args(p: argparse.ArgumentParser) -> None:
                    help="choose slashes in windows of this many neighbouring diagonals and count a head's slash budget "
                         "in the keys a query row computes, not in diagonals (scattered diagonals each cost a "
                         "block-wide span); e.g. 128 (default 0: MInference's per-diagonal top-k)")
-    g.add_argument("--sparse-estimate", choices=("vertical-slash", "pooled"),
+    g.add_argument("--sparse-estimate", choices=ESTIMATES,
                    default=env_default("--sparse-estimate", "vertical-slash"),
                    help="how the vertical_and_slash heads are planned: 'vertical-slash' (MInference: columns and "
-                        "diagonals from each chunk's last queries) or 'pooled' (every query row against each 64-key "
-                        "group's mean key; key groups kept up to --sparse-mass of each block's estimated attention, "
-                        "default 0.8)")
+                        "diagonals from each chunk's last queries) or 'pooled' (every 4th query row against each "
+                        "64-key group's mean key; key groups kept up to --sparse-mass of each block's estimated "
+                        "attention, default 0.8)")
 
 
 def engine_kwargs(args) -> dict:

@@ -1,21 +1,23 @@
-"""Pooled block estimate: every query row against each 64-key group's mean key (`--sparse-estimate pooled`).
+"""Pooled block estimate: query rows against each 64-key group's mean key (`--sparse-estimate pooled`).
 
 The vertical-slash estimate (estimate.py) scores keys from a chunk's last queries only, and under Dual Chunk
 Attention those queries predict the rest of the chunk poorly: at 64K, on the evaluation model, its plans kept a
 mean recall of 0.85 where an oracle at the kernel's granularity needed a quarter of the pairs for the same
-(BENCHMARKS.md, "How sparse the attention is"). This estimate looks at every row, but cheaply:
+(BENCHMARKS.md, "How sparse the attention is"). This estimate looks at rows all over the chunk, but cheaply:
 
 1. Each group of GROUP consecutive keys is pooled into its mean key (its score gets + log(group size), the
    share a group of equal keys would take).
-2. Each row's scores against the group means (with the query rotation of the DCA part the group's first key
-   is in), softmax over the groups the row can see: the row's estimated attention per group.
-3. Summed over the rows of each query block: the block's estimated attention per group. Of the groups before
-   the block, each head keeps its best ones until they reach `cutoff` of what all of them score; the first
-   group (the attention sinks), the group just before the block and the first group of each DCA part are always
-   kept, and the kernel computes the block's own keys anyway.
+2. The scores of every ROW_STRIDE-th row of each query block against the group means (with the query rotation
+   of the DCA part the group's first key is in), softmax over the groups the row can see: the row's estimated
+   attention per group.
+3. Summed over those rows: the block's estimated attention per group. Of the groups before the block, each head
+   keeps its best ones until they reach `cutoff` of what all of them score; the first group (the attention
+   sinks), the group just before the block and the first group of each DCA part are always kept, and the kernel
+   computes the block's own keys anyway.
 
-It costs 1/GROUP of the dense scores plus a softmax over m/GROUP groups per row. The chosen groups are key
-ranges of the cache (plan.py BlockKeys), so the kernel reads them as views or gathers the short ones.
+It costs 1/(GROUP x ROW_STRIDE) of the dense scores plus a softmax over m/GROUP groups per estimating row. The
+chosen groups are key ranges of the cache (plan.py BlockKeys), so the kernel reads them as views or gathers the
+short ones.
 reference_pooled_scores() writes steps 1-3 out row by row: the tests' oracle.
 """
 from __future__ import annotations
