@@ -190,8 +190,16 @@ def cmd_bench_serve(args) -> int:
     return bench_main(args)
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """A usage error is one line, `megactx CMD: error: ...`, exit code 2: the full usage of an engine command is
+    30 lines that bury the message (`--help` still prints it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="megactx", description="Serve long-context language models.")
+    ap = OneLineErrors(prog="megactx", description="Serve long-context language models.")
     ap.add_argument("-v", "--verbose", action="store_true")
     sub = ap.add_subparsers(dest="command", required=True)
 

@@ -51,3 +51,10 @@ def test_bench_ttft_json_rows_and_eval_input_errors(tmp_path):
                           (["generate", "--sparse-block-size", "8", "hi"], "--sparse-block-size 8: a kernel block")]:
         r = run(args, "")
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def test_a_bad_flag_value_is_one_line_naming_the_choices():
+    r = run(["generate", "--sparse-estimate", "columns", "hi"], "")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == ["megactx generate: error: argument --sparse-estimate: invalid choice: "
+                                             "'columns' (choose from 'vertical-slash', 'pooled')"]
