@@ -185,7 +185,7 @@ SPARSE_GAPS = [
     "whole document 0.9999x (vertical-slash with mass 0.95: 1.025x and 1.0063x); on the passkey prompt "
     "(`sparse_attention.py --estimate pooled`) attention 2.73x dense on layers 4, 16 and 23 (4.2x, 3.0x, 1.9x; "
     "recall 0.92, 0.89, 0.85), 3.17x over all layers against their dense mean, estimation 2.5 % of the "
-    "sparse attention, passkey correct, no chunk dense. Still short of 2.5x: the non-attention work is about 420 "
+    "sparse attention, passkey correct (and at depths 10 and 90 in the passkey grid), no chunk dense. Still short of 2.5x: the non-attention work is about 420 "
     "of the 937 s, and layers 20-23 stay at 0.36-0.46 of the pairs. Its kernel calls read many short gathered "
     "ranges: on a captured 30K piece (layer 13) flash calls were 73 % of the kernel's time and gathering under "
     "10 %, but 256-row calls run at about 0.8 of the 1024-row calls' pair rate. Not yet measured at 128K, so "
