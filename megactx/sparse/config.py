@@ -99,16 +99,15 @@ class SparseConfig:
         return self.mass if self.mass is not None else POOLED_CUTOFF
 
     def describe(self) -> str:
+        span = f"an estimate every {self.estimate_span} rows" if self.estimate_span else "an estimate per chunk"
         if self.estimate == "pooled":
             from megactx.sparse.pooled import ROW_STRIDE
-            span = f"an estimate every {self.estimate_span} rows" if self.estimate_span else "an estimate per chunk"
             return (f"threshold {self.threshold} tokens, pooled block estimate (every {ROW_STRIDE}th row against "
                     f"64-key group means), {span}, cut-off {self.pooled_cutoff} of each block's estimated attention, "
                     f"{self.block_size}-row blocks, dense above density {self.max_density}")
         budgets = f"budgets from {self.source}" if self.source else "default budgets (1000 verticals, 6096 slashes)"
         cut = f", mass cut-off {self.mass}" if self.mass is not None else ""
         cut += " (verticals and slashes together)" if self.mass is not None and self.mass_union else ""
-        span = f"an estimate every {self.estimate_span} rows" if self.estimate_span else "an estimate per chunk"
         diagonals = ", isolated slashes as exact diagonals" if self.exact_diagonals else ""
         diagonals += f", slashes in windows of {self.slash_window}, budget in keys" if self.slash_window else ""
         return (f"threshold {self.threshold} tokens, last_q {self.last_q}, {span}, {budgets}{cut}, "
