@@ -11,13 +11,16 @@ for 0.6 s of copies (benchmarks/sparse_kernel.py compares the ways). The Python 
 block), each call hundreds of rows by thousands of keys; the parts merge by their LSE.
 
 Taller calls where the plan allows: torch's CPU flash kernel splits the queries into 256-row tiles when a call
-has at least 768 rows and into 64-row tiles below. Measured here (2 threads, one head, 1K-8K keys): 256-row
-calls ran at 0.66-0.70 Gpair/s, 1024-row calls at 0.84-0.87, 768-row calls at 0.61-0.64 (three tiles on two
-threads). So the keys that all blocks of a tile of TILE_BLOCKS consecutive blocks read (a wide slash band:
-each block's range is the last one's shifted by one block, and most of it overlaps) are computed once for the
-tile's rows, and each block computes only the rest. The keys every block of the chunk reads (an A-shape
+has at least 768 rows and into 64-row tiles below. Measured on an AVX512 CPU (2 threads, one head, 1K-8K keys,
+fp32): 256-row calls ran at 0.66-0.70 Gpair/s, 1024-row calls at 0.84-0.87, 768-row calls at 0.61-0.64 (three
+tiles on two threads). So the keys that all blocks of a tile of TILE_BLOCKS consecutive blocks read (a wide slash
+band: each block's range is the last one's shifted by one block, and most of it overlaps) are computed once for
+the tile's rows, and each block computes only the rest. The keys every block of the chunk reads (an A-shape
 head's sinks, columns before the chunk) are one call over all rows. Every key of the plan is computed
 exactly once for each row that plans it, so the result is the plan's, whatever the grouping.
+Only spans of MIN_SHARED_BLOCKS blocks or wider are shared: on an AVX2 CPU the gap between call heights is small
+(256 rows 0.45, 1024 rows 0.46-0.51 Gpair/s), and also gathering a pooled plan's narrower shared keys (a quarter
+of a block's pairs) into one call per tile left a 30K piece's layer as fast as before (1.61 against 1.62 s).
 """
 from __future__ import annotations
 
