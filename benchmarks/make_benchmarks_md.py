@@ -81,6 +81,10 @@ PASSKEY_RUNS = {  # what each results folder was run with (the folder name is th
                               "(`--dca --sparse-estimate pooled --max-model-len 65600 --max-num-batched-tokens 8192`, "
                               "cut-off 0.8); its depth-50 cell ran in `benchmarks/sparse_attention.py --estimate pooled` "
                               "(correct). TTFT here is not a speed figure: tests shared the CPU for part of the run",
+    "eval_dca_sparse_pooled_0.7": "the pooled block estimate at cut-off 0.7 (`--dca --sparse-estimate pooled "
+                                  "--sparse-mass 0.7 --max-model-len 65600 --max-num-batched-tokens 8192`); at "
+                                  "128K its depth-50 cell ran in `benchmarks/sparse_attention.py --estimate pooled "
+                                  "--mass 0.7` (correct)",
 }
 
 
