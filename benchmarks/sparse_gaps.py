@@ -185,9 +185,17 @@ SPARSE_GAPS = [
     "whole document 0.9999x (vertical-slash with mass 0.95: 1.025x and 1.0063x); on the passkey prompt "
     "(`sparse_attention.py --estimate pooled`) attention 2.73x dense on layers 4, 16 and 23 (4.2x, 3.0x, 1.9x; "
     "recall 0.92, 0.89, 0.85), 3.17x over all layers against their dense mean, estimation 2.5 % of the "
-    "sparse attention, passkey correct (and at depths 10 and 90 in the passkey grid), no chunk dense. Still short of 2.5x: the non-attention work is about 420 "
-    "of the 937 s, and layers 20-23 stay at 0.36-0.46 of the pairs. Its kernel calls read many short gathered "
-    "ranges: on a captured 30K piece (layer 13) flash calls were 73 % of the kernel's time and gathering under "
-    "10 %, but 256-row calls run at about 0.8 of the 1024-row calls' pair rate. Not yet measured at 128K, so "
-    "the vertical-slash estimate stays the default.",
+    "sparse attention, passkey correct (and at depths 10 and 90 in the passkey grid), no chunk dense. Still "
+    "short of 2.5x: the non-attention work is about 420 of the 937 s, and layers 20-23 stay at 0.36-0.46 of the "
+    "pairs. On a captured 30K piece (layer 13) flash calls were 73 % of the kernel's time and gathering under "
+    "10 %; on this AVX2 CPU 256-row calls run at 0.45 Gpair/s against 0.46-0.51 for 1024-row ones, and "
+    "computing a tile's narrow shared keys in one 1024-row call left the piece as fast as before (1.61 against "
+    "1.62 s). What is left is the number of pairs.",
+    "- The pooled estimate at cut-off 0.7. At 64K: TTFT 2.45x dense DCA, both sides in one run (822 vs 2012 s); "
+    "perplexity worst 4K bucket 1.025x, whole document 1.004x; passkey correct at depth 10. At 128K (16K "
+    "chunks, `sparse_attention.py --estimate pooled --mass 0.7`): passkey correct at depth 50, TTFT 3.22x the "
+    "projected dense DCA (2268 vs 7298 s), attention 3.95x on layers 4, 16 and 23 (6.5x, 4.8x, 2.6x; 4.78x "
+    "over all layers against their dense mean), estimation 3.5 %, mean density 0.154. Short of 5x on the timed "
+    "layers because layer 23 keeps 0.29 of the pairs (layers 20-23: 0.25-0.35). The vertical-slash estimate "
+    "stays the default until the other 128K passkey depths are run with the pooled one.",
 ]
