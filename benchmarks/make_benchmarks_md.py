@@ -58,11 +58,12 @@ def serve_tables() -> list[str]:
 PASSKEY_RUNS = {  # what each results folder was run with (the folder name is the key)
     "eval": "the evaluation model inside its trained length: `--lengths 4K,8K,16K,32K --depths 0,25,50,75,100`",
     "eval_dca": "DCA with dense attention (`--dca --dca-temperature position --no-sparse --max-model-len 65600`)",
-    "eval_dca_sparse": "DCA with sparse prefill at its defaults (`--dca --dca-temperature position --max-model-len 65600 "
+    "eval_dca_sparse": "DCA with sparse prefill at the defaults of the time: the vertical-slash estimate, default "
+                       "budgets (`--dca --dca-temperature position --max-model-len 65600 "
                        "--max-num-batched-tokens 16384`); the first 48K cell ran before chunks planned denser than "
                        "0.6 fell back to dense attention, the rest after",
     "eval_plain": "the ablation: plain RoPE beyond the trained 32K (`--allow-long-context --max-model-len 65600`), "
-                  "sparse prefill at its defaults",
+                  "sparse prefill at the defaults of the time (the vertical-slash estimate, default budgets)",
     "eval_dca_sparse_mass": "DCA with sparse prefill and the mass cut-off (`--dca --dca-temperature position "
                             "--sparse-mass 0.95 --max-model-len 65600 --max-num-batched-tokens 16384`)",
     "eval_dca-none_sparse_mass": "DCA without temperature, sparse prefill with the mass cut-off (`--dca "
@@ -81,10 +82,12 @@ PASSKEY_RUNS = {  # what each results folder was run with (the folder name is th
                               "(`--dca --sparse-estimate pooled --max-model-len 65600 --max-num-batched-tokens 8192`, "
                               "cut-off 0.8); its depth-50 cell ran in `benchmarks/sparse_attention.py --estimate pooled` "
                               "(correct). TTFT here is not a speed figure: tests shared the CPU for part of the run",
-    "eval_dca_sparse_pooled_0.7": "the pooled block estimate at cut-off 0.7 (`--dca --sparse-estimate pooled "
-                                  "--sparse-mass 0.7 --max-model-len 65600 --max-num-batched-tokens 8192`); at "
-                                  "128K its depth-50 cell ran in `benchmarks/sparse_attention.py --estimate pooled "
-                                  "--mass 0.7` (correct)",
+    "eval_dca_sparse_pooled_0.7": "the pooled block estimate at cut-off 0.7, the default without a budgets file "
+                                  "(`--dca --sparse-estimate pooled --sparse-mass 0.7 --max-model-len 65600 "
+                                  "--max-num-batched-tokens 8192`; at 128K `--max-model-len 131200 "
+                                  "--max-num-batched-tokens 16384`); at 128K its depth-50 cell ran in "
+                                  "`benchmarks/sparse_attention.py --estimate pooled --mass 0.7` (correct) and depth "
+                                  "100 was not run. Each prompt ran alone on the machine",
 }
 
 

@@ -111,8 +111,9 @@ def end_to_end_section() -> list[str]:
            "DCA first; nothing projected. CPU: the vector instructions torch's kernels use on the machine of the run "
            "(the AVX512 machine has AMX too, where bf16 is fast; without AVX512-BF16 or AMX bf16 is several times "
            "slower than fp32 and was not run).", "",
-           "`--modes dca,dca+sparse-pooled` runs the pooled block estimate (`--sparse-estimate pooled`, its "
-           "default cut-off 0.8 unless `--sparse-mass`). Each sparse row is set against the dense row of the same "
+           "`--modes dca,dca+sparse-pooled` runs the pooled block estimate (`--sparse-estimate pooled`, at the "
+           "cut-off in brackets: `--sparse-mass`, else the default of the run). Each sparse row is set against the "
+           "dense row of the same "
            "run (the last one before it).", "",
            "| length | CPU | dtype | sparse mode (cut-off) | TTFT dense DCA s | TTFT sparse s | speedup "
            "| peak RSS MB dense / sparse |",

@@ -1,7 +1,8 @@
 """Sparse prefill vs dense attention, layer by layer, on a real passkey prompt (the evaluation model with DCA).
 
 For each length: one prefill of a passkey prompt (depth 50 %; or --prompt document: natural text) with DCA and sparse prefill on
-(default budgets unless --sparse-config), then the answer. For every piece of every layer the sparse kernel's
+(the engine's default: the pooled estimate; --sparse-config FILE or --estimate vertical-slash: per-head budgets), then
+the answer. For every piece of every layer the sparse kernel's
 time, its index-estimation time and its density are recorded; for the --dense-layers the dense DCA attention of
 the same piece is computed right after on the same inputs (same process, same moment), which gives the dense
 time per layer and the attention recall exp(lse_sparse - lse_dense) (mean over rows and heads).
@@ -28,6 +29,7 @@ from megactx import LLM, SamplingParams  # noqa: E402
 from megactx.eval.backends import InProcessBackend  # noqa: E402
 from megactx.eval.fitting import largest_fitting  # noqa: E402
 from megactx.eval.passkey import MAX_NEW_TOKENS, build_prompt, make_key, score  # noqa: E402
+from megactx.sparse.config import ESTIMATE_CHOICES, POOLED_CUTOFF, resolve_sparse  # noqa: E402
 from megactx.sparse.kernel import KERNEL_NAME  # noqa: E402
 
 
@@ -141,14 +143,22 @@ def main():
                     "and slashes together")
     ap.add_argument("--slash-window", type=int, default=0, help="--sparse-slash-window: slashes chosen in windows "
                     "of this many diagonals, the slash budget counted in keys (0: top-k diagonals)")
-    ap.add_argument("--estimate", choices=("vertical-slash", "pooled"), default="vertical-slash",
-                    help="--sparse-estimate: how the heads are planned (pooled: cut-off --mass, default 0.8)")
+    ap.add_argument("--estimate", choices=ESTIMATE_CHOICES, default="auto",
+                    help="--sparse-estimate: how the heads are planned (default auto: pooled, at cut-off --mass, "
+                         f"default {POOLED_CUTOFF}, unless budgets come from a file)")
     ap.add_argument("--dtype", default="fp32", help="compute dtype of both sides (fp32, bf16)")
     ap.add_argument("--block", type=int, default=None, help="sparse kernel block rows (default: by dtype, "
                     "256 in fp32, 512 in bf16)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/sparse_attention_eval.json")
     args = ap.parse_args()
+    # what the engine resolves "auto" and a default cut-off to, recorded as such: the defaults have changed
+    resolved = resolve_sparse(args.model, True, args.sparse_config, estimate=args.estimate,
+                              exact_diagonals=args.exact_diagonals, mass_union=args.mass_union,
+                              slash_window=args.slash_window)
+    args.estimate = resolved.estimate
+    if resolved.estimate == "pooled" and args.mass is None:
+        args.mass = resolved.pooled_cutoff
     results = json.load(open(args.out)) if os.path.exists(args.out) else {"rows": []}
     for length in [int(x) for x in args.lengths.split(",")]:
         row = run_length(args, length)

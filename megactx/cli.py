@@ -11,7 +11,7 @@ import os
 import sys
 
 from megactx.errors import MegactxError
-from megactx.sparse.config import ESTIMATES
+from megactx.sparse.config import ESTIMATE_CHOICES, POOLED_CUTOFF
 
 log = logging.getLogger("megactx")
 
@@ -71,20 +71,21 @@ def add_dca_args(p: argparse.ArgumentParser) -> None:
                         "dual_chunk_attention_config, as Qwen2.5-1M's recipe; none with --dca)")
     g.add_argument("--allow-long-context", action="store_true", default=env_default("--allow-long-context", False, _flag),
                    help="allow --max-model-len beyond the trained length with plain RoPE (ablations)")
-    g = p.add_argument_group("Sparse prefill (MInference vertical-slash, for prompts above a threshold)")
+    g = p.add_argument_group("Sparse prefill (MInference-style, for prompts above a threshold)")
     g.add_argument("--no-sparse", dest="sparse", action="store_false",
                    default=not env_default("--no-sparse", False, _flag), help="prefill every prompt densely")
     g.add_argument("--sparse-config", default=env_default("--sparse-config"),
-                   help="per-head budgets JSON (default: sparse_attention_config.json beside the model, "
-                        "else 1000 verticals / 6096 slashes per head)")
+                   help="per-head budgets JSON for the vertical-slash estimate (default: sparse_attention_config.json "
+                        "beside the model, else 1000 verticals / 6096 slashes per head)")
     g.add_argument("--sparse-threshold", type=int, default=env_default("--sparse-threshold", 32768, int),
                    help="prompts longer than this many tokens are prefilled sparsely (default 32768)")
     g.add_argument("--sparse-last-q", type=int, default=env_default("--sparse-last-q", 64, int),
-                   help="last queries of each prefill chunk that estimate the pattern (default 64)")
+                   help="last queries of each prefill chunk that estimate the vertical-slash pattern (default 64)")
     g.add_argument("--sparse-mass", type=float, default=env_default("--sparse-mass", None, float),
-                   help="per head, keep only the best verticals and slashes (within the budgets) that reach this share "
-                        "of the estimated attention, e.g. 0.95 (default: the whole budget); with --sparse-estimate "
-                        "pooled, the share of each block's estimated attention its key groups keep (default 0.8)")
+                   help=f"the estimate's cut-off. Pooled: the share of each block's estimated attention its "
+                        f"key groups keep (default {POOLED_CUTOFF}). Vertical-slash: per head, keep only the best "
+                        "verticals and slashes (within the budgets) that reach this share, e.g. 0.95 (default: whole "
+                        "budgets)")
     g.add_argument("--sparse-max-density", type=float, default=env_default("--sparse-max-density", 0.6, float),
                    help="a prefill chunk whose plan computes more than this share of the causal pairs is computed "
                         "densely, where sparse would be slower (default 0.6; 1 always runs the sparse kernel)")
@@ -106,12 +107,13 @@ def add_dca_args(p: argparse.ArgumentParser) -> None:
                    help="choose slashes in windows of this many neighbouring diagonals and count a head's slash budget "
                         "in the keys a query row computes, not in diagonals (scattered diagonals each cost a "
                         "block-wide span); e.g. 128 (default 0: MInference's per-diagonal top-k)")
-    g.add_argument("--sparse-estimate", choices=ESTIMATES,
-                   default=env_default("--sparse-estimate", "vertical-slash"),
-                   help="how the vertical_and_slash heads are planned: 'vertical-slash' (MInference: columns and "
-                        "diagonals from each chunk's last queries) or 'pooled' (every 4th query row against each "
-                        "64-key group's mean key; key groups kept up to --sparse-mass of each block's estimated "
-                        "attention, default 0.8)")
+    g.add_argument("--sparse-estimate", choices=ESTIMATE_CHOICES,
+                   default=env_default("--sparse-estimate", "auto"),
+                   help="how the vertical_and_slash heads are planned: 'vertical-slash' (MInference: the budgets' "
+                        "columns and diagonals from each chunk's last queries) or 'pooled' (every 4th query row "
+                        "against each 64-key group's mean key; key groups kept up to --sparse-mass of each block's "
+                        f"estimated attention, default {POOLED_CUTOFF}); default auto: vertical-slash with budgets "
+                        "from a file or a slash option, else pooled")
 
 
 def engine_kwargs(args) -> dict:

@@ -197,7 +197,9 @@ class EngineConfig:
     sparse_mass_union: bool = False  # the mass cut-off counts verticals and slashes together
     sparse_slash_window: int = 0  # slashes chosen in windows of this many diagonals, the budget in keys (0: off)
     sparse_block_size: int | None = None  # query rows per kernel block; None: by dtype (sparse/config.py)
-    sparse_estimate: str = "vertical-slash"  # or "pooled": every row against 64-key group means (sparse/pooled.py)
+    # "vertical-slash" (budgets), "pooled" (every row against 64-key group means, sparse/pooled.py), or "auto":
+    # vertical-slash when budgets come from a file, else pooled (sparse/config.py resolve_sparse)
+    sparse_estimate: str = "auto"
 
     def __post_init__(self):
         parse_dtype(self.dtype)

@@ -29,8 +29,12 @@ def describe(model: str | None, tokens: int | None = None, dca: dict | None = No
                             dca.get("dca_original_max_position"), dca.get("dca_temperature"))
     lines.append("dual chunk attn: " + (effective.describe() if effective else "off (turn on with --dca)"))
     from megactx.sparse.config import resolve_sparse
+    # the engine's own settings (megactx/cli.py dca_kwargs), so that inspect says what serve would do
+    settings = {key: dca[f"sparse_{key}"] for key in ("mass", "max_density", "estimate_span", "exact_diagonals",
+                                                       "mass_union", "slash_window", "estimate", "block_size")
+                if dca.get(f"sparse_{key}") is not None}
     sparse = resolve_sparse(src.path, dca.get("sparse", True), dca.get("sparse_config"),
-                            dca.get("sparse_threshold", 32768), dca.get("sparse_last_q", 64))
+                            dca.get("sparse_threshold", 32768), dca.get("sparse_last_q", 64), **settings)
     lines.append("sparse prefill:   " + (sparse.describe() if sparse else "off (--no-sparse)"))
     for name, nbytes in (("fp32", 4), ("bf16/fp16", 2)):
         per = c.kv_bytes_per_token(nbytes)

@@ -57,4 +57,4 @@ def test_a_bad_flag_value_is_one_line_naming_the_choices():
     r = run(["generate", "--sparse-estimate", "columns", "hi"], "")
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip().splitlines() == ["megactx generate: error: argument --sparse-estimate: invalid choice: "
-                                             "'columns' (choose from 'vertical-slash', 'pooled')"]
+                                             "'columns' (choose from 'auto', 'vertical-slash', 'pooled')"]

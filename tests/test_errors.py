@@ -121,3 +121,7 @@ def test_cli_generate_and_inspect_on_the_bundled_model(capsys):
     text = capsys.readouterr().out
     assert "llama (30 layers" in text and "context length:   8192" in text and "chat template:    present" in text
     assert "KV cache fp32      46080 bytes/token; 100000 tokens: 4.3 GiB" in text
+    assert "pooled block estimate" in text and "cut-off 0.7 " in text  # no budgets beside the model: pooled
+    assert main(["inspect", "--sparse-estimate", "vertical-slash", "--sparse-mass", "0.95"]) == 0
+    text = capsys.readouterr().out
+    assert "default budgets (1000 verticals, 6096 slashes), mass cut-off 0.95" in text  # what serve would run

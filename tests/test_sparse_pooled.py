@@ -1,13 +1,15 @@
 """The pooled block estimate (`--sparse-estimate pooled`): its scores and plans against their row-by-row
 definitions, inside DCA against the naive DCA reference under the recorded plans, everything kept equals dense,
 and its settings' errors."""
+import json
+
 import pytest
 import torch
 
 from megactx.attention.dca import DCAConfig, reference_dual_chunk_attention
 from megactx.errors import ConfigError
 from megactx.sparse import pooled
-from megactx.sparse.config import SparseConfig
+from megactx.sparse.config import CONFIG_NAME, POOLED_CUTOFF, SparseConfig, resolve_sparse
 from megactx.sparse.pooled import pooled_plan, pooled_scores, reference_pooled_plan, reference_pooled_scores
 from helpers import engine_logits, token_ids
 from test_dca import D, _qkv
@@ -118,10 +120,29 @@ def test_engine_pooled_keeping_everything_equals_dense_and_a_cutoff_computes_les
 
 def test_pooled_settings_are_checked_and_described():
     cfg = SparseConfig(estimate="pooled")
-    assert cfg.pooled_cutoff == 0.8 and "pooled block estimate" in cfg.describe() and "cut-off 0.8" in cfg.describe()
+    assert cfg.pooled_cutoff == POOLED_CUTOFF == 0.7
+    assert "pooled block estimate" in cfg.describe() and "cut-off 0.7" in cfg.describe()
     assert SparseConfig(estimate="pooled", mass=0.9).pooled_cutoff == 0.9
     with pytest.raises(ConfigError, match="--sparse-estimate 'columns': choose one of vertical-slash, pooled"):
         SparseConfig(estimate="columns")
     for bad in (dict(slash_window=64), dict(mass_union=True), dict(exact_diagonals=True)):
         with pytest.raises(ConfigError, match="drop --sparse-slash-window"):
             SparseConfig(estimate="pooled", **bad)
+
+
+def test_auto_estimate_is_pooled_unless_budgets_or_slash_options_are_given(tmp_path):
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"")
+    assert resolve_sparse(model).estimate == "pooled"  # no budgets anywhere: the pooled estimate
+    for slash_option in (dict(slash_window=128), dict(mass_union=True), dict(exact_diagonals=True)):
+        assert resolve_sparse(model, **slash_option).estimate == "vertical-slash"
+    budgets = tmp_path / "budgets.json"
+    budgets.write_text(json.dumps([{"0": ["vertical_and_slash", 100, 800, 0.9]}]))
+    given = resolve_sparse(model, config_file=str(budgets))
+    assert given.estimate == "vertical-slash" and given.head(0, 0).vertical_size == 100
+    assert resolve_sparse(model, config_file=str(budgets), estimate="pooled").estimate == "pooled"  # asked for
+    assert resolve_sparse(model, estimate="vertical-slash").estimate == "vertical-slash"
+    (tmp_path / CONFIG_NAME).write_text(budgets.read_text())
+    assert resolve_sparse(model).estimate == "vertical-slash"  # the budgets the model ships with
+    with pytest.raises(ConfigError, match="--sparse-estimate 'columns': choose one of auto, vertical-slash, pooled"):
+        resolve_sparse(model, estimate="columns")

@@ -16,12 +16,14 @@ import sys
 import time
 
 from megactx.errors import MegactxError
+from megactx.sparse.config import POOLED_CUTOFF
 
 logger = logging.getLogger(__name__)
 COMPARE = ("transformers", "llama.cpp")
 # dense: plain attention (beyond the trained length plain RoPE: an ablation of speed, not quality); dca: Dual
-# Chunk Attention; sparse: sparse prefill above the threshold (default 32768 tokens); dca+sparse: both;
-# -pooled: sparse prefill planned by the pooled block estimate (--sparse-estimate pooled)
+# Chunk Attention; sparse: sparse prefill above the threshold (default 32768 tokens) planned by the vertical-slash
+# estimate and default budgets; dca+sparse: both; -pooled: planned by the pooled block estimate instead (what the
+# engine runs by default when no budgets file is given)
 MODES = ("dense", "dca", "sparse", "dca+sparse", "sparse-pooled", "dca+sparse-pooled")
 
 
@@ -132,8 +134,7 @@ def measure(engine: str, mode: str, length: int, args, dtype: str = "fp32") -> d
     if mass is not None:
         row["sparse_mass"] = mass
     if mode.endswith("-pooled"):
-        from megactx.sparse.config import SparseConfig
-        row["sparse_mass"] = SparseConfig(estimate="pooled", mass=mass).pooled_cutoff  # the cut-off it ran with
+        row["sparse_mass"] = POOLED_CUTOFF if mass is None else mass  # the cut-off it ran with
     return row
 
 
@@ -198,13 +199,14 @@ def add_parser(bench_sub, env_default) -> None:
     p = bench_sub.add_parser("ttft", help="time to first token vs length, beside transformers / llama.cpp")
     p.add_argument("--model", default=env_default("--model"))
     p.add_argument("--lengths", default="1024,4096")
-    p.add_argument("--modes", default="dense")
+    p.add_argument("--modes", default="dense", help=f"comma list of {', '.join(MODES)} (sparse: the vertical-slash "
+                   "estimate with default budgets; -pooled: the pooled block estimate, the default without budgets)")
     p.add_argument("--dtypes", default="fp32", help="comma list of compute dtypes: fp32, bf16, fp16")
     p.add_argument("--compare", default="", help="comma list: transformers, llama.cpp")
     p.add_argument("--threads", type=int, default=env_default("--threads", os.cpu_count() or 1, int))
     p.add_argument("--max-num-batched-tokens", type=int, default=4096, help="this engine's prefill chunk")
     p.add_argument("--sparse-mass", type=float, default=None,
-                   help="the sparse modes' --sparse-mass (cut-off; the -pooled modes default to 0.8)")
+                   help=f"the sparse modes' --sparse-mass (cut-off; the -pooled modes default to {POOLED_CUTOFF})")
     p.add_argument("--json", action="store_true", help="one JSON object per row")
     p.set_defaults(func=lambda a: 0 if run(a) is not None else 1)
 

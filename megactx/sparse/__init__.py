@@ -1,2 +1,8 @@
-"""Sparse prefill (MInference, arXiv 2407.02490): per-head vertical and slash patterns estimated from the last
-queries of a prefill chunk. Estimation is here; the kernel and its integration follow."""
+"""Sparse prefill (MInference, arXiv 2407.02490; DESIGN.md 3.2) for prompts above a threshold.
+
+config.py   per-head patterns and budgets (sparse_attention_config.json), the settings, which estimate runs
+estimate.py the vertical-slash estimate: columns and diagonals from a prefill chunk's last queries
+pooled.py   the pooled block estimate: query rows against 64-key group means (the default without budgets)
+plan.py     the key ranges each query block computes; kernel.py computes them and returns the log-sum-exp
+prefill.py  one prefill chunk: estimate, plan, compute; search.py and cli.py: `megactx sparse search`
+"""

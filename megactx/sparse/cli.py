@@ -41,8 +41,8 @@ def cmd_search(args) -> int:
     kw["max_model_len"] = max(kw.get("max_model_len") or 0, args.length + 8)
     kw["max_num_seqs"] = 1
     if args.refine:
-        # refinement measures the patterns themselves: never replaced by the dense fallback
-        kw.update(sparse=True, sparse_threshold=0, sparse_max_density=1.0)
+        # refinement measures the budgets themselves: planned from them, never replaced by the dense fallback
+        kw.update(sparse=True, sparse_threshold=0, sparse_max_density=1.0, sparse_estimate="vertical-slash")
 
         def make(config):
             return LLM(model, **dict(kw, sparse_config=config))

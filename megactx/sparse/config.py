@@ -18,9 +18,16 @@ from megactx.errors import ConfigError
 
 PATTERNS = ("vertical_and_slash", "a_shape", "block_sparse")
 # how the vertical_and_slash heads are planned: from the last queries' columns and diagonals (estimate.py), or
-# from every row against pooled 64-key groups (pooled.py), cut by --sparse-mass (default POOLED_CUTOFF)
+# from every row against pooled 64-key groups (pooled.py), cut by --sparse-mass (default POOLED_CUTOFF).
+# "auto" (resolve_sparse): vertical-slash when the heads have budgets from a file or a slash option is set, else
+# pooled: it looks at rows all over a chunk (pooled.py) and gave the fastest prefill measured on the evaluation
+# model at the same accuracy (BENCHMARKS.md)
 ESTIMATES = ("vertical-slash", "pooled")
-POOLED_CUTOFF = 0.8
+ESTIMATE_CHOICES = ("auto",) + ESTIMATES
+# at 0.7, on the evaluation model at 64K: perplexity 1.025x dense DCA's in the worst 4K bucket (0.8: 1.014x),
+# TTFT 2.45x faster (0.8: 2.19x, in another run), passkey correct at depths 10, 50 and 90; at 128K passkey correct
+# at depths 0, 25, 50 and 75 (BENCHMARKS.md)
+POOLED_CUTOFF = 0.7
 ALIASES = {"stream_llm": "a_shape"}
 CONFIG_NAME = "sparse_attention_config.json"
 
@@ -186,23 +193,26 @@ def resolve_sparse(model_path: str | Path | None, enabled: bool = True, config_f
                    mass: float | None = None, max_density: float = 0.6,
                    estimate_span: int = 8192, exact_diagonals: bool = False,
                    mass_union: bool = False, slash_window: int = 0,
-                   estimate: str = "vertical-slash") -> SparseConfig | None:
+                   estimate: str = "auto") -> SparseConfig | None:
     """--sparse-config FILE, else sparse_attention_config.json beside the model, else default budgets.
-    block_size None: 256 (the engine passes default_block_size(its compute dtype))."""
+    block_size None: 256 (the engine passes default_block_size(its compute dtype)). estimate "auto": budgets
+    from a file or a slash option -> vertical-slash, else pooled (a model's own budgets are what it ships with)."""
     if not enabled:
         return None
+    if estimate not in ESTIMATE_CHOICES:
+        raise ConfigError(f"--sparse-estimate {estimate!r}: choose one of {', '.join(ESTIMATE_CHOICES)}")
     block_size = block_size or default_block_size(None)
+    if not config_file and model_path is not None:
+        beside = Path(model_path)
+        beside = (beside if beside.is_dir() else beside.parent) / CONFIG_NAME
+        config_file = beside if beside.is_file() else None
+    if estimate == "auto":
+        slash_options = slash_window or mass_union or exact_diagonals
+        estimate = "vertical-slash" if config_file or slash_options else "pooled"
     settings = dict(threshold=threshold, last_q=last_q, block_size=block_size, mass=mass, max_density=max_density,
                     estimate_span=estimate_span, exact_diagonals=exact_diagonals, mass_union=mass_union,
                     slash_window=slash_window, estimate=estimate)
-    if config_file:
-        return load_sparse_config(config_file, **settings)
-    if model_path is not None:
-        beside = Path(model_path)
-        beside = (beside if beside.is_dir() else beside.parent) / CONFIG_NAME
-        if beside.is_file():
-            return load_sparse_config(beside, **settings)
-    return SparseConfig(**settings)
+    return load_sparse_config(config_file, **settings) if config_file else SparseConfig(**settings)
 
 
 def dump_layers(layers: list[dict[int, HeadPattern]], scores: list[dict[int, float]] | None = None) -> list:
