@@ -1,9 +1,9 @@
 """Sparse prefill vs dense attention, layer by layer, on a real passkey prompt (the evaluation model with DCA).
 
-For each length: one prefill of a passkey prompt (depth 50 %; or --prompt document: natural text) with DCA and sparse prefill on
-(the engine's default: the pooled estimate; --sparse-config FILE or --estimate vertical-slash: per-head budgets), then
-the answer. For every piece of every layer the sparse kernel's
-time, its index-estimation time and its density are recorded; for the --dense-layers the dense DCA attention of
+For each length: one prefill of a passkey prompt (depth 50 %; or --prompt document: natural text) with DCA and
+sparse prefill on (the engine's default: the pooled estimate; --sparse-config FILE or --estimate vertical-slash:
+per-head budgets), then the answer. For every piece of every layer the sparse kernel's time, its index-estimation
+time and its density are recorded; for the --dense-layers the dense DCA attention of
 the same piece is computed right after on the same inputs (same process, same moment), which gives the dense
 time per layer and the attention recall exp(lse_sparse - lse_dense) (mean over rows and heads).
 

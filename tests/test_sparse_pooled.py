@@ -107,6 +107,7 @@ def test_engine_pooled_keeping_everything_equals_dense_and_a_cutoff_computes_les
         return engine_logits(e, ids), e
 
     dense, _ = run(sparse=False)
+    assert run(sparse_threshold=0)[1].sparse.estimate == "pooled"  # the engine's default without a budgets file
     full, engine = run(sparse_threshold=0, sparse_estimate="pooled", sparse_mass=1.0, sparse_block_size=32,
                        sparse_max_density=1.0)
     stats = engine.runner.backend.sparse.stats
