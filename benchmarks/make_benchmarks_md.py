@@ -86,8 +86,8 @@ PASSKEY_RUNS = {  # what each results folder was run with (the folder name is th
                                   "(`--dca --sparse-estimate pooled --sparse-mass 0.7 --max-model-len 65600 "
                                   "--max-num-batched-tokens 8192`; at 128K `--max-model-len 131200 "
                                   "--max-num-batched-tokens 16384`); at 128K its depth-50 cell ran in "
-                                  "`benchmarks/sparse_attention.py --estimate pooled --mass 0.7` (correct) and depth "
-                                  "100 was not run. Each prompt ran alone on the machine",
+                                  "`benchmarks/sparse_attention.py --estimate pooled --mass 0.7` (correct); depth 100 ran at the engine's "
+                                  "defaults (`--dca` only). Each prompt ran alone on the machine",
 }
 
 
