@@ -30,6 +30,7 @@ from megactx.eval.backends import InProcessBackend  # noqa: E402
 from megactx.eval.fitting import largest_fitting  # noqa: E402
 from megactx.eval.passkey import MAX_NEW_TOKENS, build_prompt, make_key, score  # noqa: E402
 from megactx.sparse.config import ESTIMATE_CHOICES, POOLED_CUTOFF, resolve_sparse  # noqa: E402
+from megactx.sparse import batched  # noqa: E402
 from megactx.sparse.kernel import KERNEL_NAME  # noqa: E402
 
 
@@ -117,7 +118,8 @@ def run_length(args, length: int) -> dict:
 
 def _kernel(args, block: int) -> str:
     # the block height is named when it is not the fp32 default the earlier rows ran with
-    return KERNEL_NAME + (", exact diagonals" if args.exact_diagonals else "") + (
+    name = batched.KERNEL_NAME if args.estimate == "pooled" else KERNEL_NAME  # the kernel prefill.py runs
+    return name + (", exact diagonals" if args.exact_diagonals else "") + (
         f", {block}-row blocks" if block != 256 else "")
 
 

@@ -172,6 +172,20 @@ def span_positions(spans: list[tuple[int, int]]) -> torch.Tensor:
     return torch.arange(int(lengths.sum())) + shift.repeat_interleave(lengths)
 
 
+def own_blocks(segments, keys: KeySource, q_start: int, block: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query block against its own keys, causal, all heads in one call -> out [n, H, D], lse [n, H]."""
+    q0 = segments[0][2]
+    n, h, _ = q0.shape
+    own_out = torch.empty_like(q0)
+    own_lse = torch.empty(n, h, dtype=torch.float32, device=q0.device)
+    for a in block_starts(q_start, n, block):
+        rows = slice(a - q_start, min(n, a - q_start + block))
+        q_own = next(q for lo, hi, q in segments if lo <= a < hi)
+        k_own, v_own = keys.span(a, q_start + rows.stop)
+        own_out[rows], own_lse[rows] = attention(q_own[rows], k_own, v_own, scale, causal=True)
+    return own_out, own_lse
+
+
 def sparse_attention(segments: list[tuple[int, int, torch.Tensor]], keys: KeySource, plan: Plan, q_start: int,
                      block: int, scale: float, tile_blocks: int = TILE_BLOCKS,
                      min_view: float = MIN_VIEW_BLOCKS) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,12 +197,7 @@ def sparse_attention(segments: list[tuple[int, int, torch.Tensor]], keys: KeySou
     group = h // keys.k.shape[0]
     starts = block_starts(q_start, n, block)
     row_blocks = [slice(a - q_start, min(n, a - q_start + block)) for a in starts]
-    own_out = torch.empty_like(q0)
-    own_lse = torch.empty(n, h, dtype=torch.float32, device=q0.device)
-    for a, rows in zip(starts, row_blocks):  # each block against itself, causal, all heads in one call
-        q_own = next(q for lo, hi, q in segments if lo <= a < hi)
-        k_own, v_own = keys.span(a, q_start + rows.stop)
-        own_out[rows], own_lse[rows] = attention(q_own[rows], k_own, v_own, scale, causal=True)
+    own_out, own_lse = own_blocks(segments, keys, q_start, block, scale)
     out = torch.empty_like(q0)
     lse = torch.empty(n, h, dtype=torch.float32, device=q0.device)
     for head in range(h):

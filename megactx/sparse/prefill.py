@@ -13,6 +13,7 @@ import torch
 
 from megactx.sparse.config import HeadPattern, SparseConfig
 from megactx.sparse.estimate import VerticalSlash, Workspace, estimate_vertical_slash
+from megactx.sparse.batched import batched_sparse_attention
 from megactx.sparse.kernel import KeySource, sparse_attention
 from megactx.sparse.pooled import pooled_plan, pooled_scores
 from megactx.sparse.plan import MERGE_GAP, Plan, block_sparse_plan, plan_density, vertical_slash_plan
@@ -64,7 +65,10 @@ class SparsePrefill:
             out, lse = dense()
             self.stats.fallbacks[layer] = self.stats.fallbacks.get(layer, 0) + 1
         else:
-            out, lse = sparse_attention(segments, keys, plan, q_start, self.cfg.block_size, self.scale)
+            # a pooled plan is many short ranges: computed in batched calls (batched.py); a vertical-slash plan's
+            # wide slash bands are read as views and shared by tiles of blocks (kernel.py)
+            kernel = batched_sparse_attention if self.cfg.estimate == "pooled" else sparse_attention
+            out, lse = kernel(segments, keys, plan, q_start, self.cfg.block_size, self.scale)
         t2 = time.perf_counter()
         self.stats.add(self.stats.estimate_s, layer, t1 - t0)
         self.stats.add(self.stats.attention_s, layer, t2 - t1)
