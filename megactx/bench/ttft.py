@@ -16,6 +16,7 @@ import sys
 import time
 
 from megactx.errors import MegactxError
+from megactx.sparse import batched, kernel
 from megactx.sparse.config import POOLED_CUTOFF
 
 logger = logging.getLogger(__name__)
@@ -135,6 +136,8 @@ def measure(engine: str, mode: str, length: int, args, dtype: str = "fp32") -> d
         row["sparse_mass"] = mass
     if mode.endswith("-pooled"):
         row["sparse_mass"] = POOLED_CUTOFF if mass is None else mass  # the cut-off it ran with
+    if engine == "megactx" and "sparse" in mode:  # which sparse kernel ran (rows without it: the per-block one)
+        row["sparse_kernel"] = batched.KERNEL_NAME if mode.endswith("-pooled") else kernel.KERNEL_NAME
     return row
 
 
@@ -179,7 +182,8 @@ def run(args) -> list[dict]:
             rows.append(row)
             if args.json:
                 print(json.dumps({k: row[k] for k in ("engine", "mode", "dtype", "length", "ttft_s", "prefill_tok_s",
-                                                      "peak_rss_mb", "sparse_mass", "cpu") if k in row}), flush=True)
+                                                      "peak_rss_mb", "sparse_mass", "sparse_kernel", "cpu")
+                                  if k in row}), flush=True)
             else:
                 logger.warning("%s %s %s %d: TTFT %.2f s", engine, mode, dtype, length, row["ttft_s"])
     if not args.json:
