@@ -4,5 +4,6 @@ config.py   per-head patterns and budgets (sparse_attention_config.json), the se
 estimate.py the vertical-slash estimate: columns and diagonals from a prefill chunk's last queries
 pooled.py   the pooled block estimate: query rows against 64-key group means (the default without budgets)
 plan.py     the key ranges each query block computes; kernel.py computes them and returns the log-sum-exp
+batched.py  the same computation for plans of many short ranges (pooled), in a few batched flash calls
 prefill.py  one prefill chunk: estimate, plan, compute; search.py and cli.py: `megactx sparse search`
 """
