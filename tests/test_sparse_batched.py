@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megactx.sparse import batched
-from megactx.sparse.batched import _batches, batched_sparse_attention, plan_bounds, supports
+from megactx.sparse.batched import _batches, batched_sparse_attention, plan_bounds, split_tiles, supports
 from megactx.sparse.kernel import KeySource, sparse_attention
 from megactx.sparse.plan import BlockKeys, plan_mask, vertical_slash_plan
 from megactx.sparse.pooled import pooled_plan, pooled_scores
@@ -25,16 +25,18 @@ def _pooled(q, k, q_start, block, cutoff):
 
 @pytest.mark.parametrize("q_start,n,block,batch_keys", [(0, 96, 16, 1 << 18), (200, 100, 16, 1 << 18),
                                                         (512, 128, 32, 64), (300, 75, 16, 1)])
-@pytest.mark.parametrize("group_pad", [1, 64])
-def test_batched_equals_the_masked_reference(monkeypatch, q_start, n, block, batch_keys, group_pad):
+@pytest.mark.parametrize("group_pad,tile", [(1, 4), (64, 4), (64, 1), (64, 2)])
+def test_batched_equals_the_masked_reference(monkeypatch, q_start, n, block, batch_keys, group_pad, tile):
     """Pooled plans (ranges of whole groups) and vertical-slash plans (ranges and single columns), in one batch,
-    in many (batch_keys 64 and 1: a call per entry), padded to 64 keys under a mask or not padded at all."""
+    in many (batch_keys 64 and 1: a call per entry), padded to 64 keys under a mask or not padded at all, with
+    the keys shared by tiles of blocks computed apart or not (tile 1)."""
     monkeypatch.setattr(batched, "GROUP_PAD", group_pad)
     m = q_start + n
     q, k, v = _qkv(n, m, seed=n)
     keys = KeySource(k, v, slice(0, m), torch.float32)
     for plan in (_pooled(q, k, q_start, block, 0.6), vertical_slash_plan(_random_vs(m, 9, 6), q_start, n, block)):
-        out, lse = batched_sparse_attention([(0, m, q)], keys, plan, q_start, block, D ** -0.5, batch_keys=batch_keys)
+        out, lse = batched_sparse_attention([(0, m, q)], keys, plan, q_start, block, D ** -0.5, batch_keys=batch_keys,
+                                            tile=tile)
         ref_out, ref_lse = _masked_reference(q, k, v, plan_mask(plan, q_start, n, block, m), D ** -0.5)
         torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)
@@ -107,3 +109,36 @@ def test_entries_batch_by_padded_width_within_the_budget():
     width = torch.tensor([64, 0, 64, 64, 128])
     got = [b.tolist() for b in _batches(torch.tensor([0, 2, 3, 4]), width, budget=128)]
     assert got == [[0, 2], [3], [4]]  # equal widths together, at most budget // width per call
+
+
+def _key_sets(bounds, entry, num):
+    sets = [set() for _ in range(num)]
+    for (lo, hi), e in zip(bounds.tolist(), entry.tolist()):
+        assert not sets[e] & set(range(lo, hi))  # spans of an entry never overlap
+        sets[e] |= set(range(lo, hi))
+    return sets
+
+
+@pytest.mark.parametrize("nb,tile", [(8, 4), (9, 4), (6, 2), (3, 4)])
+def test_tiles_share_the_keys_all_their_blocks_read(nb, tile):
+    """split_tiles() against sets: a full tile's shared keys are the intersection of its blocks' keys, each
+    block keeps the rest of its own, the blocks after the last full tile keep all of theirs."""
+    h = 2
+    plan = vertical_slash_plan(_random_vs(400, 9, 4, seed=nb), 400 - nb * 16, nb * 16, 16)[:h]
+    plan += _pooled(*_qkv(nb * 16, 400, seed=nb)[:2], 400 - nb * 16, 16, 0.6)[:1]
+    h = len(plan)
+    bounds, entry = plan_bounds(plan)
+    shared, shared_entry, rest, rest_entry = split_tiles(bounds, entry, h, nb, tile)
+    blocks = _key_sets(bounds, entry, h * nb)
+    nt = nb // tile
+    tiles, rests = _key_sets(shared, shared_entry, h * nt), _key_sets(rest, rest_entry, h * nb)
+    assert any(tiles) or nt == 0
+    for head in range(h):
+        for b in range(nb):
+            keys = blocks[head * nb + b]
+            if b < nt * tile:
+                common = set.intersection(*blocks[head * nb + b // tile * tile:head * nb + (b // tile + 1) * tile])
+                assert tiles[head * nt + b // tile] == common
+                assert rests[head * nb + b] == keys - common
+            else:
+                assert rests[head * nb + b] == keys
