@@ -113,19 +113,21 @@ def end_to_end_section() -> list[str]:
            "slower than fp32 and was not run).", "",
            "`--modes dca,dca+sparse-pooled` runs the pooled block estimate (`--sparse-estimate pooled`, at the "
            "cut-off in brackets: `--sparse-mass`, else the default of the run). Each sparse row is set against the "
-           "dense row of the same "
-           "run (the last one before it).", "",
+           "dense row of the same run (the one just before it; the last run, `--modes dca+sparse-pooled,dca` with "
+           "the batched kernel, measured the sparse side first, on an AVX512 machine without AMX).", "",
            "| length | CPU | dtype | sparse mode (cut-off) | TTFT dense DCA s | TTFT sparse s | speedup "
            "| peak RSS MB dense / sparse |",
            "|---:|---|---|---|---:|---:|---:|---:|"]
-    dense_of: dict[tuple, dict] = {}
-    for r in rows:
-        key = (r["length"], r["dtype"], r.get("cpu"))
-        if r["mode"] == "dca":
-            dense_of[key] = r
+    def key(r: dict) -> tuple:
+        return r["length"], r["dtype"], r.get("cpu")
+
+    for i, r in enumerate(rows):
+        if "sparse" not in r["mode"]:
             continue
-        dense = dense_of.get(key)
-        if "sparse" in r["mode"] and dense:
+        # the dense row of the same run: the one just before it, or just after it where the run did sparse first
+        dense = next((d for d in (rows[i - 1] if i else None, rows[i + 1] if i + 1 < len(rows) else None)
+                      if d and d["mode"] == "dca" and key(d) == key(r)), None)
+        if dense:
             mode = f"{r['mode']} ({r.get('sparse_mass', '-')})"
             out.append(f"| {r['length']} | {r.get('cpu', '-')} | {r['dtype']} | {mode} | {dense['ttft_s']:.0f} | "
                        f"{r['ttft_s']:.0f} | {dense['ttft_s'] / r['ttft_s']:.2f}x | "

@@ -220,6 +220,12 @@ def test_passkey_eval_end_to_end_against_the_server(server, tmp_path):
     # the server really computed both prompts
     assert metric(server, "megactx_prompt_tokens_computed") - computed_before >= sum(r["prompt_tokens"] for r in rows)
     assert (tmp_path / "passkey_heatmap.png").stat().st_size > 1000
+    # one more cell into the same folder: the summary file covers all three, not only the new one
+    assert main(["eval", "passkey", "--base-url", server, "--api-key", KEY, "--lengths", "512", "--depths", "100",
+                 "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "passkey_summary.json").read_text())["summary"]
+    assert [(t["length"], t["cells"]) for t in summary] == [(512, 3)]
+    assert len(read_rows(str(tmp_path / "passkey.jsonl"))) == 3
 
 
 def test_ruler_against_the_server_renders_like_the_engine_and_scores(server, tmp_path):
