@@ -10,7 +10,7 @@ from megactx.sparse.kernel import KeySource, sparse_attention
 from megactx.sparse.plan import BlockKeys, plan_mask, vertical_slash_plan
 from megactx.sparse.pooled import pooled_plan, pooled_scores
 from test_dca import D, H, HKV
-from test_sparse_kernel import _masked_reference, _random_vs
+from test_sparse_kernel import _masked_reference, _random_vs, check_paged_half_precision
 
 
 def _qkv(n, m, seed):
@@ -61,27 +61,7 @@ def test_batched_with_dca_segments_equals_the_per_block_kernel():
 
 
 def test_batched_reads_paged_slots_and_half_precision_cache():
-    n, block, m = 70, 16, 70
-    q, k, v = _qkv(n, m, seed=2)
-    g = torch.Generator().manual_seed(2)
-    perm = torch.randperm(m, generator=g)  # position p lives in slot perm[p] of a bf16 cache
-    ck, cv = torch.zeros(HKV, m, D, dtype=torch.bfloat16), torch.zeros(HKV, m, D, dtype=torch.bfloat16)
-    ck[:, perm], cv[:, perm] = k.bfloat16(), v.bfloat16()
-    plan = _pooled(q, k, 0, block, 0.5)
-    out, lse = batched_sparse_attention([(0, m, q)], KeySource(ck, cv, perm, torch.float32), plan, 0, block,
-                                        D ** -0.5)
-    ref, ref_lse = _masked_reference(q, k.bfloat16().float(), v.bfloat16().float(), plan_mask(plan, 0, n, block, m),
-                                     D ** -0.5)
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)
-    qb = q.bfloat16()  # computed in bf16 (--dtype bf16): within bf16's rounding, the LSE in fp32
-    out, lse = batched_sparse_attention([(0, m, qb)], KeySource(ck, cv, perm, torch.bfloat16), plan, 0, block,
-                                        D ** -0.5)
-    ref, ref_lse = _masked_reference(qb.float(), k.bfloat16().float(), v.bfloat16().float(),
-                                     plan_mask(plan, 0, n, block, m), D ** -0.5)
-    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
-    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
+    check_paged_half_precision(batched_sparse_attention, lambda q, k, n, block, m: _pooled(q, k, 0, block, 0.5))
 
 
 def test_plans_it_cannot_batch_go_to_the_per_block_kernel():

@@ -193,25 +193,33 @@ def test_keys_a_tile_of_blocks_shares_are_computed_once_and_still_equal_the_mask
         torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)
 
 
-def test_kernel_reads_paged_slots_and_half_precision_cache():
+def check_paged_half_precision(kernel, make_plan):
+    """kernel(segments, keys, plan, q_start, block, scale) on a bf16 cache whose slots are shuffled, against the
+    masked reference: fp32 compute within fp32 rounding, bf16 compute within bf16's, the LSE in fp32 both times.
+    make_plan(q, k, n, block, m) -> the plan (from the unrounded keys)."""
     n, block, m = 70, 16, 70
     g = torch.Generator().manual_seed(2)
     q, k, v = torch.randn(n, H, D, generator=g), torch.randn(HKV, m, D, generator=g), torch.randn(HKV, m, D, generator=g)
     perm = torch.randperm(m, generator=g)  # position p lives in slot perm[p] of a bf16 cache
     ck, cv = torch.zeros(HKV, m, D, dtype=torch.bfloat16), torch.zeros(HKV, m, D, dtype=torch.bfloat16)
     ck[:, perm], cv[:, perm] = k.bfloat16(), v.bfloat16()
-    plan = vertical_slash_plan(_random_vs(m, 5, 4), 0, n, block)
-    out, _ = sparse_attention([(0, m, q)], KeySource(ck, cv, perm, torch.float32), plan, 0, block, D ** -0.5)
-    ref, _ = _masked_reference(q, k.bfloat16().float(), v.bfloat16().float(), plan_mask(plan, 0, n, block, m), D ** -0.5)
+    plan = make_plan(q, k, n, block, m)
+    mask = plan_mask(plan, 0, n, block, m)
+    out, lse = kernel([(0, m, q)], KeySource(ck, cv, perm, torch.float32), plan, 0, block, D ** -0.5)
+    ref, ref_lse = _masked_reference(q, k.bfloat16().float(), v.bfloat16().float(), mask, D ** -0.5)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
-    # computed in bf16 (--dtype bf16): within bf16's rounding of the fp32 result, the LSE in fp32
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)
     qb = q.bfloat16()
-    out, lse = sparse_attention([(0, m, qb)], KeySource(ck, cv, perm, torch.bfloat16), plan, 0, block, D ** -0.5)
-    ref, ref_lse = _masked_reference(qb.float(), k.bfloat16().float(), v.bfloat16().float(),
-                                     plan_mask(plan, 0, n, block, m), D ** -0.5)
+    out, lse = kernel([(0, m, qb)], KeySource(ck, cv, perm, torch.bfloat16), plan, 0, block, D ** -0.5)
+    ref, ref_lse = _masked_reference(qb.float(), k.bfloat16().float(), v.bfloat16().float(), mask, D ** -0.5)
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
+
+
+def test_kernel_reads_paged_slots_and_half_precision_cache():
+    check_paged_half_precision(sparse_attention,
+                               lambda q, k, n, block, m: vertical_slash_plan(_random_vs(m, 5, 4), 0, n, block))
 
 
 def test_block_sparse_plan_keeps_the_top_pooled_blocks():
