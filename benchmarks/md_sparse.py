@@ -113,8 +113,9 @@ def end_to_end_section() -> list[str]:
            "slower than fp32 and was not run).", "",
            "`--modes dca,dca+sparse-pooled` runs the pooled block estimate (`--sparse-estimate pooled`, at the "
            "cut-off in brackets: `--sparse-mass`, else the default of the run). Each sparse row is set against the "
-           "dense row of the same run (the one just before it; the last run, `--modes dca+sparse-pooled,dca` with "
-           "the batched kernel, measured the sparse side first, on an AVX512 machine without AMX).", "",
+           "dense row of the same run (the one just before it; one run, `--modes dca+sparse-pooled,dca` with "
+           "the batched kernel before its tiles, measured the sparse side first). The last two runs: an AVX512 "
+           "machine without AMX.", "",
            "| length | CPU | dtype | sparse mode (cut-off) | TTFT dense DCA s | TTFT sparse s | speedup "
            "| peak RSS MB dense / sparse |",
            "|---:|---|---|---|---:|---:|---:|---:|"]
