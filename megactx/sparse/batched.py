@@ -154,6 +154,17 @@ def _attend_entries(q_entries: torch.Tensor, bounds: torch.Tensor, entry: torch.
     return out, lse
 
 
+def _chunk_rows(out: torch.Tensor, lse: torch.Tensor, h: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entries of consecutive rows, head-major: out [E, rows, D], lse [E, rows] -> [n, H, D], [n, H]. Rows past the
+    entries (after the last full tile) read no keys here: 0 and -inf; padding rows past n are dropped."""
+    d = out.shape[-1]
+    out, lse = out.reshape(h, -1, d), lse.reshape(h, -1)
+    if out.shape[1] < n:
+        out = torch.nn.functional.pad(out, (0, 0, 0, n - out.shape[1]))
+        lse = torch.nn.functional.pad(lse, (0, n - lse.shape[1]), value=float("-inf"))
+    return out[:, :n].transpose(0, 1), lse[:, :n].t()
+
+
 def batched_sparse_attention(segments: list[tuple[int, int, torch.Tensor]], keys: KeySource, plan: Plan,
                              q_start: int, block: int, scale: float, batch_keys: int = BATCH_KEYS,
                              tile: int = TILE_BLOCKS) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,15 +192,9 @@ def batched_sparse_attention(segments: list[tuple[int, int, torch.Tensor]], keys
                                  batch_keys)]
         if nt:
             q_tiles = q_rows[:, :nt * tile * block].reshape(h * nt, tile * block, d)
-            part = _attend_entries(q_tiles, shared, shared_entry, kv_of_tile, keys, lo, hi, scale, batch_keys)
-            if part is not None:  # back to [H, nb * block] rows: the rows after the last full tile read none
-                o, s = part
-                pad = nb * block - nt * tile * block
-                o = torch.nn.functional.pad(o.view(h, nt * tile * block, d), (0, 0, 0, pad))
-                s = torch.nn.functional.pad(s.view(h, nt * tile * block), (0, pad), value=float("-inf"))
-                parts.append((o, s))
-        for part in parts:
-            if part is not None:  # back to [n, H, D] and [n, H] (views)
-                outs.append(part[0].reshape(h, nb * block, d)[:, :n].transpose(0, 1))
-                lses.append(part[1].reshape(h, nb * block)[:, :n].t())
+            parts.append(_attend_entries(q_tiles, shared, shared_entry, kv_of_tile, keys, lo, hi, scale, batch_keys))
+        for part in filter(None, parts):
+            out, lse = _chunk_rows(*part, h, n)
+            outs.append(out)
+            lses.append(lse)
     return merge_attention(outs, lses)
