@@ -169,10 +169,11 @@ def main():
                                r["sparse_config"], r.get("dca_temperature", "position"), r.get("chunk", 16384),
                                r.get("estimate_span", 0), r.get("kernel", "per span"), r.get("mass_union", False),
                                r.get("dtype", "fp32"), r.get("slash_window", 0), r.get("cpu"),
-                               r.get("estimate", "vertical-slash")) !=
+                               r.get("estimate", "vertical-slash"), r["dense_layers_measured"]) !=
                            (length, args.prompt, args.mass, args.max_density, row["sparse_config"],
                             row["dca_temperature"], args.chunk, args.estimate_span, row["kernel"],
-                            args.mass_union, args.dtype, args.slash_window, row["cpu"], args.estimate)] + [row]
+                            args.mass_union, args.dtype, args.slash_window, row["cpu"], args.estimate,
+                            row["dense_layers_measured"])] + [row]
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
         verdict = {True: "ok", False: "WRONG", None: "-"}[row["passkey_correct"]]
