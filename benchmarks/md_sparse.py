@@ -52,7 +52,8 @@ def per_layer_tables(rows: list[dict]) -> list[str]:
         sparse = sum(x["sparse_s"] + x["estimate_s"] for x in r["layers"])
         dense = sum(x["dense_s"] for x in r["layers"])
         out += [f"#### Attention time per layer at {length} tokens, every layer timed both ways", "",
-                f"The row above with {_budgets(r)} and the kernel '{r.get('kernel', 'per span')}': in one prefill, "
+                f"The last row above at {length} tokens that timed every layer (budgets: {_budgets(r)}; kernel: "
+                f"{r.get('kernel', 'per span')}): in one prefill, "
                 "each piece of each layer ran sparse (the engine's path, whose output the model goes on with) and "
                 "then dense DCA on the same inputs. Sparse counts the index estimation. Over all layers: sparse "
                 f"{sparse:.0f} s, dense {dense:.0f} s, **{dense / sparse:.2f}x**.", "",
