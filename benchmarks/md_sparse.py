@@ -11,6 +11,7 @@ ROOT = os.path.dirname(HERE)
 from md_sparse_studies import (block_plans_section, estimate_queries_section, oracle_section,  # noqa: E402
                                sparse_density_section, sparse_kernel_section)
 
+
 def sparse_table(rows: list[dict]) -> list[str]:
     out = ["| prompt | length | prompt tokens | budgets | DCA temperature | mass cut-off | prefill chunk (rows per estimate) | kernel calls | dense above density (chunks dense) | passkey (depth 50 %) "
            "| TTFT sparse s | TTFT dense s (projected) | speedup | attention speedup (layers timed densely) "
