@@ -29,8 +29,7 @@ def sparse_table(rows: list[dict]) -> list[str]:
         budgets = _budgets(r)
         dense = [x["dense_s"] for x in r["layers"] if x["dense_s"] is not None]
         # every layer's sparse time with its estimation, against the timed layers' mean dense time for the others
-        all_layers = len(r["layers"]) * sum(dense) / len(dense) / sum(x["sparse_s"] + x["estimate_s"]
-                                                                      for x in r["layers"])
+        all_layers = len(r["layers"]) * sum(dense) / len(dense) / sum(map(_sparse_s, r["layers"]))
         temperature = r.get("dca_temperature", "position")  # rows without it ran when position was the default
         out.append(f"| {r.get('prompt', 'passkey')} | {r['length']} | {r['prompt_tokens']} | {budgets} | {temperature} | "
                    f"{r.get('mass') or '-'}{' (union)' if r.get('mass_union') else ''} | {_rows_per_estimate(r)} | {r.get('kernel', 'per span')}"
@@ -42,6 +41,11 @@ def sparse_table(rows: list[dict]) -> list[str]:
     return out
 
 
+def _sparse_s(layer: dict) -> float:
+    """A layer's sparse side: the kernel and the index estimation it needs."""
+    return layer["sparse_s"] + layer["estimate_s"]
+
+
 def per_layer_tables(rows: list[dict]) -> list[str]:
     """Per length, the last row that timed every layer densely: each layer's two sides of the same pieces."""
     latest = {}
@@ -50,7 +54,7 @@ def per_layer_tables(rows: list[dict]) -> list[str]:
             latest[r["length"]] = r  # the rows are in the file's order within a length: the last one wins
     out = []
     for length, r in sorted(latest.items()):
-        sparse = sum(x["sparse_s"] + x["estimate_s"] for x in r["layers"])
+        sparse = sum(map(_sparse_s, r["layers"]))
         dense = sum(x["dense_s"] for x in r["layers"])
         out += [f"#### Attention time per layer at {length} tokens, every layer timed both ways", "",
                 f"The last row above at {length} tokens that timed every layer (budgets: {_budgets(r)}; kernel: "
@@ -60,8 +64,8 @@ def per_layer_tables(rows: list[dict]) -> list[str]:
                 f"{sparse:.0f} s, dense {dense:.0f} s, **{dense / sparse:.2f}x**.", "",
                 "| layer | density | recall | sparse s (estimation s) | dense s | speedup |",
                 "|---:|---:|---:|---:|---:|---:|"]
-        out += [f"| {x['layer']} | {x['density']:.3f} | {x['recall']:.3f} | {x['sparse_s'] + x['estimate_s']:.1f} "
-                f"({x['estimate_s']:.1f}) | {x['dense_s']:.1f} | {x['dense_s'] / (x['sparse_s'] + x['estimate_s']):.2f}x |"
+        out += [f"| {x['layer']} | {x['density']:.3f} | {x['recall']:.3f} | {_sparse_s(x):.1f} "
+                f"({x['estimate_s']:.1f}) | {x['dense_s']:.1f} | {x['dense_s'] / _sparse_s(x):.2f}x |"
                 for x in r["layers"]]
         out.append("")
     return out
