@@ -29,7 +29,7 @@ def free_port() -> int:
 
 
 def bench(base: str, *extra: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "megactx.cli", "bench", "serve", "--base-url", base, "--json", *extra],
+    out = subprocess.run([sys.executable, "-m", "megactx.commands", "bench", "serve", "--base-url", base, "--json", *extra],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -47,7 +47,7 @@ def main() -> None:
     args = ap.parse_args()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "megactx.cli", "serve", "--port", str(port), "--max-num-seqs", "16",
+    cmd = [sys.executable, "-m", "megactx.commands", "serve", "--port", str(port), "--max-num-seqs", "16",
            "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--threads", "2",
            "--weight-dtype", args.weight_dtype, "--packed-weights", args.packed_weights]
     if args.model:

@@ -2,10 +2,11 @@
 
 For each length: one prefill of a passkey prompt (depth 50 %; or --prompt document: natural text) with DCA and
 sparse prefill on (the engine's default: the pooled estimate; --sparse-config FILE or --estimate vertical-slash:
-per-head budgets), then the answer. For every piece of every layer the sparse kernel's time, its index-estimation
-time and its density are recorded; for the --dense-layers the dense DCA attention of
-the same piece is computed right after on the same inputs (same process, same moment), which gives the dense
-time per layer and the attention recall exp(lse_sparse - lse_dense) (mean over rows and heads).
+per-head budgets), then the answer. The engine's sparse probe (megactx/attention/sparse/probe.py) records, for
+every piece of every layer, the sparse kernel's time, its index-estimation time and its density; for the
+--dense-layers the engine also computes the dense DCA attention of the same piece right after on the same inputs
+(same process, same moment), which gives the dense time per layer and the attention recall
+exp(lse_sparse - lse_dense) (mean over rows and heads).
 
 Dense end-to-end TTFT at a length is projected (and marked so) when it is not measured: the sparse run's TTFT
 minus its sparse attention and estimation time plus the dense attention time of every layer (layers not timed
@@ -19,47 +20,27 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megactx import LLM, SamplingParams  # noqa: E402
+from megactx import LLM  # noqa: E402
+from megactx.attention.sparse.patterns import resolve_sparse  # noqa: E402
+from megactx.attention.sparse.probe import SparseProbe  # noqa: E402
+from megactx.bench.ttft import SPARSE_KERNELS  # noqa: E402
+from megactx.config import SparseConfig  # noqa: E402
+from megactx.config.attention import ESTIMATES, POOLED_CUTOFF  # noqa: E402
 from megactx.eval.backends import InProcessBackend  # noqa: E402
 from megactx.eval.fitting import largest_fitting  # noqa: E402
 from megactx.eval.passkey import MAX_NEW_TOKENS, build_prompt, make_key, score  # noqa: E402
-from megactx.sparse.config import ESTIMATE_CHOICES, POOLED_CUTOFF, resolve_sparse  # noqa: E402
-from megactx.sparse import batched  # noqa: E402
-from megactx.sparse.kernel import KERNEL_NAME  # noqa: E402
-
-
-def instrument(backend, dense_layers: set[int] | None, record: dict) -> None:
-    """Wrap the DCA backend's sparse piece: after it, time the dense piece on the same inputs (chosen layers)."""
-    sparse_piece = backend.attend_piece_sparse
-
-    def timed(layer, s, a, b, queries, q_raw):
-        out = sparse_piece(layer, s, a, b, queries, q_raw)
-        if dense_layers is None or layer in dense_layers:
-            lse_sparse = backend.sparse.last_lse
-            keys = backend.keys(layer, s, q_raw.dtype)
-            t0 = time.perf_counter()
-            k_own, v_own = keys.span(a, b)
-            _, lse_dense = backend.attend_piece_lse(layer, s, a, b, queries, k_own, v_own)
-            record["dense_s"][layer] = record["dense_s"].get(layer, 0.0) + time.perf_counter() - t0
-            recall = torch.exp(lse_sparse - lse_dense).mean()
-            record["recall"].setdefault(layer, []).append((float(recall), b - a))
-        return out
-
-    backend.attend_piece_sparse = timed
 
 
 def run_length(args, length: int) -> dict:
     llm = LLM(args.model, max_model_len=length + MAX_NEW_TOKENS + 8, max_num_seqs=1, dca=True, sparse=True,
               sparse_config=args.sparse_config, sparse_threshold=args.threshold, sparse_mass=args.mass,
               sparse_max_density=args.max_density, sparse_estimate_span=args.estimate_span,
-              sparse_exact_diagonals=args.exact_diagonals, sparse_mass_union=args.mass_union,
-              sparse_slash_window=args.slash_window, sparse_block_size=args.block, sparse_estimate=args.estimate,
+              sparse_block_size=args.block, sparse_estimate=args.estimate,
               max_num_batched_tokens=args.chunk, num_threads=args.threads, dtype=args.dtype)
     backend = InProcessBackend(llm)
     key = make_key(0, length, 50, 0)
@@ -69,13 +50,12 @@ def run_length(args, length: int) -> dict:
     else:  # natural text: the ppl document (the standard library's source)
         from megactx.eval.ppl import document_ids
         ids = document_ids(llm.tokenizer, length)
-    attn = llm.engine.runner.backend
     layers = llm.engine.model_config.num_hidden_layers
     dense_layers = None if args.dense_layers == "all" else {int(x) for x in args.dense_layers.split(",") if x}
-    record = {"dense_s": {}, "recall": {}}
-    instrument(attn, dense_layers, record)
+    stats = SparseProbe(dense_layers=dense_layers)
+    llm.engine.observe_sparse(stats)
     answer = backend.generate(ids, MAX_NEW_TOKENS)
-    stats = attn.sparse.stats
+    record = {"dense_s": stats.dense_s}
     dense_total = sum(record["dense_s"].values())
     ttft = answer.ttft_s - dense_total  # the dense side ran inside the prefill: take it out
     sparse_attn = sum(stats.attention_s.values())
@@ -84,10 +64,9 @@ def run_length(args, length: int) -> dict:
     mean_dense = dense_total / len(measured) if measured else float("nan")
     per_layer = []
     for li in range(layers):
-        recalls = record["recall"].get(li, [])
-        weight = sum(w for _, w in recalls)
-        dens = stats.density.get(li, [])
-        planned = stats.planned.get(li, [])
+        recall = stats.recall(li)
+        dens = stats.densities(li, computed=True)
+        planned = stats.densities(li)
         per_layer.append({
             "layer": li, "sparse_s": round(stats.attention_s.get(li, 0.0), 3),
             "estimate_s": round(stats.estimate_s.get(li, 0.0), 3),
@@ -96,7 +75,7 @@ def run_length(args, length: int) -> dict:
             "planned_density": round(sum(planned) / len(planned), 4) if planned else None,
             "dense_fallbacks": stats.fallbacks.get(li, 0), "chunks": len(planned),
             "planned_by_chunk": [round(x, 3) for x in planned],  # in prefill order: where the fallbacks fall
-            "recall": round(sum(r * w for r, w in recalls) / weight, 4) if weight else None})
+            "recall": round(float(recall.mean()), 4) if recall is not None else None})
     dense_projected = ttft - sparse_attn - estimate + sum(
         record["dense_s"].get(li, mean_dense) for li in range(layers))
     correct = score(answer.text, key)[0] if args.prompt == "passkey" else None
@@ -109,18 +88,16 @@ def run_length(args, length: int) -> dict:
             "attention_speedup": round(sum(record["dense_s"].values()) /
                                        max(sum(stats.attention_s[li] + stats.estimate_s[li] for li in measured), 1e-9), 2),
             "layers": per_layer, "chunk": args.chunk, "sparse_config": args.sparse_config or "default budgets",
-            "mass": args.mass, "estimate": args.estimate, "mass_union": args.mass_union, "slash_window": args.slash_window, "dtype": args.dtype,
+            "mass": args.mass, "estimate": args.estimate, "dtype": args.dtype,
             "max_density": args.max_density, "estimate_span": args.estimate_span,
             "dca_temperature": llm.engine.dca.temperature, "kernel": _kernel(args, llm.engine.sparse.block_size),
-            "dense_fallbacks": sum(stats.fallbacks.values()), "chunks": sum(len(d) for d in stats.planned.values()),
+            "dense_fallbacks": sum(stats.fallbacks.values()), "chunks": len(stats.calls),
             "cpu": torch.backends.cpu.get_cpu_capability()}
 
 
 def _kernel(args, block: int) -> str:
     # the block height is named when it is not the fp32 default the earlier rows ran with
-    name = batched.KERNEL_NAME if args.estimate == "pooled" else KERNEL_NAME  # the kernel prefill.py runs
-    return name + (", exact diagonals" if args.exact_diagonals else "") + (
-        f", {block}-row blocks" if block != 256 else "")
+    return SPARSE_KERNELS[args.estimate] + (f", {block}-row blocks" if block != 256 else "")
 
 
 def main():
@@ -139,13 +116,7 @@ def main():
     ap.add_argument("--chunk", type=int, default=16384, help="prefill chunk (max_num_batched_tokens)")
     ap.add_argument("--estimate-span", type=int, default=8192, help="--sparse-estimate-span: rows planned from one "
                     "estimate (0: one estimate per prefill chunk)")
-    ap.add_argument("--exact-diagonals", action="store_true", help="--sparse-exact-diagonals: isolated slashes "
-                    "one key per row instead of a block-wide span")
-    ap.add_argument("--mass-union", action="store_true", help="--sparse-mass-union: the cut-off counts verticals "
-                    "and slashes together")
-    ap.add_argument("--slash-window", type=int, default=0, help="--sparse-slash-window: slashes chosen in windows "
-                    "of this many diagonals, the slash budget counted in keys (0: top-k diagonals)")
-    ap.add_argument("--estimate", choices=ESTIMATE_CHOICES, default="auto",
+    ap.add_argument("--estimate", choices=("auto",) + ESTIMATES, default="auto",
                     help="--sparse-estimate: how the heads are planned (default auto: pooled, at cut-off --mass, "
                          f"default {POOLED_CUTOFF}, unless budgets come from a file)")
     ap.add_argument("--dtype", default="fp32", help="compute dtype of both sides (fp32, bf16)")
@@ -155,9 +126,7 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/sparse_attention_eval.json")
     args = ap.parse_args()
     # what the engine resolves "auto" and a default cut-off to, recorded as such: the defaults have changed
-    resolved = resolve_sparse(args.model, True, args.sparse_config, estimate=args.estimate,
-                              exact_diagonals=args.exact_diagonals, mass_union=args.mass_union,
-                              slash_window=args.slash_window)
+    resolved, _ = resolve_sparse(SparseConfig(config_file=args.sparse_config, estimate=args.estimate), args.model)
     args.estimate = resolved.estimate
     if resolved.estimate == "pooled" and args.mass is None:
         args.mass = resolved.pooled_cutoff
@@ -172,7 +141,7 @@ def main():
                                r.get("estimate", "vertical-slash"), r["dense_layers_measured"]) !=
                            (length, args.prompt, args.mass, args.max_density, row["sparse_config"],
                             row["dca_temperature"], args.chunk, args.estimate_span, row["kernel"],
-                            args.mass_union, args.dtype, args.slash_window, row["cpu"], args.estimate,
+                            False, args.dtype, 0, row["cpu"], args.estimate,
                             row["dense_layers_measured"])] + [row]
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

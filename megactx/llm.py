@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence as Seq
 
-from megactx.config import CacheConfig, EngineConfig, SchedulerConfig
+from megactx.config import EngineConfig
 from megactx.engine.llm_engine import LLMEngine
 from megactx.outputs import RequestOutput
 from megactx.sampling import SamplingParams
@@ -14,16 +14,16 @@ Messages = list[dict[str, Any]]
 class LLM:
     """model: a Hugging Face directory or a .gguf file; None = the bundled SmolLM2-135M-Instruct.
 
-    Keyword arguments go to EngineConfig, CacheConfig or SchedulerConfig by name, e.g.
-    LLM(path, max_model_len=8192, max_num_batched_tokens=2048, kv_cache_dtype="bf16").
+    Keyword arguments are the engine's settings by their flag names (megactx/config), e.g.
+    LLM(path, max_model_len=8192, max_num_batched_tokens=2048, kv_cache_dtype="bf16", dca=True, sparse_mass=0.8);
+    or pass a whole EngineConfig as config=.
     """
 
-    def __init__(self, model: str | None = None, **kwargs):
-        groups = {}
-        for cls in (CacheConfig, SchedulerConfig):
-            names = set(cls.__dataclass_fields__)
-            groups[cls] = cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
-        config = EngineConfig(model=model, cache=groups[CacheConfig], scheduler=groups[SchedulerConfig], **kwargs)
+    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, **kwargs):
+        if config is None:
+            config = EngineConfig.from_kwargs(model, **kwargs)
+        elif model is not None or kwargs:
+            raise TypeError("LLM: give either config= or the model and keyword settings, not both")
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
 

@@ -1,11 +1,12 @@
 """The CLI as a user runs it: `megactx chat` reads stdin, streams answers, attaches files."""
 import os
+import re
 import subprocess
 import sys
 
 
 def run(args, stdin: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "megactx.cli", *args], input=stdin, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "megactx.commands", *args], input=stdin, capture_output=True, text=True,
                           timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
 
 
@@ -48,7 +49,8 @@ def test_bench_ttft_json_rows_and_eval_input_errors(tmp_path):
                           (["bench", "ttft", "--modes", "fast"], "unknown mode 'fast'"),
                           (["bench", "ttft", "--dtypes", "fp8"], "unknown dtype 'fp8'"),
                           (["bench", "ttft", "--sparse-mass", "1.5"], "--sparse-mass 1.5: a share of the attention"),
-                          (["generate", "--sparse-block-size", "8", "hi"], "--sparse-block-size 8: a kernel block")]:
+                          (["generate", "--dca-local-size", "0", "hi"], "--dca-local-size must be >= 1"),
+                          (["generate", "--sparse-mass-union", "hi"], "unrecognized arguments: --sparse-mass-union")]:
         r = run(args, "")
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
 
@@ -58,3 +60,38 @@ def test_a_bad_flag_value_is_one_line_naming_the_choices():
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip().splitlines() == ["megactx generate: error: argument --sparse-estimate: invalid choice: "
                                              "'columns' (choose from 'auto', 'vertical-slash', 'pooled')"]
+
+
+def test_serve_help_lists_each_flag_once_with_its_default():
+    """The flags come from the config fields: each once, with its default; the removed ones are gone."""
+    r = run(["serve", "--help"], "")
+    assert r.returncode == 0, r.stderr
+    flags = re.findall(r"^  (--[a-z-]+)", r.stdout, flags=re.M)
+    assert len(flags) == len(set(flags)) and {"--max-model-len", "--dca", "--no-sparse", "--sparse-mass", "--port",
+                                              "--api-key", "--kv-cache-dtype", "--threads"} <= set(flags)
+    text = " ".join(r.stdout.split())
+    for shown in ("(default: 4096)", "(default: 32768)", "(default: 127.0.0.1)", "(default: 8000)", "(default: 0.6)"):
+        assert shown in text
+    for removed in ("--sparse-exact-diagonals", "--sparse-mass-union", "--sparse-slash-window", "--sparse-last-q",
+                    "--sparse-estimate-span", "--sparse-block-size"):
+        assert removed not in r.stdout
+
+
+def test_environment_variables_set_the_flags_defaults():
+    from megactx.commands import build_parser
+    from megactx.commands.flags import engine_config
+    import os
+    old = dict(os.environ)
+    try:
+        os.environ.update(MEGACTX_MAX_MODEL_LEN="2048", MEGACTX_DCA="1", MEGACTX_NO_SPARSE="1",
+                          MEGACTX_SPARSE_MASS="0.8", MEGACTX_PORT="9001")
+        args = build_parser().parse_args(["serve"])
+        config = engine_config(args)
+        assert (config.scheduler.max_model_len, config.dca.enabled, config.sparse.enabled, config.sparse.mass) == (
+            2048, True, False, 0.8)
+        assert args.port == 9001
+        args = build_parser().parse_args(["serve", "--max-model-len", "4096"])  # a flag wins over the variable
+        assert engine_config(args).scheduler.max_model_len == 4096
+    finally:
+        os.environ.clear()
+        os.environ.update(old)

@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from megactx.attention.backend import AttentionMetadata, KVCacheTensors, SeqAttention
-from megactx.attention.dca import (DCAConfig, DualChunkAttentionBackend, reference_dual_chunk_attention,
-                                   resolve_dca, temperature_scale)
+from megactx.attention.dca import DualChunkAttentionBackend, reference_dual_chunk_attention, temperature_scale
 from megactx.attention.dense import causal_mask, reference_attention
-from megactx.config import ModelConfig
+from megactx.config import DCAConfig, ModelConfig
 from megactx.errors import ConfigError
 from megactx.layers.rotary import RotaryEmbedding, apply_rotary
 from helpers import engine_logits, token_ids
@@ -29,14 +28,14 @@ def _rotary(theta=10000.0):
 def _run_backend(q, k, v, cfg, rotary, splits):
     """Feed one sequence through the backend in chunks of the given sizes, as the model runner does."""
     t = q.shape[0]
-    backend = DualChunkAttentionBackend(H, HKV, D, cfg, rotary)
-    backend.cache = KVCacheTensors(1, HKV, D, t + 8, torch.float32, torch.device("cpu"))
+    cache = KVCacheTensors(1, HKV, D, t + 8, torch.float32, torch.device("cpu"))
+    backend = DualChunkAttentionBackend(H, HKV, D, cache, cfg, rotary)
     outs, c = [], 0
     for n in splits:
         pos = torch.arange(c, c + n)
-        backend.meta = AttentionMetadata([SeqAttention(0, n, c, slice(0, c + n))], slice(c, c + n))
-        backend.prepare_step(pos, torch.full((n,), c + n))
-        k_rot = apply_rotary(k[c:c + n], *rotary.cos_sin(backend.key_positions(pos)))
+        meta = AttentionMetadata([SeqAttention(0, n, c, slice(0, c + n))], slice(c, c + n))
+        key_pos = backend.begin_step(meta, pos, torch.full((n,), c + n))
+        k_rot = apply_rotary(k[c:c + n], *rotary.cos_sin(key_pos))
         outs.append(backend(0, q[c:c + n], k_rot, v[c:c + n]))
         c += n
     assert c == t
@@ -51,7 +50,7 @@ def _qkv(t, seed=0):
 @pytest.mark.parametrize("splits", [[150], [7] * 21 + [3], [1] * 150, [31, 1, 33, 64, 21], [100, 1, 1, 48]])
 @pytest.mark.parametrize("temperature", ["none", "position"])
 def test_fast_path_equals_reference_at_any_split(splits, temperature):
-    cfg = DCAConfig(chunk_size=40, local_size=8, original_max_position_embeddings=20, temperature=temperature)
+    cfg = DCAConfig(chunk_size=40, local_size=8, original_max_position=20, temperature=temperature)
     rotary = _rotary()
     q, k, v = _qkv(150)
     scale = D ** -0.5
@@ -61,7 +60,7 @@ def test_fast_path_equals_reference_at_any_split(splits, temperature):
 
 
 def test_total_length_temperature_in_one_pass():
-    cfg = DCAConfig(chunk_size=40, local_size=8, original_max_position_embeddings=20, temperature="total")
+    cfg = DCAConfig(chunk_size=40, local_size=8, original_max_position=20, temperature="total")
     rotary = _rotary()
     q, k, v = _qkv(120, seed=1)
     q_scale = temperature_scale(torch.arange(120), torch.full((120,), 120), cfg)
@@ -71,7 +70,7 @@ def test_total_length_temperature_in_one_pass():
 
 
 def test_equals_plain_rope_up_to_chunk_size_plus_one():
-    cfg = DCAConfig(chunk_size=40, local_size=8, original_max_position_embeddings=64, temperature="position")
+    cfg = DCAConfig(chunk_size=40, local_size=8, original_max_position=64, temperature="position")
     rotary = _rotary()
     q, k, v = _qkv(41, seed=2)
     pos = torch.arange(41)
@@ -88,7 +87,7 @@ def test_equals_plain_rope_up_to_chunk_size_plus_one():
 
 
 def test_temperature_factor_values():
-    cfg = DCAConfig(chunk_size=40, local_size=8, original_max_position_embeddings=1000, temperature="position")
+    cfg = DCAConfig(chunk_size=40, local_size=8, original_max_position=1000, temperature="position")
     scale = temperature_scale(torch.tensor([0, 999, 1999, 9999]), torch.full((4,), 10000), cfg)
     f = 0.1 * torch.log(torch.tensor([2.0, 10.0])) + 1
     torch.testing.assert_close(scale, torch.tensor([1.0, 1.0, f[0] ** 2, f[1] ** 2]))
@@ -98,19 +97,22 @@ def test_temperature_factor_values():
 def test_settings_resolution_and_errors(tiny_dir):
     path = tiny_dir("qwen2", num_key_value_heads=2)
     mc = ModelConfig.from_hf_dict(json.load(open(os.path.join(path, "config.json"))))
-    assert resolve_dca(mc, enabled=False) is None
-    d = resolve_dca(mc, enabled=True)
+    assert DCAConfig(enabled=False).resolve(mc) is None
+    d = DCAConfig(enabled=True).resolve(mc)
     trained = mc.trained_context_length
-    assert (d.chunk_size, d.local_size, d.original_max_position_embeddings) == (trained, trained // 16, trained)
+    assert (d.chunk_size, d.local_size, d.original_max_position) == (trained, trained // 16, trained)
     assert d.temperature == "none"  # --dca on a model not made for it: no temperature unless asked
-    assert resolve_dca(mc, enabled=True, temperature="total").temperature == "total"
+    assert DCAConfig(enabled=True, temperature="total").resolve(mc).temperature == "total"
     mc.dual_chunk_attention_config = {"chunk_size": 64, "local_size": 8, "original_max_position_embeddings": 32}
-    d = resolve_dca(mc, enabled=False, local_size=4)
-    assert (d.chunk_size, d.local_size, d.original_max_position_embeddings, d.chunk_len) == (64, 4, 32, 60)
+    d = DCAConfig(local_size=4).resolve(mc)
+    assert (d.chunk_size, d.local_size, d.original_max_position, d.chunk_len) == (64, 4, 32, 60)
     assert d.temperature == "position"  # a model that declares DCA gets its recipe's temperature
-    assert resolve_dca(mc, enabled=False, temperature="none").temperature == "none"
+    assert DCAConfig(temperature="none").resolve(mc).temperature == "none"
     with pytest.raises(ConfigError, match="local_size < chunk_size"):
-        resolve_dca(mc, enabled=True, chunk_size=8, local_size=8)
+        DCAConfig(enabled=True, chunk_size=8, local_size=8)
+    mc.dual_chunk_attention_config = {"chunk_size": 8, "local_size": 8}
+    with pytest.raises(ConfigError, match="local_size < chunk_size"):
+        DCAConfig(enabled=True).resolve(mc)
 
 
 @pytest.fixture(scope="module")
@@ -128,11 +130,11 @@ def dca_model(tiny_dir, tmp_path_factory):
 
 
 def test_engine_with_dca_chunked_prefill_matches_one_pass_and_plain_up_to_chunk_size(dca_model, tiny_dir):
-    from megactx.config import EngineConfig, SchedulerConfig
+    from megactx.config import EngineConfig
     from megactx.engine.llm_engine import LLMEngine
 
     def engine(path, **kw):
-        return LLMEngine(EngineConfig(model=path, weight_dtype="fp32", scheduler=SchedulerConfig(max_model_len=512), **kw))
+        return LLMEngine(EngineConfig.from_kwargs(path, weight_dtype="fp32", max_model_len=512, **kw))
     ids = token_ids(300, seed=3)
     dca = engine(dca_model)
     assert dca.dca is not None and dca.dca.chunk_len == 40

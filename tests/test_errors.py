@@ -9,11 +9,11 @@ import sys
 import pytest
 
 from megactx import LLM, ModelLoadError, RequestError, SamplingParams
-from megactx.cli import main
+from megactx.commands import main
 
 
 def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "megactx.cli", *args], capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, "-m", "megactx.commands", *args], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, HF_HUB_OFFLINE="1"))
 
 

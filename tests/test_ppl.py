@@ -53,7 +53,7 @@ def test_ppl_command_records_the_compute_dtype_and_sparse_setting(tiny_dir, tmp_
     """`megactx eval ppl` writes what a comparison needs: the dtype (BENCHMARKS.md pairs a sparse run with the
     dense run of the same dtype and DCA settings) and the sparse setting when it applied."""
     import json
-    from megactx.cli import main
+    from megactx.commands import main
     path = tiny_dir("qwen2", num_key_value_heads=2)
     for extra, dtype, sparse in (([], "float32", False), (["--dtype", "bf16", "--sparse-threshold", "64"],
                                                           "bfloat16", True)):

@@ -24,7 +24,7 @@ def free_port() -> int:
 def server():
     port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", MEGACTX_MAX_BODY_BYTES="1000000")
-    proc = subprocess.Popen([sys.executable, "-m", "megactx.cli", "serve", "--port", str(port), "--api-key", KEY,
+    proc = subprocess.Popen([sys.executable, "-m", "megactx.commands", "serve", "--port", str(port), "--api-key", KEY,
                              "--max-model-len", "4096", "--max-num-batched-tokens", "512", "--max-num-seqs", "8"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
@@ -207,7 +207,7 @@ def test_prefill_progress_before_the_first_token(server, model):
 
 
 def test_passkey_eval_end_to_end_against_the_server(server, tmp_path):
-    from megactx.cli import main
+    from megactx.commands import main
     from megactx.eval.results import read_rows
     computed_before = metric(server, "megactx_prompt_tokens_computed")
     rc = main(["eval", "passkey", "--base-url", server, "--api-key", KEY, "--lengths", "512", "--depths", "0,50",

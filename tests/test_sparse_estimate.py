@@ -3,9 +3,9 @@ import torch
 
 import pytest
 
-from megactx.sparse.estimate import (LOCAL_DIAGONALS, SINK_KEYS, VerticalSlash, _top_windows,
-                                     estimate_vertical_slash, vertical_slash_mask)
-from megactx.sparse.plan import vertical_slash_plan
+from megactx.attention.sparse.estimate import (LOCAL_DIAGONALS, SINK_KEYS, VerticalSlash, estimate_vertical_slash,
+                                               vertical_slash_mask)
+from megactx.attention.sparse.plan import vertical_slash_plan
 
 
 def _naive_scores(q, k, q_pos, scale):
@@ -84,7 +84,7 @@ def test_mass_cut_off_keeps_the_fewest_best_indices_reaching_the_share():
 def test_scores_per_key_segment_and_queries_before_the_last_key():
     # DCA scores each key segment with its own query rotation; the queries need not be the last positions,
     # nor consecutive
-    from megactx.sparse.estimate import attention_probs, slash_scores
+    from megactx.attention.sparse.estimate import attention_probs, slash_scores
     g = torch.Generator().manual_seed(2)
     h, hkv, d, m, r = 4, 2, 8, 90, 12
     qs = [torch.randn(r, h, d, generator=g) for _ in range(3)]
@@ -109,7 +109,7 @@ def test_scores_per_key_segment_and_queries_before_the_last_key():
 
 def test_estimating_a_subset_of_heads_equals_those_rows_of_the_full_estimate():
     # a layer's A-shape and block-sparse heads are not estimated: the vertical-slash heads must come out the same
-    from megactx.sparse.estimate import attention_probs
+    from megactx.attention.sparse.estimate import attention_probs
     g = torch.Generator().manual_seed(3)
     h, hkv, d, m, r = 6, 2, 8, 300, 16
     segments = [(0, 120, torch.randn(r, h, d, generator=g)), (120, m, torch.randn(r, h, d, generator=g))]
@@ -130,7 +130,7 @@ def test_estimating_a_subset_of_heads_equals_those_rows_of_the_full_estimate():
 
 def test_estimating_a_few_heads_per_pass_equals_one_pass(monkeypatch):
     # the probabilities are computed a few heads at a time through one buffer: any pass size, the same result
-    import megactx.sparse.estimate as estimate
+    import megactx.attention.sparse.estimate as estimate
     g = torch.Generator().manual_seed(4)
     h, hkv, d, m, r = 6, 2, 8, 300, 16
     segments = [(0, 120, torch.randn(r, h, d, generator=g)), (120, m, torch.randn(r, h, d, generator=g))]
@@ -158,119 +158,13 @@ def test_estimate_of_bf16_inputs_equals_the_fp32_estimate_of_the_same_values():
     assert torch.equal(got.verticals, as_fp32.verticals) and torch.equal(got.slashes, as_fp32.slashes)
 
 
-def _naive_union_coverage(q, k, q_pos, scale, vs):
-    """[H] attention mass (summed over the estimating rows) inside the chosen verticals and slashes together,
-    and [H, m] the slash scores of what the verticals leave."""
-    r, h, d = q.shape
-    hkv, m, _ = k.shape
-    covered = torch.zeros(h, dtype=torch.float64)
-    residual = torch.zeros(h, m, dtype=torch.float64)
-    mask = vertical_slash_mask(vs, q_pos, m)
-    for head in range(h):
-        cols = set(vs.verticals[head].tolist())
-        for i in range(r):
-            p = int(q_pos[i])
-            a = torch.softmax((k[head // (h // hkv), : p + 1].double() @ q[i, head].double()) * scale, 0)
-            covered[head] += float(a[mask[head, i, : p + 1]].sum())
-            for j in range(p + 1):
-                if j not in cols:
-                    residual[head, p - j] += a[j]
-    return covered, residual
 
-
-def test_union_mass_cut_off_covers_the_share_with_verticals_and_slashes_together(monkeypatch):
-    import megactx.sparse.estimate as estimate
-    g = torch.Generator().manual_seed(5)
-    h, hkv, d, m, r = 4, 2, 8, 600, 16
-    q = torch.randn(r, h, d, generator=g) * 3
-    k = torch.randn(hkv, m, d, generator=g)
-    k[:, 40] = q.mean(0).view(hkv, h // hkv, d).mean(1) * 4  # a strong sink beyond the always-kept first keys
-    q_pos = torch.arange(m - r, m)
-    budget_v, budget_s, share = 40, 400, 0.9  # few verticals: the slashes must cover the rest
-    each = estimate_vertical_slash(q, k, q_pos, d ** -0.5, budget_v, budget_s, mass=share)
-    union = estimate_vertical_slash(q, k, q_pos, d ** -0.5, budget_v, budget_s, mass=share, union=True)
-    covered, residual = _naive_union_coverage(q, k, q_pos, d ** -0.5, union)
-    for head in range(h):
-        # the verticals are cut as before; the slashes are the fewest that reach the share together with them
-        assert set(union.verticals[head].tolist()) == set(each.verticals[head].tolist())
-        slashes = set(union.slashes[head].tolist())
-        assert set(range(LOCAL_DIAGONALS)) <= slashes and len(slashes) <= budget_s
-        assert covered[head] >= share * r - 1e-4
-        weakest = min((s for s in slashes if s >= LOCAL_DIAGONALS), key=lambda s: float(residual[head, s]),
-                      default=None)
-        if weakest is not None:
-            assert covered[head] - residual[head, weakest] < share * r + 1e-4
-        # the sink is a vertical: the slashes need not cover it again, so fewer are kept than cut on their own
-        assert len(slashes) < len(set(each.slashes[head].tolist()))
-    for rule in (False, True):  # a share the always-kept diagonals reach alone keeps all of them, not a tied few
-        low = estimate_vertical_slash(q, k, q_pos, d ** -0.5, budget_v, budget_s, mass=0.05, union=rule)
-        assert all(set(low.slashes[head].tolist()) == set(range(LOCAL_DIAGONALS)) for head in range(h))
-    for heads_per_pass in (1, 3):  # the verticals are chosen per pass of heads: any pass size, the same result
-        monkeypatch.setattr(estimate, "PASS_ELEMENTS", heads_per_pass * r * m)
-        few = estimate_vertical_slash(q, k, q_pos, d ** -0.5, budget_v, budget_s, mass=share, union=True)
-        for head in range(h):
-            assert set(few.verticals[head].tolist()) == set(union.verticals[head].tolist())
-            assert set(few.slashes[head].tolist()) == set(union.slashes[head].tolist())
-
-
-def _naive_windows(raw, budget, mass, window, block, p_last):
-    """One head, loop by loop: windows of diagonals pooled, the nearest ones first, then best first; each covers
-    the cells (of `window` keys, at or after the block's start) g - ceil(block / window) .. g; stop before the
-    cells would exceed the budget or once the share of the pooled score is reached."""
-    nw = -(-(p_last + 1) // window)
-    pooled = [float(raw[g * window:min(g * window + window, p_last + 1)].double().sum()) for g in range(nw)]
-    forced = -(-LOCAL_DIAGONALS // window)
-    order = sorted(range(nw), key=lambda g: (g >= forced, -pooled[g] if g >= forced else 0, g))
-    covered, taken = set(), []
-    for g in order:
-        cells = covered | {c for c in range(g - -(-block // window), g + 1) if c >= 0}
-        if taken and len(cells) * window > budget:
-            break
-        covered, taken = cells, taken + [g]
-        if mass is not None and sum(pooled[t] for t in taken) >= mass * sum(pooled):
-            break
-    return {d for g in taken for d in range(g * window, min(g * window + window, p_last + 1))}, len(covered) * window
-
-
-@pytest.mark.parametrize("window,block,mass", [(16, 32, None), (16, 32, 0.6), (32, 32, None), (24, 64, 0.8)])
-def test_slash_windows_are_the_best_windows_within_the_key_budget(window, block, mass):
-    g = torch.Generator().manual_seed(5)
-    h, m = 5, 900
-    raw = torch.rand(h, m, generator=g) ** 4  # uneven: some windows far ahead of the others
-    p_last = m - 3
-    budgets = torch.tensor([20, 300, 500, 800, 5000])
-    got = _top_windows(raw, budgets, h, mass, window, block, p_last)
-    for head in range(h):
-        expected, cost = _naive_windows(raw[head], int(budgets[head]), mass, window, block, p_last)
-        assert set(got[head].tolist()) == expected
-        assert got[head].tolist() == sorted(got[head].tolist())
-        assert cost <= max(int(budgets[head]), window * (-(-block // window) + 1))
-    assert len(set(got[0].tolist())) < len(set(got[3].tolist()))  # a larger budget takes more
-
-
-def test_slash_window_budget_bounds_the_keys_a_block_computes():
-    """Scattered strong diagonals: top-k diagonals spread a block's spans over most of the history; windows
-    counted in keys keep a block's span keys within the budget (plus the block's own first window)."""
-    g = torch.Generator().manual_seed(6)
-    m, block, budget = 4096, 64, 512
-    raw = torch.rand(1, m, generator=g) * 0.01
-    raw[0, torch.randperm(m, generator=g)[:200]] += 1.0  # 200 scattered diagonals
-    q_start, n = m - 256, 256
-    for slashes, bound in ((_top_windows(raw, budget, 1, None, 32, block, m - 1), budget),
-                           (torch.topk(raw, budget, dim=-1).indices.sort(dim=-1).values, None)):
-        plan = vertical_slash_plan(VerticalSlash(torch.zeros(1, 1, dtype=torch.long), slashes), q_start, n, block,
-                                   merge_gap=0)
-        widest = max(sum(hi - lo for lo, hi in b.ranges) for b in plan[0])
-        if bound is not None:
-            assert widest <= bound
-        else:
-            assert widest > 4 * budget  # what the window budget prevents
 
 
 def test_estimates_through_one_workspace_equal_fresh_buffers():
     """The buffers kept across estimates (grown when needed: the probabilities, the fp32 copy of bf16 keys)
     change no result."""
-    from megactx.sparse.estimate import Workspace
+    from megactx.attention.sparse.estimate import Workspace
     g = torch.Generator().manual_seed(7)
     h, hkv, d, r = 4, 2, 8, 16
     workspace = Workspace()

@@ -6,16 +6,19 @@ import json
 import pytest
 import torch
 
-from megactx.attention.dca import DCAConfig, reference_dual_chunk_attention
+from megactx.attention.dca import reference_dual_chunk_attention
+from megactx.attention.sparse.probe import SparseProbe
+from megactx.config import DCAConfig, SparseConfig
 from megactx.errors import ConfigError
-from megactx.sparse import pooled
-from megactx.sparse.config import CONFIG_NAME, POOLED_CUTOFF, SparseConfig, resolve_sparse
-from megactx.sparse.pooled import pooled_plan, pooled_scores, reference_pooled_plan, reference_pooled_scores
+from megactx.attention.sparse import pooled
+from megactx.attention.sparse.patterns import CONFIG_NAME, resolve_sparse
+from megactx.config.attention import POOLED_CUTOFF
+from megactx.attention.sparse.pooled import pooled_plan, pooled_scores, reference_pooled_plan, reference_pooled_scores
 from helpers import engine_logits, token_ids
 from test_dca import D, _qkv
 from test_sparse import _run_sparse_dca, recorded_mask
 
-DCA = DCAConfig(chunk_size=40, local_size=8, original_max_position_embeddings=20, temperature="none")
+DCA = DCAConfig(chunk_size=40, local_size=8, original_max_position=20, temperature="none")
 
 
 @pytest.fixture
@@ -97,53 +100,52 @@ def test_pooled_keeping_everything_inside_dca_equals_dense_dca(small_groups, spl
 
 
 def test_engine_pooled_keeping_everything_equals_dense_and_a_cutoff_computes_less(tiny_dir):
-    from megactx.config import EngineConfig, SchedulerConfig
+    from megactx.config import EngineConfig
     from megactx.engine.llm_engine import LLMEngine
     path = tiny_dir("qwen2")
     ids = token_ids(400)
 
     def run(**kw):
-        e = LLMEngine(EngineConfig(model=path, scheduler=SchedulerConfig(max_num_batched_tokens=200), **kw))
-        return engine_logits(e, ids), e
+        e = LLMEngine(EngineConfig.from_kwargs(path, max_num_batched_tokens=200, **kw))
+        probe = SparseProbe()
+        e.observe_sparse(probe)
+        return engine_logits(e, ids), e, probe
 
-    dense, _ = run(sparse=False)
+    dense, _, _ = run(sparse=False)
     assert run(sparse_threshold=0)[1].sparse.estimate == "pooled"  # the engine's default without a budgets file
-    full, engine = run(sparse_threshold=0, sparse_estimate="pooled", sparse_mass=1.0, sparse_block_size=32,
-                       sparse_max_density=1.0)
-    stats = engine.runner.backend.sparse.stats
-    assert stats.attention_s and not stats.fallbacks
+    full, _, probe = run(sparse_threshold=0, sparse_estimate="pooled", sparse_mass=1.0, sparse_block_size=32,
+                         sparse_max_density=1.0)
+    assert probe.attention_s and not probe.fallbacks
     torch.testing.assert_close(full, dense, atol=1e-4, rtol=1e-4)
-    _, engine = run(sparse_threshold=0, sparse_estimate="pooled", sparse_mass=0.3, sparse_block_size=32,
-                    sparse_max_density=1.0)
-    planned = [d for per_layer in engine.runner.backend.sparse.stats.planned.values() for d in per_layer]
+    _, _, probe = run(sparse_threshold=0, sparse_estimate="pooled", sparse_mass=0.3, sparse_block_size=32,
+                      sparse_max_density=1.0)
+    planned = [c.density for c in probe.calls]
     assert planned and min(planned) < 1.0  # the 64-key groups of 400 tokens leave something out at cut-off 0.3
 
 
 def test_pooled_settings_are_checked_and_described():
-    cfg = SparseConfig(estimate="pooled")
+    cfg = SparseConfig(estimate="pooled", block_size=256)
     assert cfg.pooled_cutoff == POOLED_CUTOFF == 0.7
     assert "pooled block estimate" in cfg.describe() and "cut-off 0.7" in cfg.describe()
     assert SparseConfig(estimate="pooled", mass=0.9).pooled_cutoff == 0.9
-    with pytest.raises(ConfigError, match="--sparse-estimate 'columns': choose one of vertical-slash, pooled"):
+    with pytest.raises(ConfigError, match="--sparse-estimate 'columns': choose one of auto, vertical-slash, pooled"):
         SparseConfig(estimate="columns")
-    for bad in (dict(slash_window=64), dict(mass_union=True), dict(exact_diagonals=True)):
-        with pytest.raises(ConfigError, match="drop --sparse-slash-window"):
-            SparseConfig(estimate="pooled", **bad)
 
 
-def test_auto_estimate_is_pooled_unless_budgets_or_slash_options_are_given(tmp_path):
+def test_auto_estimate_is_pooled_unless_budgets_are_given(tmp_path):
     model = tmp_path / "model.gguf"
     model.write_bytes(b"")
-    assert resolve_sparse(model).estimate == "pooled"  # no budgets anywhere: the pooled estimate
-    for slash_option in (dict(slash_window=128), dict(mass_union=True), dict(exact_diagonals=True)):
-        assert resolve_sparse(model, **slash_option).estimate == "vertical-slash"
+
+    def resolved(**settings):
+        return resolve_sparse(SparseConfig(**settings), model)
+
+    assert resolved()[0].estimate == "pooled"  # no budgets anywhere: the pooled estimate
+    assert resolved()[0].block_size == 256  # fp32
     budgets = tmp_path / "budgets.json"
     budgets.write_text(json.dumps([{"0": ["vertical_and_slash", 100, 800, 0.9]}]))
-    given = resolve_sparse(model, config_file=str(budgets))
-    assert given.estimate == "vertical-slash" and given.head(0, 0).vertical_size == 100
-    assert resolve_sparse(model, config_file=str(budgets), estimate="pooled").estimate == "pooled"  # asked for
-    assert resolve_sparse(model, estimate="vertical-slash").estimate == "vertical-slash"
+    given, patterns = resolved(config_file=str(budgets))
+    assert given.estimate == "vertical-slash" and patterns.head(0, 0).vertical_size == 100
+    assert resolved(config_file=str(budgets), estimate="pooled")[0].estimate == "pooled"  # asked for
+    assert resolved(estimate="vertical-slash")[0].estimate == "vertical-slash"
     (tmp_path / CONFIG_NAME).write_text(budgets.read_text())
-    assert resolve_sparse(model).estimate == "vertical-slash"  # the budgets the model ships with
-    with pytest.raises(ConfigError, match="--sparse-estimate 'columns': choose one of auto, vertical-slash, pooled"):
-        resolve_sparse(model, estimate="columns")
+    assert resolved()[0].estimate == "vertical-slash"  # the budgets the model ships with

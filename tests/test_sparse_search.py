@@ -6,8 +6,8 @@ import json
 import torch
 
 from megactx import LLM
-from megactx.sparse.config import HeadPattern, load_sparse_config
-from megactx.sparse.search import run_refine, run_search, search_layer
+from megactx.attention.sparse.patterns import HeadPattern, load_patterns
+from megactx.tools.sparse_search import run_refine, run_search, search_layer
 from helpers import token_ids
 from test_sparse_kernel import _naive_vs_mask
 
@@ -20,7 +20,7 @@ def test_search_layer_recall_is_mass_inside_the_mask_and_cheapest_passing_wins()
     chosen, recalls = search_layer(q, k, last_q=8, block=block, target=0.0, candidates=[big, small])
     assert all(p == small for p in chosen.values())  # every head passes a 0 target: the cheaper one
     # the recall of `small`, pair by pair: softmax over the causal keys, summed inside the A-shape mask
-    from megactx.sparse.estimate import VerticalSlash
+    from megactx.attention.sparse.estimate import VerticalSlash
     vs = VerticalSlash(torch.arange(4).expand(h, -1), torch.arange(20).expand(h, -1))
     mask = _naive_vs_mask(vs, m - r, r, block, m)
     for head in range(h):
@@ -42,7 +42,7 @@ def test_search_writes_every_head_and_resumes_per_layer(tiny_dir, tmp_path):
     layers_done = []
     run_search(llm, ids, out, rows=64, last_q=16, block=32, on_layer=layers_done.append)
     assert layers_done == [0, 1]
-    cfg = load_sparse_config(out)
+    cfg = load_patterns(out)
     assert len(cfg.layers) == 2 and all(len(layer) == 4 for layer in cfg.layers)
     data = json.load(open(out))
     assert all(0 <= e[3] <= 1 for layer in data for e in layer.values())
@@ -82,4 +82,4 @@ def test_search_cli_stays_within_the_trained_length(tiny_dir, tmp_path):
     assert not out.exists()
     r = cli("sparse", "search", path, "--length", "511", "--rows", "64", "--out", str(out))
     assert r.returncode == 0, r.stderr
-    assert len(load_sparse_config(str(out)).layers) == 2
+    assert len(load_patterns(str(out)).layers) == 2

@@ -9,13 +9,15 @@ Per sequence, with c tokens already cached and n new ones:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 
 import torch
 
 from megactx.attention.dense import attention
 from megactx.attention.merge import merge_attention
-from megactx.sparse.kernel import KeySource
+from megactx.attention.sparse.kernel import KeySource
+from megactx.attention.sparse.prefill import SparsePrefill
 
 
 @dataclass(slots=True)
@@ -31,7 +33,6 @@ class SeqAttention:
 class AttentionMetadata:
     seqs: list[SeqAttention]
     slot_mapping: torch.Tensor | slice  # [T] cache slot of each new token (a slice when consecutive)
-    extras: dict = field(default_factory=dict)
 
 
 class KVCacheTensors:
@@ -57,12 +58,22 @@ class KVCacheTensors:
 
 
 class DenseAttentionBackend:
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
+    """Plain causal attention over the cache; with `sparse`, prefill chunks of long prompts run sparse."""
+    rotates_queries = False  # the model rotates queries and keys alike
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, cache: KVCacheTensors,
+                 sparse: SparsePrefill | None = None):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5
-        self.cache: KVCacheTensors | None = None
+        self.cache, self.sparse = cache, sparse
         self.meta: AttentionMetadata | None = None
-        self.sparse = None  # a SparsePrefill (megactx.sparse.prefill) when sparse prefill is on
+
+    def begin_step(self, meta: AttentionMetadata, positions: torch.Tensor, totals: torch.Tensor) -> torch.Tensor:
+        """Once per engine step, before the layers: the step's sequences; positions [T] of the new tokens, totals
+        [T] the length of each one's sequence after the step. -> the positions the keys are rotated (and cached)
+        at: their own here."""
+        self.meta = meta
+        return positions
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [T, H, D], k/v: [T, Hkv, D] -> out [T, H, D]
@@ -78,23 +89,41 @@ class DenseAttentionBackend:
                         v_new: torch.Tensor) -> torch.Tensor:
         # q: [n, H, D], k_new/v_new: [Hkv, n, D] -> [n, H, D]
         if s.sparse and s.num_new > 1:
-            c, keys, outs, lses = s.num_computed, self.keys(layer, s, q.dtype), [], []
+            c, outs = s.num_computed, []
             for lo, hi in self.sparse.cfg.parts(c, c + s.num_new):  # each part planned from its own last queries
-                rows = slice(lo - c, hi - c)
-                qp, r = q[rows], min(self.sparse.cfg.last_q, hi - lo)
-                outs.append(self.sparse.attend(
-                    layer, [(0, hi, qp)], [(0, hi, qp[-r:])], keys, lo,
-                    dense=lambda qp=qp, rows=rows, lo=lo: self.attend_dense(layer, s, qp, k_new[:, rows],
-                                                                            v_new[:, rows], start=lo)))
-                lses.append(self.sparse.last_lse)
-            if len(outs) == 1:
-                return outs[0]
-            self.sparse.last_lse = torch.cat(lses)  # [n, H] of the whole chunk, as recall measurements read it
-            return torch.cat(outs)
+                qp = q[lo - c:hi - c]
+                r = min(self.sparse.cfg.last_q, hi - lo)
+                outs.append(self.sparse_rows(layer, s, lo, hi, [qp], [(0, hi, qp)], [(0, hi, qp[-r:])]))
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
         if s.num_new == 1:
             k, v = self.cache.read(layer, s.key_slots, q.dtype)
             return attention(q, k, v, self.scale, causal=False)[0]
         return self.attend_dense(layer, s, q, k_new, v_new)[0]
+
+    def sparse_rows(self, layer: int, s: SeqAttention, a: int, b: int, queries: list[torch.Tensor],
+                    segments: list, estimate: list, dca_parts: list[tuple[int, int]] = ()) -> torch.Tensor:
+        """Rows [a, b) of a prefill chunk by sparse prefill (SparsePrefill.attend's segments and estimate);
+        queries: what dense_rows takes for the same rows. A plan too dense to gain is computed densely. With a
+        probe that compares this layer, the dense attention of the same rows is computed and timed as well."""
+        keys = self.keys(layer, s, queries[0].dtype)
+        result = self.sparse.attend(layer, segments, estimate, keys, a, dca_parts)
+        probe = self.sparse.probe
+        if result is None:
+            t0 = time.perf_counter()
+            result = self.dense_rows(layer, s, a, b, queries)
+            if probe is not None:
+                probe.calls[-1].attention_s += time.perf_counter() - t0
+        if probe is not None and probe.compares(layer):
+            t0 = time.perf_counter()
+            _, lse_dense = self.dense_rows(layer, s, a, b, queries)
+            probe.add_dense(result[1], lse_dense, time.perf_counter() - t0)
+        return result[0]
+
+    def dense_rows(self, layer: int, s: SeqAttention, a: int, b: int,
+                   queries: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [a, b) densely, their own keys read back from the cache -> out [n, H, D], lse [n, H]."""
+        k_own, v_own = self.keys(layer, s, queries[0].dtype).span(a, b)
+        return self.attend_dense(layer, s, queries[0], k_own, v_own, start=a)
 
     def attend_dense(self, layer: int, s: SeqAttention, q: torch.Tensor, k_new: torch.Tensor,
                      v_new: torch.Tensor, start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

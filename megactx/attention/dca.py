@@ -12,7 +12,7 @@ sequence of at most chunk_size + 1 tokens every query and key sits at its true p
 Temperature: logits x factor^2 with factor = max(1, 0.1 ln(x / original_max_position_embeddings) + 1), applied by
 scaling the queries, so cached keys never depend on the total length. x is the query position + 1 ("position":
 queries inside the trained length see exactly the trained model), the sequence's current total length ("total"),
-or the factor is 1 ("none"; the default unless the model's config declares DCA, see resolve_dca). vLLM instead
+or the factor is 1 ("none"; the default unless the model's config declares DCA, see DCAConfig.resolve). vLLM instead
 multiplies the cached keys by the total-length factor, which makes a cached prefix wrong as soon as the sequence
 grows.
 
@@ -21,61 +21,14 @@ or tokens); reference_dual_chunk_attention() builds the full score matrix and is
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
-from megactx.attention.backend import DenseAttentionBackend, SeqAttention
+from megactx.attention.backend import DenseAttentionBackend, KVCacheTensors, SeqAttention
 from megactx.attention.dense import attention
 from megactx.attention.merge import merge_attention
-from megactx.errors import ConfigError
+from megactx.attention.sparse.prefill import SparsePrefill
+from megactx.config import DCAConfig
 from megactx.layers.rotary import apply_rotary
-
-TEMPERATURES = ("position", "total", "none")
-
-
-@dataclass(slots=True)
-class DCAConfig:
-    chunk_size: int  # clamp on query positions
-    local_size: int  # exact positions reach this far into the previous chunk
-    original_max_position_embeddings: int  # the trained length, for the temperature
-    temperature: str = "position"
-
-    def __post_init__(self):
-        if not 0 < self.local_size < self.chunk_size:
-            raise ConfigError(f"Dual Chunk Attention needs 0 < local_size < chunk_size, got local_size "
-                              f"{self.local_size} and chunk_size {self.chunk_size}")
-        if self.temperature not in TEMPERATURES:
-            raise ConfigError(f"unknown DCA temperature {self.temperature!r}; choose from {', '.join(TEMPERATURES)}")
-        if self.original_max_position_embeddings < 1:
-            raise ConfigError("dca original_max_position_embeddings must be >= 1")
-
-    @property
-    def chunk_len(self) -> int:
-        """L: the real chunk length (the naming trap: not chunk_size)."""
-        return self.chunk_size - self.local_size
-
-    def describe(self) -> str:
-        return (f"chunk_size {self.chunk_size}, local_size {self.local_size} (chunk length {self.chunk_len}), "
-                f"original_max_position_embeddings {self.original_max_position_embeddings}, "
-                f"temperature {self.temperature}")
-
-
-def resolve_dca(model_config, enabled: bool, chunk_size: int | None = None, local_size: int | None = None,
-                original_max_position: int | None = None, temperature: str | None = None) -> DCAConfig | None:
-    """The effective DCA settings: the model's dual_chunk_attention_config turns it on; `enabled` (--dca) turns
-    it on for any RoPE model with defaults from the trained length; explicit values override either.
-    Default temperature: "position" for a model that declares the block (Qwen2.5-1M's recipe applies one), "none"
-    for a model put under DCA by --dca (measured: as good or better in perplexity, passkey retrieved; BENCHMARKS.md)."""
-    block = model_config.dual_chunk_attention_config or {}
-    if not block and not enabled:
-        return None
-    trained = model_config.trained_context_length
-    chunk = chunk_size or block.get("chunk_size") or trained
-    local = local_size or block.get("local_size") or max(1, chunk // 16)
-    original = original_max_position or block.get("original_max_position_embeddings") or trained
-    return DCAConfig(int(chunk), int(local), int(original), temperature or ("position" if block else "none"))
 
 
 def query_positions(positions: torch.Tensor, cfg: DCAConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -92,27 +45,29 @@ def temperature_scale(positions: torch.Tensor, totals: torch.Tensor, cfg: DCACon
     if cfg.temperature == "none":
         return None
     x = (positions + 1 if cfg.temperature == "position" else totals).double()
-    factor = torch.clamp(0.1 * torch.log(x / cfg.original_max_position_embeddings) + 1, min=1.0)
+    factor = torch.clamp(0.1 * torch.log(x / cfg.original_max_position) + 1, min=1.0)
     if bool((factor == 1).all()):
         return None
     return (factor * factor).float()
 
 
 class DualChunkAttentionBackend(DenseAttentionBackend):
-    rotates_queries = True  # the layer rotates only the keys (at p % L); the queries are rotated here, three ways
+    """cfg: resolved DCA settings (DCAConfig.resolve). The layer rotates only the keys (at p % L, the positions
+    begin_step returns); the queries are rotated here, three ways."""
+    rotates_queries = True
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, cfg: DCAConfig, rotary):
-        super().__init__(num_heads, num_kv_heads, head_dim)
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, cache: KVCacheTensors, cfg: DCAConfig,
+                 rotary, sparse: SparsePrefill | None = None):
+        super().__init__(num_heads, num_kv_heads, head_dim, cache, sparse)
         self.cfg, self.rotary = cfg, rotary
 
-    def key_positions(self, positions: torch.Tensor) -> torch.Tensor:
-        return positions % self.cfg.chunk_len
-
-    def prepare_step(self, positions: torch.Tensor, totals: torch.Tensor) -> None:
-        """Once per step: cos/sin of the three query positions and the temperature of every row."""
+    def begin_step(self, meta, positions: torch.Tensor, totals: torch.Tensor) -> torch.Tensor:
+        """Also, once per step: cos/sin of the three query positions and the temperature of every row."""
+        self.meta = meta
         intra, succ, inter = query_positions(positions, self.cfg)
         self.tables = [self.rotary.cos_sin(p) for p in (intra, succ, inter)]
         self.q_scale = temperature_scale(positions, totals, self.cfg)
+        return positions % self.cfg.chunk_len
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [T, H, D] not rotated, k: [T, Hkv, D] rotated at p % L, v: [T, Hkv, D] -> [T, H, D]
@@ -140,7 +95,7 @@ class DualChunkAttentionBackend(DenseAttentionBackend):
             if s.sparse and end - start > 1:
                 for lo, hi in self.sparse.cfg.parts(start, end):  # each part planned from its own last queries
                     part = slice(lo - c, hi - c)
-                    pieces.append(self.attend_piece_sparse(layer, s, lo, hi, [x[part] for x in queries], q_raw[part]))
+                    pieces.append(self.sparse_piece(layer, s, lo, hi, [x[part] for x in queries], q_raw[part]))
             else:
                 pieces.append(self.attend_piece(layer, s, start, end, [x[rows] for x in queries],
                                                 k_new[:, rows], v_new[:, rows]))
@@ -175,11 +130,11 @@ class DualChunkAttentionBackend(DenseAttentionBackend):
             return outs[0], lses[0]
         return merge_attention(outs, lses)
 
-    def attend_piece_sparse(self, layer: int, s: SeqAttention, a: int, b: int, queries: list[torch.Tensor],
-                            q_raw: torch.Tensor) -> torch.Tensor:
+    def sparse_piece(self, layer: int, s: SeqAttention, a: int, b: int, queries: list[torch.Tensor],
+                     q_raw: torch.Tensor) -> torch.Tensor:
         """Sparse prefill of rows [a, b) (one DCA chunk): the planned keys split into the three parts, each scored
         with its own query rotation; the pattern is estimated from the last queries at the critical (continuous)
-        positions p % L + L and p % L + chunk_size for the successive and inter keys (DESIGN.md 3.2 step 4)."""
+        positions p % L + L and p % L + chunk_size for the successive and inter keys, as Qwen2.5-1M does."""
         L, cfg = self.cfg.chunk_len, self.cfg
         cur = (a // L) * L
         prev = max(cur - L, 0)
@@ -190,10 +145,13 @@ class DualChunkAttentionBackend(DenseAttentionBackend):
         critical = [queries[0][-r:]] + [apply_rotary(q_raw[-r:], *self.rotary.cos_sin(intra + shift))
                                         for shift in (L, cfg.chunk_size)]
         estimate = [(lo, hi, q) for (lo, hi), q in zip(parts, critical) if hi > lo]
-        keys = self.keys(layer, s, q_raw.dtype)
-        return self.sparse.attend(layer, segments, estimate, keys, a,
-                                  dense=lambda: self.attend_piece_lse(layer, s, a, b, queries, *keys.span(a, b)),
-                                  dca_parts=[p for p in parts[1:] if p[1] > p[0]])
+        return self.sparse_rows(layer, s, a, b, queries, segments, estimate,
+                                dca_parts=[p for p in parts[1:] if p[1] > p[0]])
+
+    def dense_rows(self, layer: int, s: SeqAttention, a: int, b: int,
+                   queries: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [a, b) of one DCA chunk densely, the three parts merged -> out [n, H, D], lse [n, H]."""
+        return self.attend_piece_lse(layer, s, a, b, queries, *self.keys(layer, s, queries[0].dtype).span(a, b))
 
 
 def _range(slots: torch.Tensor | slice, lo: int, hi: int) -> torch.Tensor | slice:
@@ -231,8 +189,3 @@ def reference_dual_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
         s = s.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(s, dim=-1)
     return torch.einsum("hqk,khd->qhd", probs, vr).to(q.dtype)
-
-
-def log_n_factor(length: int, original: int) -> float:
-    """The total-length factor (for docs and inspect): max(1, 0.1 ln(length / original) + 1)."""
-    return max(1.0, 0.1 * math.log(length / original) + 1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-_flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -44,8 +44,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
         return torch.zeros_like(q), torch.full((n, h), float("-inf"), device=q.device)
     if causal and n != m:
         raise ValueError(f"causal attention needs as many queries as keys, got {n} and {m}")
-    if _flash_cpu is None or q.device.type != "cpu":
+    if flash_cpu is None or q.device.type != "cpu":
         return reference_attention(q, k, v, scale, causal_mask(n, m, q.device) if causal else None)
     # [1, H, n, D] views of the token-major queries; out comes back as [1, H, n, D] over [n, H, D] memory
-    out, lse = _flash_cpu(q.transpose(0, 1).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), 0.0, causal, scale=scale)
+    out, lse = flash_cpu(q.transpose(0, 1).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), 0.0, causal, scale=scale)
     return out[0].transpose(0, 1), lse[0].t()

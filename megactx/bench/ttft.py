@@ -3,7 +3,7 @@
 Every (length, engine) runs in a process of its own, so its peak resident memory (VmHWM) is its own, and the
 engines take turns at each length so that a noisy neighbour on the machine hits them alike. All engines get
 the same token ids: a natural-text prompt tokenized once with the model's tokenizer. TTFT in-process is from
-submitting the prompt to the first sampled token (EVAL.md 3).
+submitting the prompt to the first sampled token.
 """
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ import subprocess
 import sys
 import time
 
+from megactx.config.attention import POOLED_CUTOFF
 from megactx.errors import MegactxError
-from megactx.sparse import batched, kernel
-from megactx.sparse.config import POOLED_CUTOFF
 
 logger = logging.getLogger(__name__)
 COMPARE = ("transformers", "llama.cpp")
@@ -26,6 +25,9 @@ COMPARE = ("transformers", "llama.cpp")
 # estimate and default budgets; dca+sparse: both; -pooled: planned by the pooled block estimate instead (what the
 # engine runs by default when no budgets file is given)
 MODES = ("dense", "dca", "sparse", "dca+sparse", "sparse-pooled", "dca+sparse-pooled")
+# the kernel each estimate's plans run on (megactx/attention/sparse/prefill.py), recorded with the rows
+SPARSE_KERNELS = {"pooled": "batched, gathered, padded to 64 keys, 4-block tiles share",
+                  "vertical-slash": "tiled, short spans gathered, merged per head"}
 
 
 def peak_rss_mb() -> float:
@@ -137,7 +139,7 @@ def measure(engine: str, mode: str, length: int, args, dtype: str = "fp32") -> d
     if mode.endswith("-pooled"):
         row["sparse_mass"] = POOLED_CUTOFF if mass is None else mass  # the cut-off it ran with
     if engine == "megactx" and "sparse" in mode:  # which sparse kernel ran (rows without it: the per-block one)
-        row["sparse_kernel"] = batched.KERNEL_NAME if mode.endswith("-pooled") else kernel.KERNEL_NAME
+        row["sparse_kernel"] = SPARSE_KERNELS["pooled" if mode.endswith("-pooled") else "vertical-slash"]
     return row
 
 
@@ -150,7 +152,7 @@ def cpu_capability() -> str:
 
 def run(args) -> list[dict]:
     from megactx.config import parse_dtype
-    from megactx.eval.cli import parse_int_list
+    from megactx.eval.results import parse_int_list
     lengths = parse_int_list(args.lengths, "--lengths")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
@@ -197,22 +199,6 @@ def run(args) -> list[dict]:
         for c, why in skipped.items():
             print(f"{c}: skipped, {why}")
     return rows
-
-
-def add_parser(bench_sub, env_default) -> None:
-    p = bench_sub.add_parser("ttft", help="time to first token vs length, beside transformers / llama.cpp")
-    p.add_argument("--model", default=env_default("--model"))
-    p.add_argument("--lengths", default="1024,4096")
-    p.add_argument("--modes", default="dense", help=f"comma list of {', '.join(MODES)} (sparse: the vertical-slash "
-                   "estimate with default budgets; -pooled: the pooled block estimate, the default without budgets)")
-    p.add_argument("--dtypes", default="fp32", help="comma list of compute dtypes: fp32, bf16, fp16")
-    p.add_argument("--compare", default="", help="comma list: transformers, llama.cpp")
-    p.add_argument("--threads", type=int, default=env_default("--threads", os.cpu_count() or 1, int))
-    p.add_argument("--max-num-batched-tokens", type=int, default=4096, help="this engine's prefill chunk")
-    p.add_argument("--sparse-mass", type=float, default=None,
-                   help=f"the sparse modes' --sparse-mass (cut-off; the -pooled modes default to {POOLED_CUTOFF})")
-    p.add_argument("--json", action="store_true", help="one JSON object per row")
-    p.set_defaults(func=lambda a: 0 if run(a) is not None else 1)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from megactx.attention.dca import resolve_dca
-from megactx.sparse.config import default_block_size, resolve_sparse
+from megactx.attention.sparse.patterns import resolve_sparse
+from megactx.attention.sparse.probe import SparseProbe
 from megactx.config import EngineConfig, ceil_div, log_fmt_bytes, parse_dtype
 from megactx.engine.detokenizer import IncrementalDetokenizer
 from megactx.engine.kv_cache import BlockAllocator
@@ -59,24 +59,18 @@ class LLMEngine:
         self.model_config = mc = self.source.config
         self.tokenizer = load_tokenizer(config.tokenizer or self.source.path, mc.eos_token_ids)
         sc, cc = config.scheduler, config.cache
-        self.dca = resolve_dca(mc, config.dca, config.dca_chunk_size, config.dca_local_size,
-                               config.dca_original_max_position, config.dca_temperature)
+        self.dca = config.dca.resolve(mc)
         limit = derived_max_len(mc)
         self.max_model_len = sc.max_model_len or limit
-        if self.max_model_len > limit and self.dca is None and not config.allow_long_context:
+        if self.max_model_len > limit and self.dca is None and not config.dca.allow_long_context:
             raise ConfigError(
                 f"max_model_len {self.max_model_len} exceeds the model's context length {limit}; enable Dual Chunk "
                 f"Attention with --dca to run beyond it without training (or lower --max-model-len; "
                 f"--allow-long-context runs plain RoPE anyway, for ablations)")
         if self.dca is not None:
             logger.info("Dual Chunk Attention: %s", self.dca.describe())
-        self.sparse = resolve_sparse(self.source.path, config.sparse, config.sparse_config, config.sparse_threshold,
-                                     config.sparse_last_q,
-                                     config.sparse_block_size or default_block_size(parse_dtype(config.dtype)),
-                                     config.sparse_mass,
-                                     config.sparse_max_density, config.sparse_estimate_span,
-                                     config.sparse_exact_diagonals, config.sparse_mass_union,
-                                     config.sparse_slash_window, config.sparse_estimate)
+        sparse = resolve_sparse(config.sparse, self.source.path, config.dtype)
+        self.sparse = sparse[0] if sparse else None  # the settings in effect
         if self.sparse is not None and self.max_model_len > self.sparse.threshold:
             logger.info("Sparse prefill: %s", self.sparse.describe())
         dtype = parse_dtype(cc.kv_cache_dtype) or parse_dtype(config.dtype) or torch.float32
@@ -95,7 +89,7 @@ class LLMEngine:
         logger.info("KV cache: %d blocks of %d tokens (%s, %s)", num_blocks, cc.block_size,
                     log_fmt_bytes(num_blocks * cc.block_size * per_token), dtype)
         self.runner = ModelRunner(self.source, config.dtype, config.device, num_blocks, cc.block_size,
-                                  cc.kv_cache_dtype, config.weight_dtype, self.dca, self.sparse,
+                                  cc.kv_cache_dtype, config.weight_dtype, self.dca, sparse,
                                   config.packed_weights, sc.max_num_seqs)
         self.source.iter_weights = None  # drop the file mapping (a GGUF's pages would stay in RSS)
         self.allocator = BlockAllocator(num_blocks, cc.block_size)
@@ -150,6 +144,12 @@ class LLMEngine:
         for s in req.seqs if req else []:
             if not s.is_finished:
                 self.scheduler.finish(s, "abort")
+
+    def observe_sparse(self, probe: SparseProbe | None) -> None:
+        """Record what sparse prefill does into `probe` (megactx/attention/sparse/probe.py), None to stop: the
+        engine's one hook for benchmarks and tests. Off by default; without sparse prefill it records nothing."""
+        if self.runner.backend.sparse is not None:
+            self.runner.backend.sparse.observe(probe)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()

@@ -6,15 +6,15 @@ import logging
 import torch
 
 from megactx.attention.backend import AttentionMetadata, DenseAttentionBackend, KVCacheTensors, SeqAttention
-from megactx.attention.dca import DCAConfig, DualChunkAttentionBackend
-from megactx.config import ModelConfig, parse_dtype
+from megactx.attention.dca import DualChunkAttentionBackend
+from megactx.attention.sparse.patterns import SparsePatterns
+from megactx.attention.sparse.prefill import SparsePrefill
+from megactx.config import DCAConfig, ModelConfig, SparseConfig, parse_dtype
 from megactx.engine.scheduler import ScheduledChunk
 from megactx.layers.linear import packing_available
 from megactx.layers.rotary import RotaryEmbedding
 from megactx.loader import ModelSource
 from megactx.models.decoder import DecoderLM
-from megactx.sparse.config import SparseConfig
-from megactx.sparse.prefill import SparsePrefill
 
 logger = logging.getLogger(__name__)
 PACKED_AUTO_LIMIT = 4 * 2**30  # auto packs only when the fp32 copy is at most this size
@@ -83,7 +83,8 @@ def warn_if_emulated(dtype: torch.dtype, device: torch.device) -> bool:
 class ModelRunner:
     def __init__(self, source: ModelSource, dtype: str, device: str, num_blocks: int, block_size: int,
                  kv_dtype: str, weight_dtype: str = "auto", dca: DCAConfig | None = None,
-                 sparse: SparseConfig | None = None, packed_weights: str = "off", max_num_seqs: int = 1):
+                 sparse: tuple[SparseConfig, SparsePatterns] | None = None, packed_weights: str = "off",
+                 max_num_seqs: int = 1):
         self.config: ModelConfig = source.config
         self.device = torch.device(device)
         self.dtype = parse_dtype(dtype) or torch.float32
@@ -97,15 +98,16 @@ class ModelRunner:
         self.block_size = block_size
         self.kv_dtype = parse_dtype(kv_dtype) or self.dtype
         self.dca = dca
-        if dca is None:
-            self.backend = DenseAttentionBackend(c.num_attention_heads, c.num_key_value_heads, c.head_dim)
-        else:
-            self.backend = DualChunkAttentionBackend(c.num_attention_heads, c.num_key_value_heads, c.head_dim, dca,
-                                                     self.model.rotary)
+        cache = KVCacheTensors(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, num_blocks * block_size,
+                               self.kv_dtype, self.device)
+        heads = (c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+        prefill = None
         if sparse is not None:
-            self.backend.sparse = SparsePrefill(sparse, c.num_hidden_layers, c.num_attention_heads, self.backend.scale)
-        self.backend.cache = KVCacheTensors(c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
-                                            num_blocks * block_size, self.kv_dtype, self.device)
+            prefill = SparsePrefill(*sparse, c.num_hidden_layers, c.num_attention_heads, c.head_dim ** -0.5)
+        if dca is None:
+            self.backend = DenseAttentionBackend(*heads, cache, prefill)
+        else:
+            self.backend = DualChunkAttentionBackend(*heads, cache, dca, self.model.rotary, prefill)
 
     def prepare(self, chunks: list[ScheduledChunk]):
         ids, positions, slot_parts, seqs, last_rows = [], [], [], [], []
@@ -158,11 +160,8 @@ class ModelRunner:
         """Compute the chunks (the KV cache is written) -> final hidden states [T, hidden] of every computed token
         and the rows of the chunks that complete their sequence."""
         input_ids, positions, meta, last_rows = self.prepare(chunks)
-        self.backend.meta = meta
         seq_len = max(ch.seq.num_computed_tokens + ch.num_tokens for ch in chunks)
-        if self.dca is not None:
-            totals = torch.cat([torch.full((ch.num_tokens,), ch.seq.num_computed_tokens + ch.num_tokens)
-                                for ch in chunks]).to(self.device)
-            self.backend.prepare_step(positions, totals)
-            positions = self.backend.key_positions(positions)  # keys are rotated (and cached) at p % L
+        totals = torch.cat([torch.full((ch.num_tokens,), ch.seq.num_computed_tokens + ch.num_tokens)
+                            for ch in chunks]).to(self.device)
+        positions = self.backend.begin_step(meta, positions, totals)  # DCA: keys are rotated (and cached) at p % L
         return self.model(input_ids, positions, self.backend, seq_len=seq_len), last_rows

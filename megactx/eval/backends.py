@@ -12,7 +12,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from megactx.errors import MegactxError
 
@@ -120,9 +120,10 @@ class ServerBackend:
         return Answer(text, ttft, len(prompt_ids), len(prompt_ids) / max(ttft, 1e-9))
 
 
-def open_backend(args: Any) -> Backend:
-    """From CLI arguments: --base-url [--api-key] for a server, else the model in-process."""
-    if getattr(args, "base_url", None):
-        return ServerBackend(args.base_url, api_key=args.api_key, model=getattr(args, "served_model", None))
+def open_backend(base_url: str | None = None, api_key: str | None = None, served_model: str | None = None,
+                 config=None) -> Backend:
+    """A server at base_url (with api_key, served_model), else the engine `config` (an EngineConfig) in-process."""
+    if base_url:
+        return ServerBackend(base_url, api_key=api_key, model=served_model)
     from megactx.llm import LLM
-    return InProcessBackend(LLM(args.model, **getattr(args, "engine_kwargs", {})))
+    return InProcessBackend(LLM(config=config))

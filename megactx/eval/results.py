@@ -6,6 +6,8 @@ import logging
 import os
 from typing import Callable
 
+from megactx.errors import MegactxError
+
 logger = logging.getLogger(__name__)
 
 
@@ -56,3 +58,19 @@ class ResultLog:
         self.rows.append(row)
         if self.on_row:
             self.on_row(row)
+
+
+def parse_int_list(text: str, what: str) -> list[int]:
+    """'4096,8K,1M' -> [4096, 8192, 1048576]."""
+    values = []
+    for item in text.split(","):
+        item = item.strip()
+        scale = {"k": 1024, "m": 1024 * 1024}.get(item[-1:].lower(), 1)
+        number = item[:-1] if scale > 1 else item
+        try:
+            values.append(int(number) * scale)
+        except ValueError:
+            raise MegactxError(f"{what}: {item!r} is not a number (write e.g. 4096,8K,32K)") from None
+    if not values or any(v < 0 for v in values):
+        raise MegactxError(f"{what}: give one or more non-negative numbers, e.g. 4096,8192")
+    return values

@@ -44,7 +44,7 @@ class Attention(nn.Module):
         t = x.shape[0]
         qkv = self.qkv_proj(x).view(t, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         h, hk = self.num_heads, self.num_kv_heads
-        if getattr(backend, "rotates_queries", False):  # Dual Chunk Attention rotates each query three ways
+        if backend.rotates_queries:  # Dual Chunk Attention rotates each query three ways
             q, k = qkv[:, :h], apply_rotary(qkv[:, h:h + hk], cos, sin)
         else:
             q, k = apply_rotary(qkv[:, :h + hk], cos, sin).split([h, hk], dim=1)  # q and k in one pass

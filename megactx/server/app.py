@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from megactx.config import CacheConfig, EngineConfig, SchedulerConfig
+from megactx.config import EngineConfig
 from megactx.engine.async_engine import AsyncEngine, EngineError
 from megactx.errors import MegactxError
 from megactx.server.metrics import ServerMetrics
@@ -202,17 +202,3 @@ def create_app(config: EngineConfig, served_name: str | None = None, api_key: st
         return builder.full(outs, params.n, echo)
 
     return app
-
-
-def serve(args) -> int:
-    import uvicorn
-    from megactx.cli import engine_kwargs, model_arg
-    kw = engine_kwargs(args)
-    cache = CacheConfig(**{k: kw.pop(k) for k in ("kv_cache_memory", "kv_cache_dtype")})
-    sched = SchedulerConfig(**{k: kw.pop(k) for k in ("max_model_len", "max_num_seqs", "max_num_batched_tokens")})
-    config = EngineConfig(model=model_arg(args), cache=cache, scheduler=sched, **kw)
-    app = create_app(config, args.served_model_name, args.api_key)
-    logger.info("serving on http://%s:%d", args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
-    state = app.state.megactx
-    return 2 if state.load_error else 0

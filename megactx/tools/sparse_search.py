@@ -1,4 +1,4 @@
-"""Offline pattern search and long-sequence refinement: what `megactx sparse search` writes (DESIGN.md 3.2).
+"""Offline pattern search and long-sequence refinement: what `megactx sparse search` writes (MInference).
 
 search: one dense prefill of a calibration document (the ppl document: the standard library's source, or
 --text) captures every layer's keys and its last `rows` queries. Per layer, each candidate pattern is planned
@@ -22,9 +22,10 @@ from typing import Callable
 import torch
 
 from megactx.errors import MegactxError
-from megactx.sparse.config import HeadPattern, dump_layers, parse_layers
-from megactx.sparse.estimate import VerticalSlash, estimate_vertical_slash
-from megactx.sparse.plan import block_sparse_plan, plan_mask, vertical_slash_plan
+from megactx.attention.sparse.estimate import VerticalSlash, estimate_vertical_slash
+from megactx.attention.sparse.patterns import HeadPattern, dump_layers, parse_layers
+from megactx.attention.sparse.plan import block_sparse_plan, plan_mask, vertical_slash_plan
+from megactx.attention.sparse.probe import SparseProbe
 
 logger = logging.getLogger(__name__)
 
@@ -138,23 +139,22 @@ def run_refine(make_llm, ids: list[int], config_in: str | None, out: str, thresh
     layers = None
     for p in range(passes):
         llm = make_llm(current)
-        backend = llm.engine.runner.backend
+        sparse = llm.engine.runner.backend.sparse
         n_layers, n_heads = llm.engine.model_config.num_hidden_layers, llm.engine.model_config.num_attention_heads
-        cfg = backend.sparse.cfg
-        layers = [dict(enumerate(cfg.layer_patterns(li, n_heads))) for li in range(n_layers)]
-        recall_sum = torch.zeros(n_layers, n_heads, dtype=torch.float64)
-        rows = torch.zeros(n_layers, dtype=torch.float64)
-        _instrument_recall(backend, recall_sum, rows)
+        layers = [dict(enumerate(sparse.patterns[li])) for li in range(n_layers)]
+        probe = SparseProbe(dense_layers=None)  # every piece of every layer also densely: recall per head
+        llm.engine.observe_sparse(probe)
         llm.generate(ids, SamplingParams(temperature=0, max_tokens=1))
-        recall = recall_sum / rows.clamp(min=1)[:, None]
         raised = 0
+        scores = []
         for li in range(n_layers):
+            recall = probe.recall(li)
+            scores.append({h: round(float(recall[h]), 4) if recall is not None else 0.0 for h in range(n_heads)})
             for h in range(n_heads):
                 pat = layers[li][h]
-                if rows[li] > 0 and recall[li, h] < threshold:
+                if recall is not None and recall[h] < threshold:
                     layers[li][h] = HeadPattern("vertical_and_slash", pat.vertical_size + step, pat.slash_size + step)
                     raised += 1
-        scores = [{h: round(float(recall[li, h]), 4) for h in range(n_heads)} for li in range(n_layers)]
         _write(out, layers, scores)
         logger.info("refine pass %d: %d heads below recall %.3f raised by %d", p + 1, raised, threshold, step)
         if on_pass:
@@ -164,40 +164,6 @@ def run_refine(make_llm, ids: list[int], config_in: str | None, out: str, thresh
         if raised == 0:
             break
     return layers
-
-
-def _instrument_recall(backend, recall_sum: torch.Tensor, rows: torch.Tensor) -> None:
-    """After each sparse piece, the dense attention of the same piece: per-head recall exp(lse_s - lse_full)."""
-    from megactx.attention.dense import attention
-    from megactx.attention.merge import merge_attention
-    if getattr(backend, "rotates_queries", False):
-        sparse_piece = backend.attend_piece_sparse
-
-        def piece(layer, s, a, b, queries, q_raw):
-            out = sparse_piece(layer, s, a, b, queries, q_raw)
-            k_own, v_own = backend.keys(layer, s, q_raw.dtype).span(a, b)
-            _, lse_full = backend.attend_piece_lse(layer, s, a, b, queries, k_own, v_own)
-            _add(layer, backend.sparse.last_lse, lse_full)
-            return out
-        backend.attend_piece_sparse = piece
-    else:
-        seq = backend.attend_sequence
-
-        def dense_too(layer, s, q, k_new, v_new):
-            out = seq(layer, s, q, k_new, v_new)
-            if s.sparse and s.num_new > 1:
-                lse_sparse = backend.sparse.last_lse
-                past_k, past_v = backend.keys(layer, s, q.dtype).span(0, s.num_computed)
-                parts = [attention(q, past_k, past_v, backend.scale, causal=False),
-                         attention(q, k_new, v_new, backend.scale, causal=True)]
-                _, lse_full = merge_attention([p[0] for p in parts], [p[1] for p in parts])
-                _add(layer, lse_sparse, lse_full)
-            return out
-        backend.attend_sequence = dense_too
-
-    def _add(layer, lse_sparse, lse_full):
-        recall_sum[layer] += torch.exp(lse_sparse - lse_full).double().sum(0)
-        rows[layer] += lse_sparse.shape[0]
 
 
 def _write(out: str, layers, scores) -> None:

@@ -10,7 +10,7 @@ call: queries [B, 1, rows, D] against keys [B, 1, m_max, D] gathered from the ca
 [B, 1, 1, m_max] (-inf on the padding; the flash kernel broadcasts it over the rows at no measured cost) hiding
 the padding. The results are scattered into full-height parts per DCA segment, merged once by LSE with the own
 blocks. Every planned key is computed exactly once for each row that plans it, as in kernel.py, whose per-block
-path stays the general one (exact diagonals, wide shared spans as views, other devices) and, with plan_mask(),
+path stays the general one (wide shared spans as views, other devices) and, with plan_mask(),
 the oracle.
 
 Taller calls for the keys a tile of TILE_BLOCKS consecutive blocks all read: torch's CPU flash kernel splits a
@@ -26,23 +26,20 @@ from __future__ import annotations
 
 import torch
 
-from megactx.attention.dense import _flash_cpu
+from megactx.attention.dense import flash_cpu
 from megactx.attention.merge import merge_attention
-from megactx.sparse.kernel import KeySource, own_blocks, sparse_attention
-from megactx.sparse.plan import Plan, block_starts
+from megactx.attention.sparse.kernel import KeySource, own_blocks, sparse_attention
+from megactx.attention.sparse.plan import Plan, block_starts
 
 BATCH_KEYS = 1 << 18  # padded keys gathered per call: k and v 64 MB each at D = 64 in fp32
-KERNEL_NAME = "batched, gathered, padded to 64 keys, 4-block tiles share"  # benchmarks record it
 GROUP_PAD = 64  # entry lengths are padded up to a multiple of this (the pooled groups)
 TILE_BLOCKS = 4  # 4 x 256 = 1024-row calls for the keys all blocks of a tile read (1: no sharing)
 
 
-def supports(plan: Plan, keys: KeySource, device: torch.device) -> bool:
-    """The batched path needs the CPU flash kernel, a contiguous cache (gathered through one flat index) and
-    plans without exact diagonals."""
-    return (_flash_cpu is not None and device.type == "cpu" and keys.k.device.type == "cpu"
-            and keys.k.is_contiguous() and keys.v.is_contiguous()
-            and not any(len(b.diagonals) for head in plan for b in head))
+def supports(keys: KeySource, device: torch.device) -> bool:
+    """The batched path needs the CPU flash kernel and a contiguous cache (gathered through one flat index)."""
+    return (flash_cpu is not None and device.type == "cpu" and keys.k.device.type == "cpu"
+            and keys.k.is_contiguous() and keys.v.is_contiguous())
 
 
 def plan_bounds(plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,7 +145,7 @@ def _attend_entries(q_entries: torch.Tensor, bounds: torch.Tensor, entry: torch.
             mask.masked_fill_((j[None] >= entry_len[batch][:, None])[:, None, None].to(q_entries.device),
                               float("-inf"))
         on = batch.to(q_entries.device)
-        o, s = _flash_cpu(q_entries.index_select(0, on)[:, None], k, v, 0.0, False, attn_mask=mask, scale=scale)
+        o, s = flash_cpu(q_entries.index_select(0, on)[:, None], k, v, 0.0, False, attn_mask=mask, scale=scale)
         out.index_copy_(0, on, o[:, 0].to(q_entries.dtype))
         lse.index_copy_(0, on, s[:, 0])
     return out, lse
@@ -172,7 +169,7 @@ def batched_sparse_attention(segments: list[tuple[int, int, torch.Tensor]], keys
     segments: (lo, hi, q [n, H, D]) -> out [n, H, D], lse [n, H] (fp32)."""
     q0 = segments[0][2]
     n, h, d = q0.shape
-    if not supports(plan, keys, q0.device):
+    if not supports(keys, q0.device):
         return sparse_attention(segments, keys, plan, q_start, block, scale)
     hkv = keys.k.shape[0]
     nb = len(block_starts(q_start, n, block))

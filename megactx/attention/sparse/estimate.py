@@ -1,4 +1,4 @@
-"""Vertical-slash index estimation (MInference, DESIGN.md 3.2), per head, from a chunk's last queries.
+"""Vertical-slash index estimation (MInference, arXiv 2407.02490), per head, from a chunk's last queries.
 
 1. A = softmax over all keys of the last `last_q` queries' scores (fp32), causal in the last-queries corner.
 2. Vertical score of key j: sum_r A[r, j]; the first `sink` keys are always kept; the top v = max(vertical_size,
@@ -9,18 +9,8 @@ A query at position p then attends keys {verticals <= p} and {p - d for each sla
 Optional mass cut-off (`mass`, FlexPrefill's cumulative-attention rule applied to each list): a head keeps, of its
 budget, only the best-scored indices that reach `mass` of its total vertical (or slash) score, never fewer than
 the minimum. A budget is then an upper bound: a head whose attention is concentrated computes far fewer pairs.
-With `union` the cut-off counts what the two lists cover together: the verticals are cut as above, then the
-slashes are scored on the attention the verticals leave (their columns zeroed) and cut where verticals and
-slashes together reach `mass` of the whole. Applied separately, the slash list has to cover again what the
-verticals already do (a sink key is a vertical, and also one diagonal per estimating query), and a slash
-costs a whole tile of keys per query block where a vertical costs one key.
-With `slash_window` W the slashes are chosen in windows of W neighbouring diagonals and the slash budget counts
-keys, not diagonals (_top_windows): the plan computes a slash at block granularity, so s scattered diagonals cost
-up to s x block keys per query block, and 6096 of them spread over a 24K history made a head dense. Windows,
-best pooled score first, are taken while the keys they cover stay within the budget.
-
 Under Dual Chunk Attention the keys fall in segments scored with different query rotations (the "critical",
-continuous positions, DESIGN.md 3.1): attention_probs() takes one rotated query set per key segment.
+continuous positions p % L + L and p % L + chunk_size): attention_probs() takes one rotated query set per key segment.
 vertical_slash_mask() writes the chosen set out as a dense mask: the tests' oracle.
 """
 from __future__ import annotations
@@ -143,16 +133,11 @@ def slash_scores(probs: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
 def estimate_vertical_slash(q_last: torch.Tensor | list, k: torch.Tensor, q_pos: torch.Tensor, scale: float,
                             vertical_size: torch.Tensor | int, slash_size: torch.Tensor | int,
                             mass: float | None = None, heads: torch.Tensor | None = None,
-                            union: bool = False, slash_window: int = 0, block: int = 256,
                             workspace: Workspace | None = None) -> VerticalSlash:
     """q_last: rotated queries [r, H, D] (or DCA segments, see attention_probs). Per-head budgets may differ
     (tensors [H]); the result is padded to the largest budget by repeating a chosen index, which changes no mask.
     heads: only these (sorted) query heads are estimated, budgets given for them; the result has len(heads) rows
-    (a layer whose other heads are A-shape or block-sparse does not pay for them). union: the mass cut-off counts
-    verticals and slashes together; slash_window > 0: slashes in windows, slash_size in keys a row of a `block`-row
-    query block computes (module docstring)."""
-    if union and mass is not None and mass < 1.0:
-        return _estimate_union(q_last, k, q_pos, scale, vertical_size, slash_size, mass, heads, workspace)
+    (a layer whose other heads are A-shape or block-sparse does not pay for them)."""
     m = k.shape[1]
     k = _fp32_keys(k, workspace)
     segments = q_last if isinstance(q_last, list) else [(0, m, q_last)]
@@ -175,117 +160,30 @@ def estimate_vertical_slash(q_last: torch.Tensor | list, k: torch.Tensor, q_pos:
     vertical_raw = vertical.clone() if cut else None
     vertical[:, :SINK_KEYS] = float("inf")
     verticals = _top(vertical, vertical_size, SINK_KEYS, h, vertical_raw, mass)
-    if slash_window > 0:  # reads the raw scores (it forces the nearest windows and drops unreached offsets itself)
-        return VerticalSlash(verticals, _top_windows(slash, slash_size, h, mass, slash_window, block,
-                                                     int(q_pos[-1])))
     slash_raw = slash.clone() if cut else None
     slash[:, :LOCAL_DIAGONALS] = float("inf")
     slash[:, int(q_pos[-1]) + 1:] = float("-inf")  # offsets no query reaches
     return VerticalSlash(verticals, _top(slash, slash_size, MIN_SLASHES, h, slash_raw, mass, kept=LOCAL_DIAGONALS))
 
 
-def _estimate_union(q_last, k, q_pos, scale, vertical_size, slash_size, mass, heads, workspace=None) -> VerticalSlash:
-    """The `union` cut-off: per pass of heads, the verticals are chosen and cut first, their columns zeroed in
-    the probabilities, and the slashes scored on what is left; a head's slashes are then cut where the mass its
-    verticals cover plus the slashes' reaches `mass` of its rows' total."""
-    m = k.shape[1]
-    k = _fp32_keys(k, workspace)
-    segments = q_last if isinstance(q_last, list) else [(0, m, q_last)]
-    r = segments[0][2].shape[0]
-    heads = torch.arange(segments[0][2].shape[1]) if heads is None else heads.cpu()
-    h = len(heads)
-    v_sizes = torch.as_tensor(vertical_size).expand(h)
-    per_pass = max(1, min(h, PASS_ELEMENTS // (r * m)))
-    buffer = _probs_buffer(workspace, (per_pass, r, m), k.device)
-    verticals, covered = [], torch.empty(h, dtype=torch.float32)
-    slash = torch.empty(h, m, dtype=torch.float32, device=k.device)
-    for i in range(0, h, per_pass):
-        sel = heads[i:i + per_pass]
-        probs = attention_probs(segments, k, q_pos, scale, sel, out=buffer[:len(sel)])  # [p, r, m]
-        raw = probs.sum(1)  # [p, m]
-        score = raw.clone()
-        score[:, :SINK_KEYS] = float("inf")
-        chosen = _top(score, v_sizes[i:i + len(sel)], SINK_KEYS, len(sel), raw, mass)  # [p, kv] sorted
-        # the mass the verticals cover; the padding repeats an index, which counts once
-        first = torch.ones_like(chosen, dtype=torch.bool)
-        first[:, 1:] = chosen[:, 1:] != chosen[:, :-1]
-        covered[i:i + len(sel)] = (raw.gather(1, chosen) * first).sum(-1).cpu()
-        probs.scatter_(2, chosen[:, None, :].expand(-1, r, -1), 0.0)  # what the verticals leave
-        slash[i:i + len(sel)] = slash_scores(probs, q_pos)
-        verticals.append(chosen)
-    del buffer
-    width = max(v.shape[1] for v in verticals)
-    verticals = torch.cat([torch.cat([v, v[:, -1:].expand(-1, width - v.shape[1])], dim=1) for v in verticals])
-    slash_raw = slash.clone()
-    slash[:, :LOCAL_DIAGONALS] = float("inf")
-    slash[:, int(q_pos[-1]) + 1:] = float("-inf")
-    # each row's probabilities sum to 1: the rows' total is r
-    target = (mass * r - covered).clamp(min=0).to(slash.device)
-    return VerticalSlash(verticals, _top(slash, slash_size, MIN_SLASHES, h, slash_raw, target=target,
-                                                kept=LOCAL_DIAGONALS))
-
-
 def _top(score: torch.Tensor, size: torch.Tensor | int, minimum: int, h: int, raw: torch.Tensor | None = None,
-         mass: float | None = None, target: torch.Tensor | None = None, kept: int = 0) -> torch.Tensor:
+         mass: float | None = None, kept: int = 0) -> torch.Tensor:
     # score: [H, m] -> [H, k] sorted indices of each head's top max(size_h, minimum) (at most m); with raw scores
     # (the cut-off), each head's count is cut to the fewest best indices whose raw scores reach mass * its total
-    # (or target [H], an amount of raw score per head), never below the `kept` always-kept ones (scored inf,
+    # never below the `kept` always-kept ones (scored inf,
     # they tie: a cut among them would keep an arbitrary few) unless the budget is smaller
     sizes = torch.as_tensor(size).expand(h).clamp(min=minimum).clamp(max=score.shape[1])
     k = int(sizes.max())
     idx = torch.topk(score, k, dim=-1).indices  # [H, k], best first
     if raw is not None:
         cum = raw.gather(1, idx).cumsum(-1)  # [H, k]: raw score covered by the best j + 1 indices
-        goal = target[:, None] if target is not None else mass * raw.sum(-1, keepdim=True)
+        goal = mass * raw.sum(-1, keepdim=True)
         needed = (cum < goal).sum(-1) + 1  # [H]
         sizes = torch.minimum(sizes.to(needed.device), needed.clamp(min=max(minimum, kept))).cpu()
     # heads with a smaller budget: repeat their last wanted index into the padding
     pad = torch.arange(k, device=score.device)[None, :] >= sizes[:, None].to(score.device)
     idx = torch.where(pad, idx.gather(1, (sizes.to(score.device) - 1)[:, None]).expand(-1, k), idx)
     return idx.sort(dim=-1).values
-
-
-def window_cells(window: int, block: int) -> int:
-    """Cells of `window` keys one window of diagonals covers in a query block: offsets [gW, gW + W) reach, for
-    the block's rows, the keys a - u with u in (gW - block, gW + W), the cells g - block / W .. g (cells below 0
-    are the block's own keys, computed anyway: not counted)."""
-    return -(-block // window) + 1
-
-
-def _top_windows(raw: torch.Tensor, size: torch.Tensor | int, h: int, mass: float | None, window: int,
-                 block: int, p_last: int) -> torch.Tensor:
-    """raw: [H, m] slash scores by offset -> [H, s] sorted offsets of each head's chosen windows (padded by
-    repetition). Windows of `window` offsets, scored by their summed raw score (the nearest LOCAL_DIAGONALS always
-    first), are taken best first while the cells they cover together (window_cells each, shared where they
-    overlap) hold at most size_h keys, and (with mass) until their score reaches mass of the total. Vectorised:
-    a cell is first covered at the lowest rank of the windows covering it, so the keys the first k windows cover
-    are a cumulative count of those first ranks."""
-    reach = min(raw.shape[1], p_last + 1)  # offsets 0..p_last
-    nw = -(-reach // window)
-    pooled = torch.zeros(h, nw * window, dtype=torch.float32, device=raw.device)
-    pooled[:, :reach] = raw[:, :reach]
-    pooled = pooled.view(h, nw, window).sum(-1)  # [H, nw]
-    score = pooled.clone()
-    score[:, :-(-LOCAL_DIAGONALS // window)] = float("inf")
-    order = torch.sort(score, dim=-1, descending=True, stable=True).indices  # [H, nw] best first
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(nw, device=raw.device).expand(h, -1))
-    span = window_cells(window, block)
-    padded = torch.nn.functional.pad(rank, (0, span - 1), value=nw)  # cell c is covered by windows c .. c + span - 1
-    first = padded.unfold(1, span, 1).amin(-1)  # [H, nw]: the rank at which cell c is first covered
-    cells = torch.zeros(h, nw + 1, dtype=torch.long, device=raw.device).scatter_add_(1, first, torch.ones_like(first))
-    keys = cells[:, :nw].cumsum(-1) * window  # [H, nw]: keys the first k + 1 windows cover
-    sizes = torch.as_tensor(size, device=raw.device).expand(h)
-    take = (keys <= sizes[:, None]).sum(-1).clamp(min=1)  # [H] windows within the budget (the nearest always)
-    if mass is not None and mass < 1.0:
-        cum = pooled.gather(1, order).cumsum(-1)
-        take = torch.minimum(take, (cum < mass * pooled.sum(-1, keepdim=True)).sum(-1) + 1)
-    # each head's chosen windows in order, then their offsets: sorted, the valid ones a prefix of each row
-    windows = torch.where(rank < take[:, None], torch.arange(nw, device=raw.device), nw)
-    windows = windows.sort(dim=-1).values[:, :int(take.max())]  # [H, k]
-    offsets = (windows[:, :, None] * window + torch.arange(window, device=raw.device)).flatten(1)  # [H, k * W]
-    valid = (windows < nw).repeat_interleave(window, dim=1) & (offsets <= p_last)
-    last = offsets.gather(1, valid.sum(-1, keepdim=True) - 1)
-    return torch.where(valid, offsets, last)
 
 
 def vertical_slash_mask(vs: VerticalSlash, q_pos: torch.Tensor, m: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Pooled block estimate: query rows against each 64-key group's mean key (`--sparse-estimate pooled`).
+"""Pooled block estimate: query rows against each 64-key group's mean key (`--sparse-estimate pooled`, the default without a budgets file).
 
 The vertical-slash estimate (estimate.py) scores keys from a chunk's last queries only, and under Dual Chunk
 Attention those queries predict the rest of the chunk poorly: at 64K, on the evaluation model, its plans kept a
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from megactx.sparse.plan import BlockKeys, Plan, _list_runs, _merge, block_starts
+from megactx.attention.sparse.plan import BlockKeys, Plan, list_runs, merge_ranges, block_starts
 
 GROUP = 64  # keys per pooled group: MInference's block-sparse key blocks, and the kernel's gather granularity
 # rows of a query block that estimate it. On pieces captured from a 30K prefill (6144 rows, 30720 keys; layers 5,
@@ -181,7 +181,7 @@ def reference_pooled_plan(score: torch.Tensor, q_start: int, n: int, block: int,
                     break
                 kept.add(g)
                 taken += float(score[head, i, g])
-            ranges = [(lo * GROUP, min(hi * GROUP, a)) for lo, hi in _list_runs(sorted(kept))]
-            rows.append(BlockKeys(_merge(ranges), torch.empty(0, dtype=torch.long)))
+            ranges = [(lo * GROUP, min(hi * GROUP, a)) for lo, hi in list_runs(sorted(kept))]
+            rows.append(BlockKeys(merge_ranges(ranges), torch.empty(0, dtype=torch.long)))
         plan.append(rows)
     return plan

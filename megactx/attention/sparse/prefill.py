@@ -1,81 +1,67 @@
-"""Sparse prefill for one sequence's prefill chunk: estimate each head's pattern, plan, compute (DESIGN.md 3.2).
+"""Sparse prefill of one sequence's prefill rows: estimate each head's pattern, plan, compute (MInference).
 
 Used by both attention backends for prompts longer than the threshold; decode and short prompts stay dense.
-The keys of the chunk are already in the cache, so the plan and the kernel read everything from there.
+The keys of the rows are already in the cache, so the plan and the kernel read everything from there.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
-from megactx.sparse.config import HeadPattern, SparseConfig
-from megactx.sparse.estimate import VerticalSlash, Workspace, estimate_vertical_slash
-from megactx.sparse.batched import batched_sparse_attention
-from megactx.sparse.kernel import KeySource, sparse_attention
-from megactx.sparse.pooled import pooled_plan, pooled_scores
-from megactx.sparse.plan import MERGE_GAP, Plan, block_sparse_plan, plan_density, vertical_slash_plan
+from megactx.attention.sparse.batched import batched_sparse_attention
+from megactx.attention.sparse.estimate import VerticalSlash, Workspace, estimate_vertical_slash
+from megactx.attention.sparse.kernel import KeySource, sparse_attention
+from megactx.attention.sparse.patterns import SparsePatterns
+from megactx.attention.sparse.plan import MERGE_GAP, Plan, block_sparse_plan, plan_density, vertical_slash_plan
+from megactx.attention.sparse.pooled import pooled_plan, pooled_scores
+from megactx.attention.sparse.probe import SparseCall, SparseProbe
+from megactx.config import SparseConfig
 
 DCA_PART_COLUMNS = 8  # evenly spaced columns every DCA part keeps, so that no part is ever empty
 
 
-@dataclass
-class SparseStats:
-    """Accumulated per layer: seconds estimating, seconds in the kernel, density of each call."""
-    estimate_s: dict[int, float] = field(default_factory=dict)
-    attention_s: dict[int, float] = field(default_factory=dict)  # the sparse kernel, or the dense fallback
-    density: dict[int, list[float]] = field(default_factory=dict)  # computed share: 1.0 for a dense fallback
-    planned: dict[int, list[float]] = field(default_factory=dict)  # the plan's share, whether computed or not
-    fallbacks: dict[int, int] = field(default_factory=dict)  # chunks computed densely
-
-    def add(self, table: dict, layer: int, value: float) -> None:
-        table[layer] = table.get(layer, 0.0) + value
-
-
 class SparsePrefill:
-    def __init__(self, cfg: SparseConfig, num_layers: int, num_heads: int, scale: float):
+    """cfg: resolved settings (megactx.attention.sparse.patterns.resolve_sparse); patterns: each head's."""
+
+    def __init__(self, cfg: SparseConfig, patterns: SparsePatterns, num_layers: int, num_heads: int, scale: float):
         self.cfg, self.scale = cfg, scale
-        self.patterns: list[list[HeadPattern]] = [cfg.layer_patterns(li, num_heads) for li in range(num_layers)]
-        self.stats = SparseStats()
+        self.patterns = [patterns.layer_patterns(li, num_heads) for li in range(num_layers)]
         self.workspace = Workspace()  # the estimate's probabilities, reused across layers and chunks
-        self.last_lse: torch.Tensor | None = None  # [n, H] of the last call: benchmarks compute recall from it
-        self.plans: list | None = None  # tests: set to [] to record (layer, q_start, plan) of every call
+        self.probe: SparseProbe | None = None
+
+    def observe(self, probe: SparseProbe | None) -> None:
+        """Record every call into `probe` from now on (None: stop)."""
+        self.probe = probe
 
     def applies(self, prompt_len: int, num_new: int) -> bool:
         return prompt_len > self.cfg.threshold and num_new >= min(self.cfg.last_q, 2)
 
     def attend(self, layer: int, segments: list[tuple[int, int, torch.Tensor]],
                estimate_segments: list[tuple[int, int, torch.Tensor]], keys: KeySource, q_start: int,
-               dense: Callable[[], tuple[torch.Tensor, torch.Tensor]],
-               dca_parts: list[tuple[int, int]] = ()) -> torch.Tensor:
+               dca_parts: list[tuple[int, int]] = ()) -> tuple[torch.Tensor, torch.Tensor] | None:
         """segments: (lo, hi, q [n, H, D]) the rotated queries for each key range, as the attention uses them;
         estimate_segments: (lo, hi, q_last [r, H, D]) the rotations that score the last r queries (DCA: the
-        critical positions). dense: the backend's dense attention of the same rows -> (out, lse), used when the
-        plan is denser than cfg.max_density. dca_parts: key ranges that must keep a few columns. -> out [n, H, D]"""
+        critical positions). dca_parts: key ranges that must keep a few columns.
+        -> out [n, H, D], lse [n, H]; or None when the plan computes more than cfg.max_density of the pairs, where
+        the dense kernel is faster: the caller computes the rows densely."""
         t0 = time.perf_counter()
         n = segments[0][2].shape[0]
         plan = self.plan(layer, segments, estimate_segments, keys, q_start, n, dca_parts)
-        if self.plans is not None:
-            self.plans.append((layer, q_start, plan))
         density = plan_density(plan, q_start, n, self.cfg.block_size)
         t1 = time.perf_counter()
-        if density > self.cfg.max_density:
-            out, lse = dense()
-            self.stats.fallbacks[layer] = self.stats.fallbacks.get(layer, 0) + 1
-        else:
+        fallback = density > self.cfg.max_density
+        result = None
+        if not fallback:
             # a pooled plan is many short ranges: computed in batched calls (batched.py); a vertical-slash plan's
             # wide slash bands are read as views and shared by tiles of blocks (kernel.py)
             kernel = batched_sparse_attention if self.cfg.estimate == "pooled" else sparse_attention
-            out, lse = kernel(segments, keys, plan, q_start, self.cfg.block_size, self.scale)
-        t2 = time.perf_counter()
-        self.stats.add(self.stats.estimate_s, layer, t1 - t0)
-        self.stats.add(self.stats.attention_s, layer, t2 - t1)
-        self.stats.planned.setdefault(layer, []).append(density)
-        self.stats.density.setdefault(layer, []).append(1.0 if density > self.cfg.max_density else density)
-        self.last_lse = lse
-        return out
+            result = kernel(segments, keys, plan, q_start, self.cfg.block_size, self.scale)
+        if self.probe is not None:
+            self.probe.calls.append(SparseCall(layer, q_start, n, density, fallback, t1 - t0,
+                                               time.perf_counter() - t1,
+                                               plan if self.probe.record_plans else None))
+        return result
 
     def plan(self, layer: int, segments, estimate_segments, keys: KeySource, q_start: int, n: int,
              dca_parts, q_pos: torch.Tensor | None = None) -> Plan:
@@ -103,13 +89,10 @@ class SparsePrefill:
             q_pos = torch.arange(m - r, m) if q_pos is None else q_pos
             vs = estimate_vertical_slash(estimate_segments, k_all, q_pos, self.scale,
                                          verticals[vs_heads], slashes[vs_heads], self.cfg.mass,
-                                         heads=vs_heads if len(vs_heads) < h else None, union=self.cfg.mass_union,
-                                         slash_window=self.cfg.slash_window, block=block,
-                                         workspace=self.workspace)
+                                         heads=vs_heads if len(vs_heads) < h else None, workspace=self.workspace)
             vs = _with_part_columns(vs, dca_parts)
             # merge_gap: MERGE_GAP at the default 256-row blocks, scaled down with the tests' small blocks
-            plans_vs = vertical_slash_plan(vs, q_start, n, block, merge_gap=min(MERGE_GAP, block),
-                                           diagonal_cost=self.cfg.diagonal_cost)
+            plans_vs = vertical_slash_plan(vs, q_start, n, block, merge_gap=min(MERGE_GAP, block))
             for head, plan in zip(vs_heads.tolist(), plans_vs):
                 plans[head] = plan
         a_heads = [i for i, kind in enumerate(kinds) if kind == "a_shape"]
@@ -135,7 +118,8 @@ def _pad(rows: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _with_part_columns(vs: VerticalSlash, parts: list[tuple[int, int]]) -> VerticalSlash:
-    """DESIGN.md 3.2 step 4: a DCA part must not be empty; every head keeps a few evenly spaced columns of it."""
+    """A DCA part must not be empty (MInference under DCA, Qwen2.5-1M): every head keeps a few evenly spaced
+    columns of it."""
     extra = [torch.linspace(lo, hi - 1, min(DCA_PART_COLUMNS, hi - lo)).round().long() for lo, hi in parts if hi > lo]
     if not extra:
         return vs

@@ -7,31 +7,17 @@ import logging
 import os
 import sys
 
+from megactx.commands.flags import add_engine_flags, engine_config, env_value
 from megactx.errors import MegactxError
+from megactx.eval.results import parse_int_list
 
 log = logging.getLogger("megactx")
 
 
-def parse_int_list(text: str, what: str) -> list[int]:
-    """'4096,8K,1M' -> [4096, 8192, 1048576]."""
-    values = []
-    for item in text.split(","):
-        item = item.strip()
-        scale = {"k": 1024, "m": 1024 * 1024}.get(item[-1:].lower(), 1)
-        number = item[:-1] if scale > 1 else item
-        try:
-            values.append(int(number) * scale)
-        except ValueError:
-            raise MegactxError(f"{what}: {item!r} is not a number (write e.g. 4096,8K,32K)") from None
-    if not values or any(v < 0 for v in values):
-        raise MegactxError(f"{what}: give one or more non-negative numbers, e.g. 4096,8192")
-    return values
-
-
-def add_target_args(p: argparse.ArgumentParser, add_engine_args) -> None:
-    add_engine_args(p)
+def add_target_args(p: argparse.ArgumentParser) -> None:
+    add_engine_flags(p)
     p.add_argument("--base-url", default=None, help="evaluate an OpenAI-compatible server instead of loading the model")
-    p.add_argument("--api-key", default=os.environ.get("MEGACTX_API_KEY"))
+    p.add_argument("--api-key", default=env_value("--api-key"))
     p.add_argument("--served-model", default=None, help="model name on the server (default: its first /v1/models entry)")
     p.add_argument("--out", required=True, help="output folder (results are appended; a rerun resumes)")
     p.add_argument("--seed", type=int, default=0)
@@ -39,17 +25,15 @@ def add_target_args(p: argparse.ArgumentParser, add_engine_args) -> None:
 
 def _open(args, lengths: list[int], max_new: int):
     from megactx.eval.backends import open_backend
-    if not args.base_url:
-        from megactx.cli import engine_kwargs
-        kwargs = engine_kwargs(args)
-        kwargs["max_num_seqs"] = 1  # one request at a time: the KV cache only needs one long sequence
-        if kwargs["max_model_len"] is None:  # as long as the lengths need, within the model's context
-            from megactx.engine.llm_engine import derived_max_len
-            from megactx.loader import open_model
-            model_len = derived_max_len(open_model(args.model).config)
-            kwargs["max_model_len"] = min(max(lengths) + max_new, model_len)
-        args.engine_kwargs = kwargs
-    return open_backend(args)
+    if args.base_url:
+        return open_backend(args.base_url, args.api_key, args.served_model)
+    # one request at a time: the KV cache only needs one long sequence
+    overrides = {"max_num_seqs": 1}
+    if args.max_model_len is None:  # as long as the lengths need, within the model's context
+        from megactx.engine.llm_engine import derived_max_len
+        from megactx.loader import open_model
+        overrides["max_model_len"] = min(max(lengths) + max_new, derived_max_len(open_model(args.model).config))
+    return open_backend(config=engine_config(args, **overrides))
 
 
 def _bar(total: int, desc: str):
@@ -113,13 +97,8 @@ def cmd_ppl(args) -> int:
         raise MegactxError("eval ppl runs in-process (it needs every position's logits): give --model, not --base-url")
     if args.length < 2 or args.bucket < 1:
         raise MegactxError("--length must be at least 2 tokens and --bucket at least 1")
-    from megactx.cli import engine_kwargs
     from megactx.llm import LLM
-    kwargs = engine_kwargs(args)
-    kwargs["max_num_seqs"] = 1
-    if kwargs["max_model_len"] is None:
-        kwargs["max_model_len"] = args.window or args.length
-    llm = LLM(args.model, **kwargs)
+    llm = LLM(config=engine_config(args, max_num_seqs=1, max_model_len=args.max_model_len or args.window or args.length))
     ids = document_ids(llm.tokenizer, args.length, args.text)
     scored = args.length - 1
     with _bar(scored, "ppl") as bar:
@@ -152,22 +131,22 @@ def cmd_ppl(args) -> int:
     return 0
 
 
-def add_eval_parsers(sub, add_engine_args) -> None:
+def add_parser(sub) -> None:
     ev = sub.add_parser("eval", help="long-context evaluation").add_subparsers(dest="eval", required=True)
     p = ev.add_parser("passkey", help="passkey retrieval over lengths x depths (heatmap, JSONL, summary)")
-    add_target_args(p, add_engine_args)
+    add_target_args(p)
     p.add_argument("--lengths", default="4096,8192")
     p.add_argument("--depths", default="0,25,50,75,100")
     p.add_argument("--trials", type=int, default=1)
     p.set_defaults(func=cmd_passkey)
     r = ev.add_parser("ruler", help="RULER's synthetic tasks (RULER-11, offline)")
-    add_target_args(r, add_engine_args)
+    add_target_args(r)
     r.add_argument("--tasks", default="all", help="all, or a comma list: niah_single_1,...,vt,cwe,fwe")
     r.add_argument("--lengths", default="4096")
     r.add_argument("--samples", type=int, default=5)
     r.set_defaults(func=cmd_ruler)
     pp = ev.add_parser("ppl", help="perplexity of one long document per position bucket (in-process)")
-    add_engine_args(pp)
+    add_engine_flags(pp)
     pp.add_argument("--base-url", default=None, help=argparse.SUPPRESS)
     pp.add_argument("--length", type=int, required=True, help="tokens of the document to score")
     pp.add_argument("--text", default=None, help="a text file (default: the Python standard library's source)")

@@ -4,7 +4,19 @@ from __future__ import annotations
 import os
 import sys
 
+from megactx.commands.flags import add_engine_flags, single_stream_config
 from megactx.errors import MegactxError
+
+
+def add_parser(sub) -> None:
+    c = sub.add_parser("chat", help="interactive chat")
+    add_engine_flags(c)
+    g = c.add_argument_group("Conversation")
+    g.add_argument("--file", action="append", default=[], help="attach a file to the first message (repeatable)")
+    g.add_argument("--system", default=None, help="system message")
+    g.add_argument("--max-tokens", type=int, default=1024)
+    g.add_argument("--temperature", type=float, default=0.0)
+    c.set_defaults(func=run_chat)
 
 
 def read_attachments(paths: list[str]) -> str:
@@ -24,9 +36,8 @@ def run_chat(args) -> int:
     from tqdm import tqdm
 
     from megactx import LLM, SamplingParams
-    from megactx.cli import model_arg, single_stream_kwargs
     attachments = read_attachments(args.file)
-    llm = LLM(model_arg(args), **single_stream_kwargs(args))
+    llm = LLM(config=single_stream_config(args))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()

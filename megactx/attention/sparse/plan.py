@@ -1,4 +1,4 @@
-"""Sparse prefill plans: which earlier keys each head's query block attends (DESIGN.md 3.2).
+"""Sparse prefill plans: which earlier keys each head's query block attends (MInference, arXiv 2407.02490).
 
 The queries of a prefill chunk are cut into blocks of `block` rows. Each head's query block [a, b) attends
   its own block [a, b), causal (the kernel computes it densely for all heads at once), and
@@ -22,10 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from megactx.sparse.estimate import VerticalSlash
+from megactx.attention.sparse.estimate import VerticalSlash
 
-
-_NONE = torch.empty(0, dtype=torch.long)
 
 
 @dataclass(slots=True)
@@ -33,7 +31,6 @@ class BlockKeys:
     """The earlier keys (all < the block's first position) one head's query block attends."""
     ranges: list[tuple[int, int]]  # disjoint [lo, hi) spans: read as views of the cache, no copy
     columns: torch.Tensor  # [c] single keys outside the spans: gathered
-    diagonals: torch.Tensor = _NONE  # [s] offsets d: the row at p also attends the key p - d (see diagonal_keys)
 
     def indices(self) -> torch.Tensor:
         parts = [torch.arange(lo, hi) for lo, hi in self.ranges] + [self.columns.cpu()]
@@ -41,15 +38,6 @@ class BlockKeys:
 
     def size(self) -> int:
         return sum(hi - lo for lo, hi in self.ranges) + len(self.columns)
-
-    def diagonal_keys(self, a: int, rows: int, skip_columns: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """The block [a, a + rows)'s exact diagonals: key [rows, s] = p - d, valid [rows, s] where that key is
-        before the block (the own block is computed whole) and not one of its columns (computed there)."""
-        key = torch.arange(a, a + rows)[:, None] - self.diagonals.cpu()[None]
-        valid = (key >= 0) & (key < a)
-        if skip_columns and len(self.columns):
-            valid &= ~torch.isin(key, self.columns.cpu())
-        return key, valid
 
 
 Plan = list[list[BlockKeys]]  # [H][num_blocks]
@@ -86,38 +74,26 @@ def _slash_cover(vs: VerticalSlash, block: int):
     return slashes, verticals, max_d, diff.cumsum(1) > 0
 
 
-def vertical_slash_plan(vs: VerticalSlash, q_start: int, n: int, block: int, merge_gap: int = MERGE_GAP,
-                        diagonal_cost: int = 0) -> Plan:
+def vertical_slash_plan(vs: VerticalSlash, q_start: int, n: int, block: int, merge_gap: int = MERGE_GAP) -> Plan:
     """merge_gap: spans separated by fewer keys are joined (a superset: fewer, longer kernel calls).
-    diagonal_cost: 0, every slash is computed at block granularity (its block-wide range); else a run of
-    slashes whose span would be wider than diagonal_cost keys per slash (an isolated slash: `block` keys for one
-    per row) is computed exactly, one key per row and slash (BlockKeys.diagonals): a subset of the span.
     It runs for every layer of every prefill part, and was as slow as the estimate itself (40 ms at 24K keys,
     14 heads): the gaps are filled on the runs' ends instead of element by element, and each head's spans and
     columns for all its blocks come from a few whole-tensor ops. reference_vertical_slash_plan() is the oracle."""
     h = vs.verticals.shape[0]
-    slashes, verticals, max_d, covered = _slash_cover(vs, block)
+    _, verticals, max_d, covered = _slash_cover(vs, block)
     # as runs [u_lo, u_hi): pad a False before u = 0 (u = max_d + 1 is never covered, every run ends before it)
     edge = torch.nn.functional.pad(covered, (1, 0)).to(torch.int8).diff(dim=1)  # +1 at a run's first u, -1 after
     head_of, u_lo = (edge == 1).nonzero().unbind(1)  # runs in (head, u) order
     u_hi = (edge == -1).nonzero()[:, 1]
-    changed = diagonal_cost > 0  # the runs differ from `covered`: it is rebuilt from them below
+    changed = False  # joined runs differ from `covered`: it is rebuilt from them below
     if merge_gap > 0 and len(u_lo) > 1:  # join a run to the next one of its head across a gap under merge_gap
         join = (head_of[1:] == head_of[:-1]) & (u_lo[1:] - u_hi[:-1] < merge_gap)
         changed |= bool(join.any())
         keep_lo = torch.cat([torch.tensor([True]), ~join])
         keep_hi = torch.cat([~join, torch.tensor([True])])
         head_of, u_lo, u_hi = head_of[keep_lo], u_lo[keep_lo], u_hi[keep_hi]
-    diagonals = [_NONE] * h
-    if diagonal_cost > 0:
-        counts = torch.bincount(head_of, minlength=h).tolist()
-        runs = [list(zip(lo.tolist(), hi.tolist())) for lo, hi in zip(u_lo.split(counts), u_hi.split(counts))]
-        runs, diagonals = _exact_diagonal_runs(runs, slashes, diagonal_cost)
-        head_of = torch.tensor([head for head, r in enumerate(runs) for _ in r], dtype=torch.long)
-        u_lo = torch.tensor([x[0] for r in runs for x in r], dtype=torch.long)
-        u_hi = torch.tensor([x[1] for r in runs for x in r], dtype=torch.long)
     counts = torch.bincount(head_of, minlength=h).tolist()
-    if changed:  # covered again from the final runs (gaps joined, exact ones removed): a vertical in a span is not
+    if changed:  # covered again from the final runs (gaps joined): a vertical in a span is not
         diff = torch.zeros(h, max_d + 3, dtype=torch.int32)  # gathered as a column
         diff.index_put_((head_of, u_lo), torch.ones(len(u_lo), dtype=torch.int32), accumulate=True)
         diff.index_put_((head_of, u_hi), torch.full((len(u_hi),), -1, dtype=torch.int32), accumulate=True)
@@ -138,57 +114,24 @@ def vertical_slash_plan(vs: VerticalSlash, q_start: int, n: int, block: int, mer
         los = (starts[:, None] - hi_u[None, :] + 1).clamp(min=0).tolist()  # [B][R]
         his = (starts[:, None] - lo_u[None, :] + 1).tolist()
         skip = (lo_u[None, :] > starts[:, None]).sum(1).tolist()  # runs beyond the block's start: a prefix
-        plan.append([BlockKeys(list(zip(los[i][skip[i]:], his[i][skip[i]:])), columns[head * nb + i], diagonals[head])
+        plan.append([BlockKeys(list(zip(los[i][skip[i]:], his[i][skip[i]:])), columns[head * nb + i])
                      for i in range(nb)])
     return plan
 
 
-def _exact_diagonal_runs(runs: list[list[tuple[int, int]]], slashes: torch.Tensor, diagonal_cost: int):
-    """Runs whose slashes are too few for their width (count * diagonal_cost < width) become exact diagonals:
-    -> the remaining runs and each head's exact offsets."""
-    kept, diagonals = [], []
-    for head, head_runs in enumerate(runs):
-        if not head_runs:
-            kept.append(head_runs)
-            diagonals.append(_NONE)
-            continue
-        offsets = torch.unique(slashes[head][slashes[head] > 0])  # each slash d lies in the run holding u = d
-        lo = torch.tensor([r[0] for r in head_runs])
-        where = torch.searchsorted(lo, offsets, right=True) - 1
-        count = torch.bincount(where, minlength=len(head_runs))
-        exact = [bool(count[j] * diagonal_cost < u_hi - u_lo) for j, (u_lo, u_hi) in enumerate(head_runs)]
-        diagonals.append(offsets[torch.tensor(exact)[where]])
-        kept.append([r for r, e in zip(head_runs, exact) if not e])
-    return kept, diagonals
-
-
 def reference_vertical_slash_plan(vs: VerticalSlash, q_start: int, n: int, block: int,
-                                  merge_gap: int = MERGE_GAP, diagonal_cost: int = 0) -> Plan:
+                                  merge_gap: int = MERGE_GAP) -> Plan:
     """vertical_slash_plan()'s reference: covered offsets, gaps filled element by element, one run list and one
     column selection per head and block. The tests check it pair by pair against the definition and the fast
     path against it."""
     h = vs.verticals.shape[0]
-    slashes, verticals, max_d, covered = _slash_cover(vs, block)
+    _, verticals, max_d, covered = _slash_cover(vs, block)
     if merge_gap > 0:  # fill the uncovered gaps shorter than merge_gap between two covered runs
         u = torch.arange(max_d + 2).expand(h, -1)
         prev = torch.where(covered, u, -1).cummax(1).values
         nxt = torch.where(covered, u, max_d + 2).flip(1).cummin(1).values.flip(1)
         covered |= (prev >= 0) & (nxt <= max_d) & (nxt - prev - 1 < merge_gap)
-    runs, diagonals = [], []
-    for head in range(h):
-        head_runs = _runs(covered[head].nonzero().flatten())  # (u_lo, u_hi): keys (a - u_hi, a - u_lo]
-        diagonals.append(_NONE)
-        if diagonal_cost > 0 and head_runs:
-            offsets = torch.unique(slashes[head][slashes[head] > 0])  # each slash d lies in the run holding u = d
-            lo = torch.tensor([r[0] for r in head_runs])
-            count = torch.bincount(torch.searchsorted(lo, offsets, right=True) - 1, minlength=len(head_runs))
-            exact = [bool(count[j] * diagonal_cost < u_hi - u_lo) for j, (u_lo, u_hi) in enumerate(head_runs)]
-            for j, (u_lo, u_hi) in enumerate(head_runs):
-                if exact[j]:
-                    covered[head, u_lo:u_hi] = False
-            diagonals[-1] = offsets[torch.tensor(exact)[torch.searchsorted(lo, offsets, right=True) - 1]]
-            head_runs = [r for r, e in zip(head_runs, exact) if not e]
-        runs.append(head_runs)
+    runs = [_runs(covered[head].nonzero().flatten()) for head in range(h)]  # (u_lo, u_hi): keys (a - u_hi, a - u_lo]
     starts = torch.tensor(block_starts(q_start, n, block))  # [B]
     # a vertical is gathered for a block when it is before the block and no span covers it
     rel = starts[:, None, None] - verticals[None]  # [B, H, V]
@@ -197,7 +140,7 @@ def reference_vertical_slash_plan(vs: VerticalSlash, q_start: int, n: int, block
     first[:, 1:] = verticals[:, 1:] != verticals[:, :-1]  # the padding repeats an index: keep it once
     free = (rel > 0) & ((rel > max_d) | ~in_span.transpose(0, 1)) & first[None]  # [B, H, V]
     return [[BlockKeys([(max(a - u_hi + 1, 0), a - u_lo + 1) for u_lo, u_hi in reversed(runs[head]) if u_lo <= a],
-                       verticals[head][free[i, head]], diagonals[head]) for i, a in enumerate(starts.tolist())]
+                       verticals[head][free[i, head]]) for i, a in enumerate(starts.tolist())]
             for head in range(h)]
 
 
@@ -230,15 +173,15 @@ def block_sparse_plan(q: torch.Tensor, k: torch.Tensor, q_start: int, block: int
     for j in range(len(heads)):
         per_head = []
         for i, a in enumerate(starts):
-            ranges = [(lo * key_block, hi * key_block) for lo, hi in _list_runs(chosen[j][i])]
+            ranges = [(lo * key_block, hi * key_block) for lo, hi in list_runs(chosen[j][i])]
             if nkb * key_block < a:  # the keys between the last whole key block and the query block: local
                 ranges.append((nkb * key_block, a))
-            per_head.append(BlockKeys(_merge(ranges), torch.empty(0, dtype=torch.long)))
+            per_head.append(BlockKeys(merge_ranges(ranges), torch.empty(0, dtype=torch.long)))
         plans.append(per_head)
     return plans
 
 
-def _list_runs(values: list[int]) -> list[tuple[int, int]]:
+def list_runs(values: list[int]) -> list[tuple[int, int]]:
     """Sorted distinct ints -> maximal runs of consecutive values as (first, last + 1)."""
     runs = []
     for x in values:
@@ -249,7 +192,7 @@ def _list_runs(values: list[int]) -> list[tuple[int, int]]:
     return [(lo, hi) for lo, hi in runs]
 
 
-def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     out = []
     for lo, hi in sorted(ranges):
         if out and lo <= out[-1][1]:
@@ -269,21 +212,14 @@ def plan_mask(plan: Plan, q_start: int, n: int, block: int, m: int) -> torch.Ten
             mask[:, p, a:q_start + p + 1] = True
         for head in range(h):
             mask[head, rows, plan[head][i].indices()] = True
-            if len(plan[head][i].diagonals):
-                key, valid = plan[head][i].diagonal_keys(a, rows.stop - rows.start)
-                for r in range(key.shape[0]):
-                    mask[head, rows.start + r, key[r][valid[r]]] = True
     return mask
 
 
 def plan_density(plan: Plan, q_start: int, n: int, block: int) -> float:
-    """Fraction of the causal (query, key) pairs the plan computes (own blocks counted whole; a diagonal's key
-    that is also a column counted twice)."""
+    """Fraction of the causal (query, key) pairs the plan computes (own blocks counted whole)."""
     done = 0
     for i, a in enumerate(block_starts(q_start, n, block)):
         rows = min(block, q_start + n - a)
         done += sum(plan[h][i].size() for h in range(len(plan))) * rows + len(plan) * rows * (rows + 1) / 2
-        done += sum(int(plan[h][i].diagonal_keys(a, rows, skip_columns=False)[1].sum()) for h in range(len(plan))
-                    if len(plan[h][i].diagonals))
     causal = len(plan) * (n * q_start + n * (n + 1) / 2)
     return done / causal if causal else 1.0

@@ -2,7 +2,7 @@
 earlier chunks.
 
 Why gathered keys and the dense kernel: on a CPU, SDPA with an explicit mask falls back to a slow path and
-FlexAttention is slower than dense SDPA (DESIGN.md 4). Calling the flash kernel (non-causal, it returns the
+FlexAttention was 2.2x slower than dense SDPA. Calling the flash kernel (non-causal, it returns the
 LSE) on each wide planned span (a strided view of the cache) and once on the block's other keys, its columns
 and narrow spans gathered into one tile, computes only the chosen keys at near-peak speed. A call over a few
 hundred keys runs at half the kernel's speed or less, and scattered slashes make many such spans. Profiled on
@@ -28,13 +28,11 @@ import torch
 
 from megactx.attention.dense import attention
 from megactx.attention.merge import merge_attention
-from megactx.sparse.plan import BlockKeys, Plan, block_starts
+from megactx.attention.sparse.plan import BlockKeys, Plan, block_starts
 
 TILE_BLOCKS = 4  # 4 x 256 = 1024-row calls: the flash kernel's 256-row tiles, an even number of them
 MIN_SHARED_BLOCKS = 2  # a tile computes a shared span once when it is at least this many blocks wide
 MIN_VIEW_BLOCKS = 8  # narrower spans are gathered with the columns into one call (8 x 256 = 2048 keys)
-KERNEL_NAME = "tiled, short spans gathered, merged per head"  # benchmarks record it (earlier: "per span",
-# one call per span; "tiled, short spans gathered", merged per query block)
 
 
 class KeySource:
@@ -135,26 +133,6 @@ def _attend_gathered(segments, head: int, rows: slice, idx: torch.Tensor, keys: 
             lses.append(s)
 
 
-def _attend_diagonals(segments, head: int, rows: slice, key: torch.Tensor, valid: torch.Tensor, keys: KeySource,
-                      kv_head: int, scale: float, outs: list, lses: list) -> None:
-    """Exact diagonals: row r attends key[r, j] where valid[r, j] ([r, s] from BlockKeys.diagonal_keys). A row's
-    keys differ from its neighbours', so no matmul shares them: gathered [r, s, D], scored by batched dot products."""
-    r, s = key.shape
-    k, v = keys.take(kv_head, key.clamp(min=0).flatten())  # [1, r * s, D]
-    k, v = k.view(r, s, -1), v.view(r, s, -1)
-    for lo, hi, q in segments:
-        ok = valid & (key >= lo) & (key < hi) if len(segments) > 1 else valid
-        if not bool(ok.any()):
-            continue
-        scores = torch.bmm(k, q[rows, head, :, None].to(k.dtype)).squeeze(-1).float() * scale  # [r, s]
-        scores = scores.masked_fill(~ok.to(scores.device), float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)  # [r]: -inf for a row with no key here
-        probs = torch.exp(scores - lse.nan_to_num(neginf=0.0)[:, None])
-        out = torch.bmm(probs[:, None, :].to(v.dtype), v).squeeze(1)  # [r, D]
-        outs.append(out[:, None].to(q.dtype))
-        lses.append(lse[:, None])
-
-
 def _gather_short(spans: list[tuple[int, int]], columns: torch.Tensor, min_view: int):
     """-> the spans read as views of the cache (at least min_view keys), the positions of all other keys."""
     short = [(lo, hi) for lo, hi in spans if hi - lo < min_view]
@@ -227,9 +205,6 @@ def sparse_attention(segments: list[tuple[int, int, torch.Tensor]], keys: KeySou
                 views, gathered = _gather_short(subtract_spans(own_ranges, shared), cols, min_view * block)
                 _attend_spans(segments, head, rows, views, keys, kv_head, scale, outs, lses)
                 _attend_gathered(segments, head, rows, gathered, keys, kv_head, scale, outs, lses)
-                if len(plan[head][i].diagonals):
-                    key, valid = plan[head][i].diagonal_keys(starts[i], rows.stop - rows.start)
-                    _attend_diagonals(segments, head, rows, key, valid, keys, kv_head, scale, outs, lses)
                 block_part.put(rows, outs, lses)
         for part in (tile_part, block_part):
             if part.out is not None:

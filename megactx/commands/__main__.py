@@ -1,0 +1,5 @@
+import sys
+
+from megactx.commands import main
+
+sys.exit(main())

@@ -1,0 +1,26 @@
+"""`megactx serve [MODEL]`: the OpenAI-compatible HTTP server (megactx/server)."""
+from __future__ import annotations
+
+import logging
+
+from megactx.commands.flags import add_engine_flags, add_server_flags, engine_config, server_config
+
+logger = logging.getLogger(__name__)
+
+
+def add_parser(sub) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_engine_flags(s, positional_model=True)
+    add_server_flags(s)
+    s.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from megactx.server.app import create_app
+    server = server_config(args)
+    app = create_app(engine_config(args), server.served_model_name, server.api_key)
+    logger.info("serving on http://%s:%d", server.host, server.port)
+    uvicorn.run(app, host=server.host, port=server.port, log_level="info" if args.verbose else "warning")
+    return 2 if app.state.megactx.load_error else 0

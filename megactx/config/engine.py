@@ -1,0 +1,108 @@
+"""EngineConfig: every engine setting, grouped by concern, each group checked in its own __post_init__.
+
+    EngineConfig(model, dtype, ..., cache=CacheConfig(...), scheduler=SchedulerConfig(...),
+                 dca=DCAConfig(...), sparse=SparseConfig(...))
+
+`EngineConfig.from_kwargs(model, max_model_len=8192, dca=True, sparse_mass=0.8)` builds it from flat keyword
+arguments, the names `LLM(...)` takes and the command line's flags carry (`--max-model-len`, `--dca`,
+`--sparse-mass`): a group's field is named by the group's prefix and the field's name unless the field says
+otherwise (megactx/config/fields.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
+
+from megactx.config.attention import DCAConfig, SparseConfig
+from megactx.config.fields import parse_bytes, parse_dtype, setting
+from megactx.errors import ConfigError
+
+
+@dataclass(slots=True)
+class CacheConfig:
+    prefix: ClassVar[str] = ""
+    title: ClassVar[str] = "KV cache"
+
+    # large blocks keep a sequence's keys contiguous, so attention reads them in place
+    block_size: int = setting(128, "tokens per KV block", cli=False)
+    kv_cache_dtype: str = setting("auto", "auto (the compute dtype), fp32, bf16, fp16")
+    kv_cache_memory: str | int | None = setting(
+        None, "KV cache size, e.g. 8GiB (default: enough for max-model-len x min(max-num-seqs, 4), at most 4 GiB)",
+        type=str)
+
+    def __post_init__(self):
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
+        parse_dtype(self.kv_cache_dtype)
+        if self.kv_cache_memory is not None:
+            self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    prefix: ClassVar[str] = ""
+    title: ClassVar[str] = "Scheduling"
+
+    max_model_len: int | None = setting(None, "the longest sequence, prompt and output (default: the model's "
+                                              "context length)", type=int)
+    max_num_seqs: int = setting(16, "sequences running at once")
+    max_num_batched_tokens: int = setting(4096, "tokens per engine step: the prefill chunk size")
+
+    def __post_init__(self):
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    prefix: ClassVar[str] = ""
+    title: ClassVar[str] = "Model and compute"
+
+    model: str | None = setting(None, "HF directory or .gguf file (default: the bundled SmolLM2)")
+    tokenizer: str | None = setting(None, "tokenizer directory or file (default: the model's own)", cli=False)
+    dtype: str = setting("fp32", "compute dtype: fp32, bf16 (several times faster prefill on CPUs with AMX, "
+                                 "several times slower on CPUs without AVX512-BF16), fp16")
+    weight_dtype: str = setting("auto", "storage of the weight matrices: auto (fp16 for quantized GGUF on CPU, "
+                                        "else --dtype), fp32, fp16, bf16")
+    packed_weights: str = setting("auto", "an extra fp32 copy of the weights packed for oneDNN, for batched "
+                                          "decoding on CPU (auto: when max-num-seqs > 1 and the copy takes at "
+                                          "most 4 GiB)", choices=("auto", "on", "off"))
+    device: str = setting("cpu", "torch device")
+    num_threads: int | None = setting(None, "torch threads (default: torch's choice)", flag="--threads", type=int)
+    seed: int = setting(0, "seed of torch's global generator", cli=False)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    dca: DCAConfig = field(default_factory=DCAConfig)
+    sparse: SparseConfig = field(default_factory=SparseConfig)
+
+    def __post_init__(self):
+        parse_dtype(self.dtype)
+        parse_dtype(self.weight_dtype)
+        if self.packed_weights not in ("auto", "on", "off"):
+            raise ConfigError(f"packed_weights must be auto, on or off, got {self.packed_weights!r}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ConfigError(f"num_threads must be >= 1, got {self.num_threads}")
+
+    @classmethod
+    def from_kwargs(cls, model: str | None = None, **kwargs) -> "EngineConfig":
+        """Flat keyword arguments (LLM(...)'s, the flags' dests) -> the nested config; an unknown name is an error
+        that lists the known ones."""
+        groups = {name: group(**{f.name: kwargs.pop(key) for key, f in flat_fields(group).items() if key in kwargs})
+                  for name, group in GROUPS.items()}
+        own = {f.name: kwargs.pop(key) for key, f in flat_fields(cls).items() if key in kwargs}
+        if kwargs:
+            known = sorted(k for c in (cls, *GROUPS.values()) for k in flat_fields(c))
+            raise ConfigError(f"unknown setting(s) {', '.join(sorted(kwargs))}; known: {', '.join(known)}")
+        return cls(**{**own, "model": model}, **groups)
+
+
+GROUPS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "dca": DCAConfig, "sparse": SparseConfig}
+
+
+def flat_fields(cls) -> dict:
+    """{flat name: dataclass field} of one config class's own settings (not its nested groups)."""
+    return {(f.metadata.get("name") or cls.prefix + f.name): f for f in fields(cls) if f.metadata}
