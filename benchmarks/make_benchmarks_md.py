@@ -6,7 +6,10 @@ import json
 import math
 import os
 import platform
+import re
+import textwrap
 
+from md_headline import headline
 from md_sparse import END_TO_END, sparse_section
 from sparse_gaps import SPARSE_GAPS
 
@@ -226,7 +229,9 @@ def dca_cost_section() -> list[str]:
 
 
 def main() -> None:
-    lines = ["# Benchmarks", "",
+    lines = ["# Benchmark history and studies", "",
+             "Every measurement behind [BENCHMARKS.md](../BENCHMARKS.md), with the command that made it, including "
+             "settings that lost (their code is gone; their numbers stay here).", "",
              f"Machine: {os.cpu_count()} cores ({platform.processor() or platform.machine()}), no GPU, shared and noisy: "
              "every ratio below comes from engines measured side by side in one run.", "",
              "## Engine vs transformers (prefill, decode, memory)", "",
@@ -244,12 +249,12 @@ def main() -> None:
               "time, prefills included. Decode tok/s: each stream's tokens after its first over the time to its last, "
               "times the streams in flight. `smollm2` and `smollm2-packed-off` were measured one after the other.", ""]
     lines += serve_tables()
-    lines += ["## Passkey retrieval (EVAL.md 1)", "",
+    lines += ["## Passkey retrieval", "",
               "`megactx eval passkey --model MODEL --lengths 4K,8K,16K,32K --depths 0,25,50,75,100 --trials 1 --out DIR`: "
               "Qwen2.5-1M's prompt, greedy, first-integer scoring. At the model's own context limit (32K) the prompt is "
               "sized to leave room for the 32-token answer. TTFT here was measured while other work shared the CPU.", ""]
     lines += passkey_section()
-    lines += ["## RULER (EVAL.md 2)", "",
+    lines += ["## RULER", "",
               "`megactx eval ruler --model MODEL --lengths 4K --samples 5 --out DIR`: the 11 synthetic tasks generated "
               "offline (RULER-11: qa_1/qa_2 need datasets). The essay haystack is the named `essay-substitute` (seeded "
               "English sentences), not Paul Graham's essays, so these are not the published RULER numbers.", ""]
@@ -268,7 +273,7 @@ def main() -> None:
                   "at twice its trained 32K (rope_theta 1e6): there its worst bucket is 1.05x the window's, DCA's 1.02x, "
                   "and a 64K passkey is retrieved either way. The 0.5B model shows that DCA costs nothing in accuracy "
                   "where plain RoPE still works; SmolLM2 shows what it saves where plain RoPE fails.", "",
-                  "The temperature (DESIGN.md 3.1): on both models `none` gave the lowest perplexity (the 0.5B model "
+                  "The temperature: on both models `none` gave the lowest perplexity (the 0.5B model "
                   "1.017x the window's worst bucket, `position` 1.020x; SmolLM2 1.11x vs 1.18x, `total` worse still) "
                   "and the passkey was retrieved with `none` at 64K (depths 10, 50, 90) and 128K (depth 50) as with `position` "
                   "(Passkey above), so "
@@ -287,7 +292,7 @@ def main() -> None:
                   "densely: the mean of those that were).", ""] + sparse
     ttft = ttft_section()
     if ttft:
-        lines += ["## Time to first token (EVAL.md 3)", "", "`megactx bench ttft --model MODEL --lengths ... "
+        lines += ["## Time to first token", "", "`megactx bench ttft --model MODEL --lengths ... "
                   "--compare transformers,llama.cpp --json`. Each engine and length in a process of its own, the engines "
                   "taking turns at each length, the same token ids, a 32-token warm-up each. transformers: sdpa, the "
                   "same GGUF file, in the row's dtype (`--dtypes fp32,bf16` runs both engines in each); llama.cpp: llama-cpp-python 0.3.36 built from source (AVX512, VNNI, BF16; "
@@ -312,8 +317,44 @@ def main() -> None:
               "the 8K sliding window's with the default temperature `none` (1.18x with `position`), just above the "
               "1.1x target; with `--dca-local-size 2048` 1.07x. The 0.5B model at 64K: 1.017x (`none`), 1.020x "
               "(`position`).", ""]
+    with open(os.path.join(HERE, "STUDIES.md"), "w") as f:
+        f.write("\n".join(readable(lines)) + "\n")
     with open(os.path.join(ROOT, "BENCHMARKS.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write("\n".join(readable(headline())) + "\n")
+
+
+# result keys (folder and file names) -> headings in words
+HEADING_WORDS = {
+    "eval": "Evaluation model (Qwen2.5-Coder-0.5B-Instruct)",
+    "smollm2": "SmolLM2-135M-Instruct",
+    "dtype_eval": "Evaluation model, fp32 against bf16 compute (AVX512 with AMX)",
+    "eval_dca": "DCA, dense attention",
+    "eval_dca_sparse": "DCA, vertical-slash sparse prefill with the default budgets",
+    "eval_plain": "Plain RoPE beyond the trained length (the ablation)",
+    "eval_dca_sparse_mass": "DCA with temperature, vertical-slash sparse prefill cut at 0.95",
+    "eval_dca-none_sparse_mass": "DCA, vertical-slash sparse prefill cut at 0.95",
+    "eval_dca-none_sparse_mass_span8k": "DCA, vertical-slash sparse prefill cut at 0.95, an estimate per 8K rows",
+    "eval_dca_sparse_pooled": "DCA, pooled-estimate sparse prefill at cut-off 0.8",
+    "eval_dca_sparse_pooled_0.7": "DCA, pooled-estimate sparse prefill at cut-off 0.7 (the default)",
+    "eval_dca_sparse_searched": "DCA, sparse prefill on the searched budgets",
+}
+
+
+def readable(lines: list[str], width: int = 120) -> list[str]:
+    """Headings in words, and prose lines wrapped (tables and headings are left whole)."""
+    out = []
+    for line in lines:
+        m = re.match(r"^(#+ )([A-Za-z0-9_.-]+)(.*)$", line)
+        if m and m.group(2) in HEADING_WORDS:
+            line = m.group(1) + HEADING_WORDS[m.group(2)] + m.group(3)
+        line = re.sub(r" \(EVAL\.md \d\)", "", line)
+        if len(line) > width and not line.startswith(("|", "#", "!")):
+            indent = "  " if line.startswith("- ") else ""
+            out += textwrap.wrap(line, width, subsequent_indent=indent, break_long_words=False,
+                                 break_on_hyphens=False)
+        else:
+            out.append(line)
+    return out
 
 
 if __name__ == "__main__":

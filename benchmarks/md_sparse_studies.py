@@ -6,9 +6,69 @@ import json
 import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# the study scripts' settings (the scripts are removed; their results and these tables stay)
+GRANULARITIES = ("per row", "256 x 1", "256 x 64", "64 x 64")
+TARGETS = (0.9, 0.95, 0.97, 0.99)
+BLOCK_ESTIMATES = ("exact", "sampled", "pooled")
+
+
+def density_table(rows: list[dict]) -> list[str]:
+    """Markdown rows: one per setting (mass, tile, merging), one column per piece (its last key)."""
+    pieces = sorted({r["keys"] for r in rows})
+    density = {(r["mass"], r["block"], r["merge_gap"], r["keys"]): r["density"] for r in rows}
+    out = ["| mass cut-off | tile rows | span merging | " + " | ".join(f"piece to {p}" for p in pieces) + " |",
+           "|---|---:|---|" + "---:|" * len(pieces)]
+    for ms, b, g in dict.fromkeys((r["mass"], r["block"], r["merge_gap"]) for r in rows):
+        cells = [density.get((ms, b, g, p)) for p in pieces]
+        out.append(f"| {ms or 'none'} | {b} | {'yes' if g else 'no'} | "
+                   + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + " |")
+    return out
+
+
+def estimate_queries_table(rows: list[dict]) -> list[str]:
+    out = ["| estimating queries | mass cut-off | mean density | mean recall | recall, first quarter of rows "
+           "| recall, last quarter | relative output error |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {'last 64' if r['queries'] == 'last' else '64 spread over the piece'} | {r['mass']} | "
+                   f"{r['density']:.3f} | {r['recall']:.4f} | {r['recall_first_quarter']:.4f} | "
+                   f"{r['recall_last_quarter']:.4f} | {r['output_error']:.4f} |")
+    return out
+
+
+def oracle_tables(s: dict) -> list[str]:
+    out = ["| engine's mass cut-off | engine density | engine recall | " +
+           " | ".join(f"oracle density, {g}" for g in GRANULARITIES) + " |",
+           "|---|---:|---:|" + "---:|" * len(GRANULARITIES)]
+    for e in s["engine"]:
+        out.append(f"| {e['mass'] if e['mass'] is not None else 'none (budgets)'} | {e['density']:.3f} | "
+                   f"{e['recall']:.4f} | " + " | ".join(f"{e['oracle'][g]:.3f}" for g in GRANULARITIES) + " |")
+    out += ["", "| mean recall | " + " | ".join(f"oracle density, {g}" for g in GRANULARITIES) + " |",
+            "|---:|" + "---:|" * len(GRANULARITIES)]
+    for t in TARGETS:
+        out.append(f"| {t} | " + " | ".join(f"{s['oracle'][g][str(t)]:.3f}" for g in GRANULARITIES) + " |")
+    out += ["", "| engine's mass cut-off | layers | engine density | " +
+            " | ".join(f"block estimate '{name}'" for name in BLOCK_ESTIMATES) + " |",
+            "|---|---:|---:|" + "---:|" * len(BLOCK_ESTIMATES)]
+    for e in s["engine"]:
+        b = e.get("block_estimates")
+        if b and b["layers"]:
+            out.append(f"| {e['mass'] if e['mass'] is not None else 'none (budgets)'} | {b['layers']} | "
+                       f"{b['engine_density']:.3f} | " + " | ".join(f"{b[n]:.3f}" for n in BLOCK_ESTIMATES) + " |")
+    return out
+
+
+def block_plans_table(rows: list[dict]) -> list[str]:
+    dense = {r["layer"]: r["kernel_s"] for r in rows if r["plan"] == "dense"}
+    out = ["| layer | plan | density | recall | estimate + plan s | kernel s | (estimate + kernel) / dense |",
+           "|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['layer']} | {r['plan']} | {r['density']:.3f} | {r['recall']:.4f} | {r['estimate_s']:.2f} | "
+                   f"{r['kernel_s']:.2f} | {(r['estimate_s'] + r['kernel_s']) / dense[r['layer']]:.2f} |")
+    return out
+
+
 
 def sparse_density_section() -> list[str]:
-    from sparse_density import density_table  # the benchmark's own table (it imports torch: only when needed)
     out = []
     for path in sorted(glob.glob(os.path.join(HERE, "results", "sparse_density_*.json"))):
         d = json.load(open(path))
@@ -25,7 +85,6 @@ def estimate_queries_section() -> list[str]:
     path = os.path.join(HERE, "results", "sparse_estimate_queries.json")
     if not os.path.exists(path):
         return []
-    from sparse_estimate_queries import table  # the benchmark's own table (it imports torch: only when needed)
     d = json.load(open(path))
     first = d["layers"][0]
     return [f"### Which queries estimate the pattern ({d['model']})", "",
@@ -35,7 +94,7 @@ def estimate_queries_section() -> list[str]:
             "estimated from the piece's last 64 queries (the engine) or from 64 spread evenly over it, planned, "
             "computed and compared with the dense attention of the same rows (default budgets; means over "
             "layers). The relative output error is |o_sparse - o_dense| / |o_dense| per row and head.", ""
-            ] + table(d["summary"]) + [
+            ] + estimate_queries_table(d["summary"]) + [
             "", "Spread queries plan more pairs and lose less: at mass 0.9 they compute more than the last 64 "
             "at 0.95 for less error, so neither set is both sparser and more accurate at these cut-offs, and "
             "the engine keeps MInference's last queries. In this 6144-row piece the rows far from the last queries "
@@ -45,7 +104,6 @@ def estimate_queries_section() -> list[str]:
 def oracle_section() -> list[str]:
     out = []
     for name in sorted(f for f in os.listdir(os.path.join(HERE, "results")) if f.startswith("sparse_oracle_")):
-        from sparse_oracle import tables  # the benchmark's own tables (it imports torch: only when needed)
         d = json.load(open(os.path.join(HERE, "results", name)))
         first = d["layers"][0]
         ids = [r["layer"] for r in d["layers"]]
@@ -66,7 +124,7 @@ def oracle_section() -> list[str]:
                 "cut-off of their estimated mass ('exact': the true masses, the best such a cut-off can do; "
                 "'sampled': the true masses of every 16th row; 'pooled': every row scored against each group's "
                 "mean key), their density read at the engine's recall (where even their lowest cut-off, 0.8, keeps "
-                "more, the density there: an upper bound), over the layers where every estimate reaches it.", ""] + tables(d["summary"]) + [""]
+                "more, the density there: an upper bound), over the layers where every estimate reaches it.", ""] + oracle_tables(d["summary"]) + [""]
         e = next((e for e in d["summary"]["engine"] if e["mass"] == 0.95), None)
         if e:
             share = {g: e["oracle"][g] / e["density"] for g in e["oracle"]}
@@ -82,7 +140,6 @@ def block_plans_section() -> list[str]:
     path = os.path.join(HERE, "results", "sparse_block_plans.json")
     if not os.path.exists(path):
         return []
-    from sparse_block_plans import table  # the benchmark's own table (it imports torch: only when needed)
     d = json.load(open(path))
     layers = ",".join(str(x) for x in sorted({r["layer"] for r in d["rows"]}))
     return [f"### Pooled block plans in the kernel ({d['model']}, {d['length']} tokens)", "",
@@ -90,7 +147,7 @@ def block_plans_section() -> list[str]:
             f"the same prefill as above; at the last piece of each layer the dense attention, the engine's "
             "estimate and plan (mass 0.95) and the pooled block plan at three cut-offs, each plan computed by the "
             f"sparse kernel, best of {d['repeat']}, {d['threads']} threads, side by side in one process.", ""
-            ] + table(d["rows"]) + [""]
+            ] + block_plans_table(d["rows"]) + [""]
 
 
 def sparse_kernel_section() -> list[str]:

@@ -53,7 +53,7 @@ SPARSE_GAPS = [
     "64K: density 0.418 instead of 0.425, mean recall 0.897 instead of 0.922 (layer 0: 0.68 instead of "
     "0.82), because columns next to the estimating queries count as covered for them but serve no other row.",
     "- bf16 (`--dtype bf16`, which before this fix still computed in fp32): this machine has AMX tiles "
-    "(lscpu: amx_bf16, amx_tile), which DESIGN.md 4 says it lacks. A 2048x2048 bf16 matmul ran at 504 "
+    "(lscpu: amx_bf16, amx_tile), which our notes of that machine said it lacked. A 2048x2048 bf16 matmul ran at 504 "
     "GFLOP/s on one thread against 120 in fp32, and the CPU flash kernel 2.0-2.8x faster in bf16 at every "
     "call shape the sparse kernel makes (64-1024 rows, 256-16384 keys). Dense prefill of the 0.5B model: "
     "4.0x at 4K and 3.4x at 16K (table 'dtype_eval'), ahead of transformers in bf16. But the sparse "

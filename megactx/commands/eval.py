@@ -98,7 +98,8 @@ def cmd_ppl(args) -> int:
     if args.length < 2 or args.bucket < 1:
         raise MegactxError("--length must be at least 2 tokens and --bucket at least 1")
     from megactx.llm import LLM
-    llm = LLM(config=engine_config(args, max_num_seqs=1, max_model_len=args.max_model_len or args.window or args.length))
+    max_len = args.max_model_len or args.window or args.length
+    llm = LLM(config=engine_config(args, max_num_seqs=1, max_model_len=max_len))
     ids = document_ids(llm.tokenizer, args.length, args.text)
     scored = args.length - 1
     with _bar(scored, "ppl") as bar:

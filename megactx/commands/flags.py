@@ -67,7 +67,7 @@ def add_flags(parser: argparse.ArgumentParser, classes, skip: tuple[str, ...] = 
                     help_text += f" (default: {f.default})"
                 group.add_argument(flag, dest=name, type=cast, choices=f.metadata["choices"], help=help_text,
                                    default=env_value(flag, cast, f.default),
-                                   metavar=None if f.metadata["choices"] else flag.lstrip("-").upper().replace("-", "_"))
+                                   metavar=None if f.metadata["choices"] else env_name(flag).removeprefix("MEGACTX_"))
 
 
 def add_engine_flags(parser: argparse.ArgumentParser, positional_model: bool = False) -> None:

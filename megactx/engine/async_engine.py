@@ -39,7 +39,6 @@ class AsyncEngine:
         self.engine = engine
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, _Stream] = {}
-        self._stop = False
         self._thread = threading.Thread(target=self._run, name="megactx-engine", daemon=True)
         self._thread.start()
 
@@ -65,10 +64,6 @@ class AsyncEngine:
             if not finished:
                 self._commands.put(("abort", request_id))
 
-    def shutdown(self) -> None:
-        self._stop = True
-        self._commands.put(("wake",))
-
     # ---- engine thread --------------------------------------------------------------------------------
     def _apply(self, command) -> None:
         kind = command[0]
@@ -84,7 +79,7 @@ class AsyncEngine:
             self.engine.abort(command[1])
 
     def _run(self) -> None:
-        while not self._stop:
+        while True:  # a daemon thread: it ends with the process
             block = not self.engine.has_unfinished()
             try:
                 self._apply(self._commands.get(block=block))
@@ -92,7 +87,7 @@ class AsyncEngine:
                     self._apply(self._commands.get_nowait())
             except queue.Empty:
                 pass
-            if self._stop or not self.engine.has_unfinished():
+            if not self.engine.has_unfinished():
                 continue
             try:
                 outputs = self.engine.step()

@@ -58,7 +58,3 @@ class BlockAllocator:
         for b in seq.block_table:
             bisect.insort(self.free, b)
         seq.block_table = []
-
-    def slots(self, seq: Sequence, start: int, end: int) -> list[int]:
-        bs = self.block_size
-        return [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]

@@ -1,7 +1,7 @@
 """Where an evaluation runs: this engine in-process, or any OpenAI-compatible server.
 
-Both render a prompt the same way (EVAL.md): the chat template wraps the task text as the user turn, with
-the generation prompt, and an optional answer prefix is appended as raw text after the assistant header; the
+Both render a prompt the same way (as RULER evaluates chat models): the chat template wraps the task text as the
+user turn, with the generation prompt, and an optional answer prefix is appended as raw text after the assistant header; the
 result is token ids in the target's own tokenizer, so lengths are counted the way the model sees them.
 A server is asked for its tokenizer and chat template through POST /tokenize and /detokenize (as vLLM and
 megactx serve them) and the ids are sent to /v1/completions, so no local copy of the model is needed.

@@ -1,4 +1,4 @@
-"""Passkey retrieval with Qwen2.5-1M's prompt (EVAL.md 1).
+"""Passkey retrieval with Qwen2.5-1M's prompt (arXiv 2501.15383), scored by Landmark Attention's rule.
 
 One user message through the chat template, greedy, up to 32 new tokens. The filler sentences are sized with
 the target's tokenizer so that the rendered prompt has the requested length; the key line goes between whole

@@ -1,8 +1,8 @@
 """Running RULER against a backend: size each task to the length, generate greedily, score, summarize.
 
 Length counts the rendered prompt (chat template, task text, answer prefix) plus the task's tokens to
-generate, in the target's tokenizer (EVAL.md 2). The haystack size is searched once per task and length on
-the first sample; each further sample is checked and shrunk if its own draws came out longer.
+generate, in the target's tokenizer (as NVIDIA/RULER does). The haystack size is searched once per task and
+length on the first sample; each further sample is checked and shrunk if its own draws came out longer.
 Rows are appended to ruler.jsonl as they finish; a rerun skips them.
 """
 from __future__ import annotations

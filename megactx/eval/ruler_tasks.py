@@ -1,4 +1,4 @@
-"""RULER's 11 synthetic tasks (NVIDIA/RULER, EVAL.md 2), generated offline from a seed.
+"""RULER's 11 synthetic tasks (NVIDIA/RULER, arXiv 2404.06654), generated offline from a seed.
 
 Each generator takes the haystack size (its unit differs per task: noise lines, essay words, distractor
 needles, list words) and a random.Random, and returns the task text, the answer prefix and the reference

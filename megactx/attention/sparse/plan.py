@@ -74,7 +74,8 @@ def _slash_cover(vs: VerticalSlash, block: int):
     return slashes, verticals, max_d, diff.cumsum(1) > 0
 
 
-def vertical_slash_plan(vs: VerticalSlash, q_start: int, n: int, block: int, merge_gap: int = MERGE_GAP) -> Plan:
+def vertical_slash_plan(vs: VerticalSlash, q_start: int, n: int, block: int,
+                        merge_gap: int = MERGE_GAP) -> Plan:
     """merge_gap: spans separated by fewer keys are joined (a superset: fewer, longer kernel calls).
     It runs for every layer of every prefill part, and was as slow as the estimate itself (40 ms at 24K keys,
     14 heads): the gaps are filled on the runs' ends instead of element by element, and each head's spans and

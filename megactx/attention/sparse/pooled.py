@@ -1,4 +1,6 @@
-"""Pooled block estimate: query rows against each 64-key group's mean key (`--sparse-estimate pooled`, the default without a budgets file).
+"""Pooled block estimate: query rows against each 64-key group's mean key (`--sparse-estimate pooled`).
+
+The default when the model has no budgets file.
 
 The vertical-slash estimate (estimate.py) scores keys from a chunk's last queries only, and under Dual Chunk
 Attention those queries predict the rest of the chunk poorly: at 64K, on the evaluation model, its plans kept a
