@@ -7,7 +7,7 @@ LSE) on each wide planned span (a strided view of the cache) and once on the blo
 and narrow spans gathered into one tile, computes only the chosen keys at near-peak speed. A call over a few
 hundred keys runs at half the kernel's speed or less, and scattered slashes make many such spans. Profiled on
 a synthetic 8K-row piece: gathering cut the time inside flash calls from 5.4 to 3.8 s (17017 calls to 901)
-for 0.6 s of copies (the kernel studies in BENCHMARKS.md). The Python loop is over (head, query
+for 0.6 s of copies (the kernel studies in benchmarks/STUDIES.md). The Python loop is over (head, query
 block), each call hundreds of rows by thousands of keys; the parts merge by their LSE.
 
 Taller calls where the plan allows: torch's CPU flash kernel splits the queries into 256-row tiles when a call

@@ -93,7 +93,7 @@ def default_block_size(dtype) -> int:
     """Query rows per kernel block when none is set: 256 in fp32, 512 in 16-bit. A taller block plans a superset
     of the keys (a slash's range is block-wide) but makes fewer, taller flash calls, and small calls lose more
     in bf16 (packing, fixed costs) than in fp32: 512-row blocks were 7-19 % faster in bf16 and 1-14 % slower in
-    fp32 on pieces of a 32K prefill of the evaluation model (BENCHMARKS.md)."""
+    fp32 on pieces of a 32K prefill of the evaluation model (benchmarks/STUDIES.md)."""
     import torch
     return 256 if dtype in (None, torch.float32, torch.float64) else 512
 

@@ -5,7 +5,7 @@ The default when the model has no budgets file.
 The vertical-slash estimate (estimate.py) scores keys from a chunk's last queries only, and under Dual Chunk
 Attention those queries predict the rest of the chunk poorly: at 64K, on the evaluation model, its plans kept a
 mean recall of 0.85 where an oracle at the kernel's granularity needed a quarter of the pairs for the same
-(BENCHMARKS.md, "How sparse the attention is"). This estimate looks at rows all over the chunk, but cheaply:
+(benchmarks/STUDIES.md, "How sparse the attention is"). This estimate looks at rows all over the chunk, but cheaply:
 
 1. Each group of GROUP consecutive keys is pooled into its mean key (its score gets + log(group size), the
    share a group of equal keys would take).
