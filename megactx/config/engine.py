@@ -29,6 +29,8 @@ class CacheConfig:
     kv_cache_memory: str | int | None = setting(
         None, "KV cache size, e.g. 8GiB (default: enough for max-model-len x min(max-num-seqs, 4), at most 4 GiB)",
         type=str)
+    prefix_caching: bool = setting(True, "recompute every prompt: no reuse of the KV blocks of earlier requests' "
+                                         "prefixes", name="prefix_caching", flag="--no-prefix-caching", negate=True)
 
     def __post_init__(self):
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

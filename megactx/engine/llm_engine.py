@@ -14,6 +14,7 @@ import torch
 from megactx.attention.sparse.patterns import resolve_sparse
 from megactx.attention.sparse.probe import SparseProbe
 from megactx.config import EngineConfig, ceil_div, log_fmt_bytes, parse_dtype
+from megactx.engine.cache_salt import cache_salt
 from megactx.engine.detokenizer import IncrementalDetokenizer
 from megactx.engine.kv_cache import BlockAllocator
 from megactx.engine.model_runner import ModelRunner
@@ -92,12 +93,16 @@ class LLMEngine:
                                   cc.kv_cache_dtype, config.weight_dtype, self.dca, sparse,
                                   config.packed_weights, sc.max_num_seqs)
         self.source.iter_weights = None  # drop the file mapping (a GGUF's pages would stay in RSS)
-        self.allocator = BlockAllocator(num_blocks, cc.block_size)
+        salt = cache_salt(self.source.path, mc, {
+            "dtype": str(self.runner.dtype), "weights": str(self.runner.weight_dtype), "kv": str(self.runner.kv_dtype),
+            "block": cc.block_size, "dca": self.dca.chunk_len if self.dca else None,
+            "sparse": self.sparse.describe() if self.sparse else None})
+        self.allocator = BlockAllocator(num_blocks, cc.block_size, caching=cc.prefix_caching, salt=salt)
         self.scheduler = Scheduler(sc, self.allocator)
         self.requests: dict[str, Request] = {}
         self._next_id = 0
         # prompt tokens computed by the model (again after a preemption) vs taken from a cache
-        self.stats = {"prompt_tokens_computed": 0, "prompt_tokens_cached": 0}
+        self.stats = {"prompt_tokens_computed": 0, "prompt_tokens_cached": 0, "preemptions": 0}
 
     # ---- requests -------------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -186,12 +191,15 @@ class LLMEngine:
     def update(self, plan: SchedulerOutput, tokens: list[SampledToken]) -> list[RequestOutput]:
         touched: dict[str, Request] = {}
         it = iter(tokens)
+        self.stats["prompt_tokens_cached"] += plan.cached_tokens
+        self.stats["preemptions"] += len(plan.preempted)
         for ch in plan.chunks:
             seq = ch.seq
             completes = ch.completes
             start = seq.num_computed_tokens
             self.stats["prompt_tokens_computed"] += max(0, min(start + ch.num_tokens, seq.num_prompt_tokens) - start)
             seq.num_computed_tokens += ch.num_tokens
+            self.allocator.register(seq)
             req = self.requests[seq.request_id]
             touched[req.request_id] = req
             if completes:

@@ -119,7 +119,7 @@ class ModelRunner:
             positions.append(torch.arange(c, c + n))
             blocks = seq.block_table
             n_blocks = -(-(c + n) // bs)
-            if blocks[n_blocks - 1] - blocks[0] == n_blocks - 1:  # consecutive blocks: one slice of the cache
+            if _consecutive(blocks, n_blocks):  # one slice of the cache
                 start = blocks[0] * bs
                 key_slots = slice(start, start + c + n)
                 slot_parts.append(torch.arange(start + c, start + c + n))
@@ -165,3 +165,9 @@ class ModelRunner:
                             for ch in chunks]).to(self.device)
         positions = self.backend.begin_step(meta, positions, totals)  # DCA: keys are rotated (and cached) at p % L
         return self.model(input_ids, positions, self.backend, seq_len=seq_len), last_rows
+
+
+def _consecutive(blocks: list[int], n: int) -> bool:
+    """The first n blocks are b, b + 1, ... (shared prefix blocks can break the order)."""
+    first = blocks[0]
+    return blocks[n - 1] - first == n - 1 and all(b == first + i for i, b in enumerate(blocks[:n]))

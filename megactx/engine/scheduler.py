@@ -4,8 +4,10 @@ There is no prefill phase and no decode phase (vLLM v1's model): every sequence 
 catching up with its num_tokens. A step has a budget of max_num_batched_tokens; decodes are served first (one
 token each, so streams keep moving while a long prompt is prefilled in chunks), and the rest is shared between
 the prompts being prefilled, running or newly admitted, so a short prompt arriving during a 100K-token prefill
-gets its first token after one step instead of after the whole prefill. When KV blocks run out, the most recently admitted running
-sequence is preempted: its blocks are freed and it is recomputed later (never dropped).
+gets its first token after one step instead of after the whole prefill. A sequence admitted with a prefix in the
+prefix cache starts with those tokens computed (kv_cache.py). When KV blocks run out, the most recently admitted
+running sequence is preempted: its blocks are released and it is recomputed later (never dropped), from whatever
+of it is still cached.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: list[ScheduledChunk]
     preempted: list[Sequence]
+    cached_tokens: int = 0  # prompt tokens the sequences admitted this step took from the prefix cache
 
     @property
     def num_tokens(self) -> int:
@@ -77,11 +80,17 @@ class Scheduler:
             chunks.append(ScheduledChunk(seq, n))
             scheduled.add(seq.seq_id)
             budget -= n
+        cached = 0
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
             seq = self.waiting[0]
+            hit = self.allocator.match_prefix(seq)
             n = min(seq.num_pending_tokens, self._share(budget, prefills_left))
             if not self.allocator.can_allocate(seq, n):
+                self.allocator.release(seq)
+                seq.num_computed_tokens = 0
                 break
+            seq.num_cached_prompt_tokens = min(hit, seq.num_prompt_tokens)
+            cached += seq.num_cached_prompt_tokens
             prefills_left -= 1
             self.waiting.popleft()
             seq.status = Status.RUNNING
@@ -91,7 +100,7 @@ class Scheduler:
             scheduled.add(seq.seq_id)
             budget -= n
         self._top_up(chunks, budget)
-        return SchedulerOutput(chunks, preempted)
+        return SchedulerOutput(chunks, preempted, cached)
 
     def _admissible(self) -> int:
         return max(0, min(len(self.waiting), self.config.max_num_seqs - len(self.running)))

@@ -36,7 +36,9 @@ class Sequence:
     generator: torch.Generator | None = None
     arrival: float = 0.0
     first_token_time: float | None = None
-    num_cached_prompt_tokens: int = 0  # prompt tokens taken from a cache instead of computed
+    num_cached_prompt_tokens: int = 0  # prompt tokens taken from a cache instead of computed (last admission)
+    block_hashes: list[bytes] = field(default_factory=list)  # names of its full blocks (prefix caching)
+    num_registered_blocks: int = 0  # blocks of block_table already named in the prefix cache
     num_preemptions: int = 0
     seq_id: int = field(default_factory=lambda: next(_ids))
 
