@@ -18,6 +18,7 @@ def test_chat_two_turns_with_an_attached_file(tmp_path):
     assert r.returncode == 0, r.stderr
     answers = [line for line in r.stdout.splitlines() if line.strip()]
     assert len(answers) == 2 and "Paris" in answers[0]  # one answer per turn, the file seen in the first
+    assert re.search(r"\(\d+ of \d+ prompt tokens reused from the cache\)", r.stderr)  # the follow-up's prefix
 
 
 def test_chat_missing_attachment_is_a_clear_error(tmp_path):

@@ -1,5 +1,6 @@
 """The real server on loopback with the bundled model, driven by the openai client (no mocks)."""
 import json
+import re
 import os
 import socket
 import subprocess
@@ -196,7 +197,7 @@ def test_prefill_progress_before_the_first_token(server, model):
         for line in r.iter_lines():
             if line:
                 lines.append(line)
-    progress = [tuple(map(int, l.split()[-1].split("/"))) for l in lines if l.startswith(": prefill")]
+    progress = [tuple(map(int, l.split()[2].split("/"))) for l in lines if l.startswith(": prefill")]
     total = progress[0][1]
     assert len(progress) >= 3 and [p for p, _ in progress] == sorted(p for p, _ in progress)
     assert progress[0][0] == 512 and progress[-1][0] < total
@@ -204,6 +205,33 @@ def test_prefill_progress_before_the_first_token(server, model):
     assert lines[-1] == "data: [DONE]"
     data = [json.loads(l[6:]) for l in lines if l.startswith("data: {")]
     assert data[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_second_question_on_a_document_is_served_from_the_prefix_cache(server, client, model):
+    """Two questions about one document: the second computes only what differs, says so in its usage, its
+    progress lines and /metrics, and answers as the first did to the same prompt."""
+    doc = "Notes of the expedition. " + " ".join(f"Day {i}: we walked {i % 7 + 3} miles north." for i in range(120))
+    ask = [{"role": "user", "content": doc + "\nHow far did we walk on day 5?"}]
+    first = client.chat.completions.create(model=model, messages=ask, max_tokens=12, temperature=0)
+    computed = metric(server, "megactx_prompt_tokens_computed")
+    cached = metric(server, "megactx_prompt_tokens_cached")
+    lines = []
+    with httpx.stream("POST", server + "/v1/chat/completions", headers=auth(), timeout=300,
+                      json={"model": model, "messages": ask, "max_tokens": 12, "temperature": 0, "stream": True,
+                            "stream_options": {"include_usage": True}}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    data = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    usage = data[-1]["usage"]
+    total = first.usage.prompt_tokens
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert usage["prompt_tokens"] == total and usage["prompt_tokens_details"]["cached_tokens"] >= total - 128
+    assert metric(server, "megactx_prompt_tokens_cached") - cached == usage["prompt_tokens_details"]["cached_tokens"]
+    assert metric(server, "megactx_prompt_tokens_computed") - computed == total - usage["prompt_tokens_details"][
+        "cached_tokens"]
+    assert any(re.match(r": prefill \d+/\d+ \(\d+ cached\)", line) for line in lines)
+    assert metric(server, "megactx_prefix_cache_hit_rate") > 0
+    text = "".join(d["choices"][0]["delta"].get("content") or "" for d in data if d["choices"])
+    assert text == first.choices[0].message.content
 
 
 def test_passkey_eval_end_to_end_against_the_server(server, tmp_path):

@@ -75,4 +75,7 @@ def run_chat(args) -> int:
             bar.close()
         sys.stdout.write(out.text[printed:] + "\n")
         sys.stdout.flush()
+        if out.usage.cached_tokens:
+            sys.stderr.write(f"({out.usage.cached_tokens} of {out.usage.prompt_tokens} prompt tokens reused from "
+                             f"the cache)\n")
         messages.append({"role": "assistant", "content": out.text})

@@ -22,6 +22,8 @@ class ServerMetrics:
         self.computed = Gauge("megactx_prompt_tokens_computed", "Prompt tokens computed by the model (total)",
                               registry=r)
         self.cached = Gauge("megactx_prompt_tokens_cached", "Prompt tokens taken from a cache (total)", registry=r)
+        self.hit_rate = Gauge("megactx_prefix_cache_hit_rate", "Share of prompt tokens taken from the prefix cache",
+                              registry=r)
 
     def bind(self, engine) -> None:
         """Gauges read the engine's state at scrape time."""
@@ -30,6 +32,8 @@ class ServerMetrics:
         self.kv_usage.set_function(lambda: engine.allocator.usage)
         self.computed.set_function(lambda: engine.stats["prompt_tokens_computed"])
         self.cached.set_function(lambda: engine.stats["prompt_tokens_cached"])
+        self.hit_rate.set_function(lambda: engine.stats["prompt_tokens_cached"] / max(
+            1, engine.stats["prompt_tokens_cached"] + engine.stats["prompt_tokens_computed"]))
 
     def finished(self, out, now: float) -> None:
         for c in out.outputs:

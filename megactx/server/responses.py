@@ -19,7 +19,9 @@ SSE_DONE = "data: [DONE]\n\n"
 
 
 def prefill_comment(out: RequestOutput) -> str:
-    return f": prefill {out.metrics.get('prefill_done', 0)}/{len(out.prompt_token_ids)}\n\n"
+    """`: prefill DONE/TOTAL (CACHED cached)`: prompt tokens ready, of which taken from the prefix cache."""
+    cached = f" ({out.usage.cached_tokens} cached)" if out.usage.cached_tokens else ""
+    return f": prefill {out.metrics.get('prefill_done', 0)}/{len(out.prompt_token_ids)}{cached}\n\n"
 
 
 def usage_dict(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict:

@@ -34,11 +34,13 @@ async def stream(gen: AsyncIterator[RequestOutput], b: ResponseBuilder, n: int, 
     try:
         async for out in gen:
             last = out
-            if out.metrics.get("first_token_time") is None:
-                progress = out.metrics.get("prefill_done", 0)
-                if progress != last_progress:
-                    last_progress = progress
-                    yield prefill_comment(out)
+            progress = out.metrics.get("prefill_done", 0)
+            prefilling = out.metrics.get("first_token_time") is None
+            # while prefilling, and once when a prompt came from the prefix cache (it may need no prefill step)
+            if progress != last_progress and (prefilling or (last_progress < 0 and out.usage.cached_tokens)):
+                last_progress = progress
+                yield prefill_comment(out)
+            if prefilling:
                 continue
             for c in out.outputs:
                 i = c.index
