@@ -12,7 +12,7 @@ def run(args, stdin: str) -> subprocess.CompletedProcess:
 
 def test_chat_two_turns_with_an_attached_file(tmp_path):
     doc = tmp_path / "notes.txt"
-    doc.write_text("The secret city is Paris.\n")
+    doc.write_text("".join(f"Note {i}: the weather was fine.\n" for i in range(30)) + "The secret city is Paris.\n")
     r = run(["chat", "--file", str(doc), "--max-tokens", "24"],
             "Which city is the secret city?\nAnd what country is it in?\n")
     assert r.returncode == 0, r.stderr
