@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -151,3 +152,18 @@ def write_gguf(path: str, hf_dir: str, arch: str, qtype) -> str:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+@pytest.fixture(scope="session")
+def dca_model(tiny_dir, tmp_path_factory):
+    """A tiny Qwen2 checkpoint whose config.json carries Qwen2.5-1M's dual_chunk_attention_config block: chunk 48,
+    local 8 (chunk length 40)."""
+    src = tiny_dir("qwen2", num_key_value_heads=2)
+    d = str(tmp_path_factory.mktemp("tiny-dca"))
+    for f in os.listdir(src):
+        shutil.copy(os.path.join(src, f), d)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg["dual_chunk_attention_config"] = {"chunk_size": 48, "local_size": 8, "original_max_position_embeddings": 48}
+    cfg["max_position_embeddings"] = 4096
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    return d

@@ -2,7 +2,6 @@
 chunked-prefill split, equals plain RoPE attention up to chunk_size + 1 tokens, and works end to end."""
 import json
 import os
-import shutil
 
 import pytest
 import torch
@@ -113,20 +112,6 @@ def test_settings_resolution_and_errors(tiny_dir):
     mc.dual_chunk_attention_config = {"chunk_size": 8, "local_size": 8}
     with pytest.raises(ConfigError, match="local_size < chunk_size"):
         DCAConfig(enabled=True).resolve(mc)
-
-
-@pytest.fixture(scope="module")
-def dca_model(tiny_dir, tmp_path_factory):
-    """A tiny Qwen2 checkpoint whose config.json carries Qwen2.5-1M's dual_chunk_attention_config block."""
-    src = tiny_dir("qwen2", num_key_value_heads=2)
-    d = str(tmp_path_factory.mktemp("tiny-dca"))
-    for f in os.listdir(src):
-        shutil.copy(os.path.join(src, f), d)
-    cfg = json.load(open(os.path.join(d, "config.json")))
-    cfg["dual_chunk_attention_config"] = {"chunk_size": 48, "local_size": 8, "original_max_position_embeddings": 48}
-    cfg["max_position_embeddings"] = 4096
-    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
-    return d
 
 
 def test_engine_with_dca_chunked_prefill_matches_one_pass_and_plain_up_to_chunk_size(dca_model, tiny_dir):

@@ -3,8 +3,6 @@ from scratch, computes only its own tokens, shares blocks with concurrent reques
 preemption. With and without DCA, with sparse prefill, for prefixes ending mid-block, mid DCA chunk and at a DCA
 chunk boundary."""
 import json
-import os
-import shutil
 
 import pytest
 
@@ -22,18 +20,9 @@ def qwen_path(tiny_dir):
 
 
 @pytest.fixture(scope="module")
-def dca_path(tiny_dir, tmp_path_factory):
-    """DCA with chunk length 40 (chunk 48, local 8): 16-token blocks end inside DCA chunks and, at 80, on a
-    boundary."""
-    src = tiny_dir("qwen2", num_key_value_heads=2)
-    d = str(tmp_path_factory.mktemp("tiny-dca-cache"))
-    for f in os.listdir(src):
-        shutil.copy(os.path.join(src, f), d)
-    cfg = json.load(open(os.path.join(d, "config.json")))
-    cfg["dual_chunk_attention_config"] = {"chunk_size": 48, "local_size": 8, "original_max_position_embeddings": 48}
-    cfg["max_position_embeddings"] = 4096
-    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
-    return d
+def dca_path(dca_model):
+    """DCA with chunk length 40: 16-token blocks end inside DCA chunks and, at 80, on a boundary."""
+    return dca_model
 
 
 def _same(a, b):

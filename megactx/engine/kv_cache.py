@@ -107,6 +107,8 @@ class BlockAllocator:
         if not self.caching:
             return []
         full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        if full <= seq.num_registered_blocks:  # most decode steps: no block filled up
+            return []
         new = []
         for i, h in enumerate(self.hashes(seq, full)[seq.num_registered_blocks:], seq.num_registered_blocks):
             block = seq.block_table[i]
