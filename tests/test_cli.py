@@ -21,6 +21,33 @@ def test_chat_two_turns_with_an_attached_file(tmp_path):
     assert re.search(r"\(\d+ of \d+ prompt tokens reused from the cache\)", r.stderr)  # the follow-up's prefix
 
 
+def test_cache_warm_ls_rm_and_a_chat_run_again_on_the_warmed_file(tmp_path):
+    """`cache warm --file` computes the document as chat sends it; a chat started afterwards (a new process) takes
+    the document from disk; ls shows the entry; rm clears it."""
+    doc = tmp_path / "report.txt"
+    doc.write_text("".join(f"Section {i}: the shipments arrived on time.\n" for i in range(40)) +
+                   "The code word is tangerine.\n")
+    kv = str(tmp_path / "kv")
+    r = run(["cache", "warm", "--kv-cache-dir", kv, "--file", str(doc)], "")
+    assert r.returncode == 0, r.stderr
+    warmed = int(re.search(r"(\d+) blocks written", r.stdout).group(1))
+    assert warmed >= 3
+    r = run(["chat", "--file", str(doc), "--kv-cache-dir", kv, "--max-tokens", "16"], "What is the code word?\n")
+    assert r.returncode == 0, r.stderr
+    reused = int(re.search(r"\((\d+) of \d+ prompt tokens reused from the cache\)", r.stderr).group(1))
+    assert reused == warmed * 128  # every warmed block, on the first question of a new process
+    assert "tangerine" in r.stdout.lower()
+    r = run(["cache", "ls", "--kv-cache-dir", kv], "")
+    rows = r.stdout.splitlines()
+    assert r.returncode == 0 and len(rows) == 3 and "SmolLM2" in rows[1]
+    assert int(rows[1].split()[1]) >= warmed  # chat added its own blocks to the entry
+    r = run(["cache", "rm", "--kv-cache-dir", kv, "0000"], "")
+    assert r.returncode == 2 and "no cache entry 0000" in r.stderr
+    r = run(["cache", "rm", "--kv-cache-dir", kv, rows[1].split()[0]], "")
+    assert r.returncode == 0 and "deleted 1 entry" in r.stdout
+    assert "empty" in run(["cache", "ls", "--kv-cache-dir", kv], "").stdout
+
+
 def test_chat_missing_attachment_is_a_clear_error(tmp_path):
     r = run(["chat", "--file", str(tmp_path / "nope.txt")], "hi\n")
     assert r.returncode == 2 and "nope.txt: no such file to attach" in r.stderr and "Traceback" not in r.stderr

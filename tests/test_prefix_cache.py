@@ -118,6 +118,20 @@ def test_concurrent_requests_share_the_prefix_blocks(qwen_path):
         _same(outs[rid], fresh.generate(p, PARAMS)[0])
 
 
+def test_questions_arriving_together_compute_their_document_once(qwen_path):
+    """Nothing cached yet: the first question computes the document, the others wait for its blocks instead of
+    computing them again, then share them."""
+    doc = token_ids(200, seed=30)
+    prompts = [doc + token_ids(7, seed=31 + i) for i in range(4)]
+    llm = _engine(qwen_path)
+    outs = llm.generate(prompts, PARAMS)
+    assert [o.usage.cached_tokens for o in outs] == [0, 192, 192, 192]
+    assert llm.engine.stats["prompt_tokens_computed"] == sum(map(len, prompts)) - 3 * 192
+    fresh = _engine(qwen_path, caching=False)
+    for o, p in zip(outs, prompts):
+        _same(o, fresh.generate(p, PARAMS)[0])
+
+
 def test_eviction_and_preemption_keep_the_results(qwen_path):
     """A cache too small for every prompt: least recently used blocks are evicted, sequences are preempted and
     readmitted from what is still cached; every output equals a roomy engine's."""

@@ -21,13 +21,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server():
+def start_server(*extra: str) -> tuple[subprocess.Popen, str]:
+    """`megactx serve` on a free loopback port, once /health answers."""
     port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", MEGACTX_MAX_BODY_BYTES="1000000")
     proc = subprocess.Popen([sys.executable, "-m", "megactx.commands", "serve", "--port", str(port), "--api-key", KEY,
-                             "--max-model-len", "4096", "--max-num-batched-tokens", "512", "--max-num-seqs", "8"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--max-model-len", "4096", "--max-num-batched-tokens", "512", "--max-num-seqs", "8",
+                             *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -41,6 +41,12 @@ def server():
     else:
         proc.kill()
         pytest.fail("server did not become ready")
+    return proc, base
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc, base = start_server()
     yield base
     proc.terminate()
     proc.wait(timeout=30)
@@ -232,6 +238,27 @@ def test_second_question_on_a_document_is_served_from_the_prefix_cache(server, c
     assert metric(server, "megactx_prefix_cache_hit_rate") > 0
     text = "".join(d["choices"][0]["delta"].get("content") or "" for d in data if d["choices"])
     assert text == first.choices[0].message.content
+
+
+def test_a_restarted_server_takes_the_document_from_its_disk_cache(tmp_path):
+    doc = "Ledger of the harbour. " + " ".join(f"Ship {i} brought {i % 9 + 2} crates of tea." for i in range(90))
+    ask = [{"role": "user", "content": doc + "\nHow many crates did ship 4 bring?"}]
+    answers = []
+    for run in range(2):
+        proc, base = start_server("--kv-cache-dir", str(tmp_path))
+        try:
+            client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0)
+            r = client.chat.completions.create(model=client.models.list().data[0].id, messages=ask, max_tokens=10,
+                                               temperature=0)
+            answers.append((r.usage, r.choices[0].message.content, metric(base, "megactx_kv_cache_disk_blocks_read")))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    (first, text1, read1), (second, text2, read2) = answers
+    assert first.prompt_tokens_details.cached_tokens == 0 and read1 == 0
+    assert second.prompt_tokens_details.cached_tokens == (second.prompt_tokens - 1) // 128 * 128 > 0
+    assert read2 == second.prompt_tokens_details.cached_tokens // 128
+    assert text1 == text2
 
 
 def test_passkey_eval_end_to_end_against_the_server(server, tmp_path):

@@ -1,4 +1,4 @@
-"""Command line: megactx serve | generate | chat | inspect | eval | bench | sparse.
+"""Command line: megactx serve | generate | chat | cache | inspect | eval | bench | sparse.
 
 Each command is a module here with add_parser(sub); engine flags come from the config fields (flags.py), and
 every flag can also be set with an environment variable MEGACTX_<FLAG> (e.g. MEGACTX_MAX_MODEL_LEN).
@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from megactx.commands import bench, chat, eval as eval_cmd, generate, inspect, serve, sparse
+from megactx.commands import bench, cache, chat, eval as eval_cmd, generate, inspect, serve, sparse
 from megactx.errors import MegactxError
 
 
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = OneLineErrors(prog="megactx", description="Serve long-context language models.")
     ap.add_argument("-v", "--verbose", action="store_true")
     sub = ap.add_subparsers(dest="command", required=True)
-    for module in (generate, chat, inspect, serve, eval_cmd, sparse, bench):
+    for module in (generate, chat, cache, inspect, serve, eval_cmd, sparse, bench):
         module.add_parser(sub)
     return ap
 

@@ -31,6 +31,11 @@ class CacheConfig:
         type=str)
     prefix_caching: bool = setting(True, "recompute every prompt: no reuse of the KV blocks of earlier requests' "
                                          "prefixes", name="prefix_caching", flag="--no-prefix-caching", negate=True)
+    kv_cache_dir: str | None = setting(None, "keep the prefix cache's blocks on disk in this directory too: a "
+                                             "restarted engine reuses the documents it has seen")
+    kv_cache_disk_size: str | int | None = setting(
+        None, "size limit of --kv-cache-dir, e.g. 50GiB; least recently used blocks go first (default: half the "
+              "free space)", type=str)
 
     def __post_init__(self):
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -38,6 +43,13 @@ class CacheConfig:
         parse_dtype(self.kv_cache_dtype)
         if self.kv_cache_memory is not None:
             self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
+        if self.kv_cache_disk_size is not None:
+            self.kv_cache_disk_size = parse_bytes(self.kv_cache_disk_size)
+            if self.kv_cache_disk_size <= 0:
+                raise ConfigError(f"kv_cache_disk_size must be positive, got {self.kv_cache_disk_size}")
+        if self.kv_cache_dir is not None and not self.prefix_caching:
+            raise ConfigError("--kv-cache-dir keeps the prefix cache on disk; it cannot be used with "
+                              "--no-prefix-caching")
 
 
 @dataclass(slots=True)

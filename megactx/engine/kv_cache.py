@@ -130,6 +130,12 @@ class BlockAllocator:
         self.evictable[block] = None
         return block
 
+    def touch(self, h: bytes) -> None:
+        """Mark a cached block as just used (the last to be evicted)."""
+        block = self.cached.get(h)
+        if block is not None and block in self.evictable:
+            self.evictable.move_to_end(block)
+
     def forget(self, h: bytes) -> None:
         """Drop a name whose contents could not be provided (its block returns to the free list)."""
         block = self.cached.pop(h, None)

@@ -16,6 +16,7 @@ from megactx.attention.sparse.probe import SparseProbe
 from megactx.config import EngineConfig, ceil_div, log_fmt_bytes, parse_dtype
 from megactx.engine.cache_salt import cache_salt
 from megactx.engine.detokenizer import IncrementalDetokenizer
+from megactx.engine.disk_cache import DiskKVCache
 from megactx.engine.kv_cache import BlockAllocator
 from megactx.engine.model_runner import ModelRunner
 from megactx.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
@@ -93,16 +94,28 @@ class LLMEngine:
                                   cc.kv_cache_dtype, config.weight_dtype, self.dca, sparse,
                                   config.packed_weights, sc.max_num_seqs)
         self.source.iter_weights = None  # drop the file mapping (a GGUF's pages would stay in RSS)
-        salt = cache_salt(self.source.path, mc, {
+        settings = {
             "dtype": str(self.runner.dtype), "weights": str(self.runner.weight_dtype), "kv": str(self.runner.kv_dtype),
             "block": cc.block_size, "dca": self.dca.chunk_len if self.dca else None,
-            "sparse": self.sparse.describe() if self.sparse else None})
+            "sparse": self.sparse.describe() if self.sparse else None}
+        salt = cache_salt(self.source.path, mc, settings)
         self.allocator = BlockAllocator(num_blocks, cc.block_size, caching=cc.prefix_caching, salt=salt)
+        self.disk = None
+        if cc.kv_cache_dir is not None:
+            shape = (mc.num_hidden_layers, mc.num_key_value_heads, cc.block_size, mc.head_dim)
+            try:
+                self.disk = DiskKVCache(cc.kv_cache_dir, salt, shape, cc.kv_cache_disk_size,
+                                        info={"model": self.source.path, **settings})
+            except OSError as e:
+                raise ConfigError(f"--kv-cache-dir {cc.kv_cache_dir}: {e.strerror or e}; give a writable "
+                                  f"directory") from None
         self.scheduler = Scheduler(sc, self.allocator)
         self.requests: dict[str, Request] = {}
         self._next_id = 0
-        # prompt tokens computed by the model (again after a preemption) vs taken from a cache
-        self.stats = {"prompt_tokens_computed": 0, "prompt_tokens_cached": 0, "preemptions": 0}
+        # prompt tokens computed by the model (again after a preemption) vs taken from a cache; blocks moved to
+        # and from the disk cache, and the time spent doing it
+        self.stats = {"prompt_tokens_computed": 0, "prompt_tokens_cached": 0, "preemptions": 0,
+                      "blocks_written": 0, "blocks_read": 0, "disk_seconds": 0.0}
 
     # ---- requests -------------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -182,6 +195,8 @@ class LLMEngine:
 
     # ---- the loop -------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.disk is not None:
+            self.load_from_disk()
         plan = self.scheduler.schedule()
         logits = self.runner.run(plan.chunks) if plan.chunks else None
         done = [c.seq for c in plan.chunks if c.completes]
@@ -199,7 +214,13 @@ class LLMEngine:
             start = seq.num_computed_tokens
             self.stats["prompt_tokens_computed"] += max(0, min(start + ch.num_tokens, seq.num_prompt_tokens) - start)
             seq.num_computed_tokens += ch.num_tokens
-            self.allocator.register(seq)
+            new_blocks = self.allocator.register(seq)
+            if new_blocks and self.disk is not None and self.disk.writable:
+                start = time.perf_counter()
+                for block, name in new_blocks:
+                    self.disk.write(name, *self.runner.export_block(block))
+                self.stats["blocks_written"] += len(new_blocks)
+                self.stats["disk_seconds"] += time.perf_counter() - start
             req = self.requests[seq.request_id]
             touched[req.request_id] = req
             if completes:
@@ -209,6 +230,31 @@ class LLMEngine:
             if out.finished:
                 self.requests.pop(out.request_id, None)
         return outputs
+
+    def load_from_disk(self) -> None:
+        """Bring the prefix blocks of the sequences about to be admitted from disk into free KV blocks, where
+        the scheduler's prefix match finds them. Stops where a sequence's chain leaves the cache, and before a
+        load would evict a block already claimed or leave too little room to compute the rest."""
+        alloc, claimed, start = self.allocator, 0, time.perf_counter()
+        admissible = self.config.scheduler.max_num_seqs - len(self.scheduler.running)
+        for seq in list(self.scheduler.waiting)[:max(0, admissible)]:
+            names = alloc.lookup(seq)
+            rest = ceil_div(seq.num_tokens, alloc.block_size) - len(names)
+            for name in names:
+                if name in alloc.cached:
+                    alloc.touch(name)
+                elif name in self.disk and alloc.num_free - claimed > rest:
+                    block = alloc.add_cached(name)
+                    kv = self.disk.read(name) if block is not None else None
+                    if kv is None:
+                        alloc.forget(name)
+                        break
+                    self.runner.import_block(block, *kv)
+                    self.stats["blocks_read"] += 1
+                else:
+                    break
+                claimed += 1
+        self.stats["disk_seconds"] += time.perf_counter() - start
 
     def append_token(self, req: Request, seq: Sequence, token: SampledToken) -> None:
         if seq.first_token_time is None:

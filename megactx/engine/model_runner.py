@@ -109,6 +109,20 @@ class ModelRunner:
         else:
             self.backend = DualChunkAttentionBackend(*heads, cache, dca, self.model.rotary, prefill)
 
+    def export_block(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of one KV block: k, v [layers, Hkv, block_size, D] (the prefix cache on disk)."""
+        s = slice(block * self.block_size, (block + 1) * self.block_size)
+        cache = self.backend.cache
+        return torch.stack([k[:, s] for k in cache.k]).cpu(), torch.stack([v[:, s] for v in cache.v]).cpu()
+
+    def import_block(self, block: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write a block read back from disk (shapes as export_block's)."""
+        s = slice(block * self.block_size, (block + 1) * self.block_size)
+        cache = self.backend.cache
+        for layer in range(len(cache.k)):
+            cache.k[layer][:, s] = k[layer]
+            cache.v[layer][:, s] = v[layer]
+
     def prepare(self, chunks: list[ScheduledChunk]):
         ids, positions, slot_parts, seqs, last_rows = [], [], [], [], []
         row = 0

@@ -5,7 +5,8 @@ catching up with its num_tokens. A step has a budget of max_num_batched_tokens; 
 token each, so streams keep moving while a long prompt is prefilled in chunks), and the rest is shared between
 the prompts being prefilled, running or newly admitted, so a short prompt arriving during a 100K-token prefill
 gets its first token after one step instead of after the whole prefill. A sequence admitted with a prefix in the
-prefix cache starts with those tokens computed (kv_cache.py). When KV blocks run out, the most recently admitted
+prefix cache starts with those tokens computed (kv_cache.py); one whose next block another running sequence is
+computing waits for it, so concurrent questions about one document compute the document once. When KV blocks run out, the most recently admitted
 running sequence is preempted: its blocks are released and it is recomputed later (never dropped), from whatever
 of it is still cached.
 """
@@ -81,8 +82,11 @@ class Scheduler:
             scheduled.add(seq.seq_id)
             budget -= n
         cached = 0
+        inflight = self._inflight_names()
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
-            seq = self.waiting[0]
+            seq = next((s for s in self.waiting if not self._waits_for(s, inflight)), None)
+            if seq is None:
+                break
             hit = self.allocator.match_prefix(seq)
             n = min(seq.num_pending_tokens, self._share(budget, prefills_left))
             if not self.allocator.can_allocate(seq, n):
@@ -92,7 +96,8 @@ class Scheduler:
             seq.num_cached_prompt_tokens = min(hit, seq.num_prompt_tokens)
             cached += seq.num_cached_prompt_tokens
             prefills_left -= 1
-            self.waiting.popleft()
+            self.waiting.remove(seq)
+            inflight.update(seq.block_hashes[seq.num_registered_blocks:])
             seq.status = Status.RUNNING
             self.running.append(seq)
             self.allocator.allocate(seq, n)
@@ -101,6 +106,20 @@ class Scheduler:
             budget -= n
         self._top_up(chunks, budget)
         return SchedulerOutput(chunks, preempted, cached)
+
+    def _inflight_names(self) -> set[bytes]:
+        """Names of the prompt blocks that running sequences are computing now (prefix caching)."""
+        if not self.allocator.caching or not self.waiting:
+            return set()
+        return {h for s in self.running if s.num_pending_tokens > 1 for h in s.block_hashes[s.num_registered_blocks:]}
+
+    def _waits_for(self, seq: Sequence, inflight: set[bytes]) -> bool:
+        """The first block of `seq` missing from the cache is one a running sequence is computing: admitting it
+        later shares that block instead of computing it twice (concurrent questions about one document)."""
+        if not inflight:
+            return False
+        missing = next((h for h in self.allocator.lookup(seq) if h not in self.allocator.cached), None)
+        return missing in inflight
 
     def _admissible(self) -> int:
         return max(0, min(len(self.waiting), self.config.max_num_seqs - len(self.running)))

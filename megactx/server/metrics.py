@@ -24,6 +24,10 @@ class ServerMetrics:
         self.cached = Gauge("megactx_prompt_tokens_cached", "Prompt tokens taken from a cache (total)", registry=r)
         self.hit_rate = Gauge("megactx_prefix_cache_hit_rate", "Share of prompt tokens taken from the prefix cache",
                               registry=r)
+        self.disk_read = Gauge("megactx_kv_cache_disk_blocks_read", "KV blocks read from --kv-cache-dir (total)",
+                               registry=r)
+        self.disk_written = Gauge("megactx_kv_cache_disk_blocks_written",
+                                  "KV blocks written to --kv-cache-dir (total)", registry=r)
 
     def bind(self, engine) -> None:
         """Gauges read the engine's state at scrape time."""
@@ -34,6 +38,8 @@ class ServerMetrics:
         self.cached.set_function(lambda: engine.stats["prompt_tokens_cached"])
         self.hit_rate.set_function(lambda: engine.stats["prompt_tokens_cached"] / max(
             1, engine.stats["prompt_tokens_cached"] + engine.stats["prompt_tokens_computed"]))
+        self.disk_read.set_function(lambda: engine.stats["blocks_read"])
+        self.disk_written.set_function(lambda: engine.stats["blocks_written"])
 
     def finished(self, out, now: float) -> None:
         for c in out.outputs:
