@@ -66,6 +66,26 @@ def test_pooled_plan_is_its_definition_and_keeps_sinks_local_and_part_groups(sma
         assert sum(b.size() for head in fast for b in head) < 4 * sum(range(q_start, q_start + n, block))
 
 
+@pytest.mark.parametrize("cutoff", [0.8, 1.0])
+@pytest.mark.parametrize("max_keys", [8, 24, 64])
+def test_a_key_budget_caps_each_block_at_its_best_groups(small_groups, cutoff, max_keys):
+    """max_keys: at most max_keys // GROUP groups besides the forced ones, whatever the context's length; the
+    best ones by estimate; the same as the definition."""
+    n, q_start, block, parts = 64, 400, 16, [(0, 200), (200, 464)]
+    score = pooled_scores(_segments(n, 4, [0, q_start + n], seed=3), torch.randn(2, q_start + n, 16), q_start,
+                          block, 0.5, row_stride=1)
+    fast = pooled_plan(score, q_start, n, block, cutoff, parts, max_keys=max_keys)
+    ref = reference_pooled_plan(score, q_start, n, block, cutoff, parts, max_keys=max_keys)
+    assert [[b.ranges for b in head] for head in fast] == [[b.ranges for b in head] for head in ref]
+    uncapped = pooled_plan(score, q_start, n, block, cutoff, parts)
+    forced = pooled.forced_groups(q_start, n, block, score.shape[-1], parts)
+    for head, free in zip(fast, uncapped):
+        for i, (capped, full) in enumerate(zip(head, free)):
+            groups = {k // 8 for k in capped.indices().tolist()}
+            assert len(groups - set(forced[i].nonzero().flatten().tolist())) <= max_keys // 8
+            assert set(capped.indices().tolist()) <= set(full.indices().tolist())  # the best of the same choice
+
+
 def test_a_higher_cutoff_keeps_a_superset_with_more_estimated_attention(small_groups):
     n, q_start, block = 64, 192, 32
     score = pooled_scores(_segments(n, 4, [0, q_start + n], seed=2), torch.randn(2, q_start + n, 16), q_start,
@@ -121,6 +141,11 @@ def test_engine_pooled_keeping_everything_equals_dense_and_a_cutoff_computes_les
                       sparse_max_density=1.0)
     planned = [c.density for c in probe.calls]
     assert planned and min(planned) < 1.0  # the 64-key groups of 400 tokens leave something out at cut-off 0.3
+    _, _, probe = run(sparse_threshold=0, sparse_estimate="pooled", sparse_mass=1.0, sparse_block_size=32,
+                      sparse_max_density=1.0, sparse_max_keys=64)
+    # everything by cut-off, but one chosen group besides the sinks and the local group: 3 to 6 groups lie before
+    # each block of the second chunk
+    assert probe.calls and all(c.density < 0.9 for c in probe.calls if c.q_start >= 200)
 
 
 def test_pooled_settings_are_checked_and_described():

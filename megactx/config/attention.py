@@ -98,6 +98,10 @@ class SparseConfig:
         None, f"the estimate's cut-off. Pooled: the share of each block's estimated attention its key groups keep "
               f"(default {POOLED_CUTOFF}). Vertical-slash: per head, keep only the best verticals and slashes "
               f"(within the budgets) that reach this share (default: whole budgets)", type=float)
+    max_keys: int | None = setting(
+        None, "pooled: at most this many keys (the best 64-key groups) per 256-row query block besides the sinks, the "
+              "local keys and each DCA part's first group, whatever the context's length: attention that grows "
+              "linearly with it (default: no cap, the cut-off alone)", type=int)
     max_density: float = setting(0.6, "a prefill chunk whose plan computes more than this share of the causal pairs "
                                       "is computed densely, where sparse would be slower (1: always sparse)")
     # set from Python (LLM(..., sparse_last_q=...)), not flags: tuning knobs of the estimate and the kernel
@@ -117,6 +121,8 @@ class SparseConfig:
             raise ConfigError(f"--sparse-mass must be in (0, 1], got {self.mass}")
         if not 0 < self.max_density <= 1:
             raise ConfigError(f"--sparse-max-density must be in (0, 1], got {self.max_density}")
+        if self.max_keys is not None and self.max_keys < 64:
+            raise ConfigError(f"--sparse-max-keys must be at least 64 (one key group), got {self.max_keys}")
         if self.estimate_span < 0:
             raise ConfigError(f"sparse_estimate_span must be >= 0 (0: one estimate per prefill chunk), "
                               f"got {self.estimate_span}")
@@ -133,7 +139,8 @@ class SparseConfig:
         span = f"an estimate every {self.estimate_span} rows" if self.estimate_span else "an estimate per chunk"
         if self.estimate == "pooled":
             return (f"threshold {self.threshold} tokens, pooled block estimate (every 4th row against 64-key group "
-                    f"means), {span}, cut-off {self.pooled_cutoff} of each block's estimated attention, "
+                    f"means), {span}, cut-off {self.pooled_cutoff} of each block's estimated attention"
+                    f"{f' and at most {self.max_keys} keys' if self.max_keys else ''}, "
                     f"{self.block_size}-row blocks, dense above density {self.max_density}")
         budgets = f"budgets from {self.config_file}" if self.config_file else \
             "default budgets (1000 verticals, 6096 slashes)"

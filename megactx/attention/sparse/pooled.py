@@ -136,21 +136,27 @@ def forced_groups(q_start: int, n: int, block: int, g_total: int, parts: list[tu
 
 
 def pooled_plan(score: torch.Tensor, q_start: int, n: int, block: int, cutoff: float,
-                parts: list[tuple[int, int]] = ()) -> Plan:
+                parts: list[tuple[int, int]] = (), max_keys: int | None = None) -> Plan:
     """score [H, B, G] from pooled_scores -> the plan: per head and block, the best groups before the block until
-    their score reaches cutoff of the score of all groups before it (counted without the forced ones), plus the
-    forced groups, as key ranges clipped to the block's start."""
+    their score reaches cutoff of the score of all groups before it (counted without the forced ones), and at most
+    max_keys // GROUP of them (a budget that does not grow with the context: the attention's cost becomes linear),
+    plus the forced groups, as key ranges clipped to the block's start."""
     h, nb, g_total = score.shape
     starts = block_starts(q_start, n, block)
     first = torch.arange(g_total) * GROUP
     before = first[None, :] < torch.tensor(starts)[:, None]  # [B, G] groups with a key before the block
     forced = forced_groups(q_start, n, block, g_total, parts) & before
-    s = score.cpu().masked_fill(~before[None] | forced[None], 0)
-    best = s.sort(-1, descending=True)
-    keep = best.values.cumsum(-1) - best.values < cutoff * s.sum(-1, keepdim=True)
-    chosen = torch.zeros_like(s, dtype=torch.bool).scatter(-1, best.indices, keep) & before[None] | forced[None]
+    candidate = (before & ~forced)[None]
+    s = score.cpu().masked_fill(~candidate, 0)
+    # candidates best first (ties in group order, as the reference), the others after them
+    best = score.cpu().masked_fill(~candidate, float("-inf")).sort(dim=-1, descending=True, stable=True)
+    values = best.values.clamp(min=0)
+    keep = values.cumsum(-1) - values < cutoff * s.sum(-1, keepdim=True)
     if cutoff >= 1:  # everything before the block, even groups whose estimate underflowed to 0
-        chosen = before[None].expand(h, -1, -1)
+        keep = torch.ones_like(keep)
+    if max_keys is not None:
+        keep[..., max_keys // GROUP:] = False
+    chosen = torch.zeros_like(s, dtype=torch.bool).scatter(-1, best.indices, keep) & before[None] | forced[None]
     # maximal runs of chosen groups, all heads and blocks at once: (head, block, first group) and one past the last
     pad = torch.nn.functional.pad(chosen, (1, 1))
     run_lo = (pad[..., 1:-1] & ~pad[..., :-2]).nonzero()  # [R, 3] in (head, block, group) order
@@ -165,9 +171,9 @@ def pooled_plan(score: torch.Tensor, q_start: int, n: int, block: int, cutoff: f
 
 
 def reference_pooled_plan(score: torch.Tensor, q_start: int, n: int, block: int, cutoff: float,
-                          parts: list[tuple[int, int]] = ()) -> Plan:
+                          parts: list[tuple[int, int]] = (), max_keys: int | None = None) -> Plan:
     """pooled_plan() one head and block at a time, groups taken best first while the score before them is below
-    cutoff of the total."""
+    cutoff of the total and fewer than max_keys // GROUP are taken."""
     h, nb, g_total = score.shape
     forced = forced_groups(q_start, n, block, g_total, parts)
     plan = []
@@ -177,8 +183,10 @@ def reference_pooled_plan(score: torch.Tensor, q_start: int, n: int, block: int,
             before = [g for g in range(g_total) if g * GROUP < a]
             candidates = [g for g in before if not forced[i, g]]
             total = sum(float(score[head, i, g]) for g in candidates)
-            taken, kept = 0.0, {g for g in before if forced[i, g]}
-            for g in sorted(candidates, key=lambda g: -float(score[head, i, g])):
+            taken, kept, budget = 0.0, {g for g in before if forced[i, g]}, len(candidates)
+            if max_keys is not None:
+                budget = min(budget, max_keys // GROUP)
+            for g in sorted(candidates, key=lambda g: -float(score[head, i, g]))[:budget]:
                 if cutoff < 1 and taken >= cutoff * total:
                     break
                 kept.add(g)

@@ -81,7 +81,7 @@ class SparsePrefill:
             # every head is scored (a config mixing kinds pays for the others too): [len(vs_heads), B, G]
             score = pooled_scores(segments, k_all, q_start, block, self.scale)[vs_heads]
             for head, plan in zip(vs_heads.tolist(), pooled_plan(score, q_start, n, block, self.cfg.pooled_cutoff,
-                                                                   dca_parts)):
+                                                                   dca_parts, self.cfg.max_keys)):
                 plans[head] = plan
         elif len(vs_heads):
             r = estimate_segments[0][2].shape[0]
