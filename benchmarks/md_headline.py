@@ -48,6 +48,34 @@ def _passkey(folder: str) -> list[dict]:
     return _load(f"{folder}/passkey_summary.json")["summary"]
 
 
+def _cpu(flags: str) -> str:
+    """'2 cores, avx2, avx512f, avx512_bf16' -> 'AVX512 with BF16, no AMX'."""
+    base = "AVX512" if "avx512f" in flags else "AVX2"
+    extra = " with BF16" if "avx512_bf16" in flags else ""
+    return f"{base}{extra}, {'AMX' if 'amx_tile' in flags else 'no AMX'}"
+
+
+def _prefix_cache_rows() -> list[str]:
+    """benchmarks/prefix_cache.py: the second question, a restart, concurrent questions, no sharing."""
+    second, shared = _load("prefix_cache_second.json"), _load("prefix_cache_shared.json")
+    first, again, disk = second["rows"]
+    rows = [
+        f"| Second question about a {second['length'] // 1024}K document | TTFT **{again['ttft_s']:.1f} s** against "
+        f"{first['ttft_s']:.0f} s for the first ({again['ttft_vs_first'] * 100:.1f} %); after a restart, read from "
+        f"`--kv-cache-dir`: {disk['ttft_s']:.1f} s ({disk['ttft_vs_first'] * 100:.1f} %) | prefix caching, DCA + "
+        f"sparse prefill, fp32; {second['disk_bytes'] / 2**30:.1f} GiB on disk | {_cpu(second['cpu'])} |",
+        f"| {shared['concurrent']} questions at once about one {shared['shared_tokens'] // 1024}K document | "
+        f"**{shared['on']['wall_s']:.0f} s** against {shared['off']['wall_s']:.0f} s, peak KV "
+        f"{shared['kv_ratio']:.2f}x, {shared['same_answers']} of {shared['concurrent']} answers identical | "
+        f"prefix caching on against off, fp32, in range | {_cpu(shared['cpu'])} |"]
+    if os.path.exists(os.path.join(RESULTS, "prefix_cache_random.json")):
+        rnd = _load("prefix_cache_random.json")
+        rows.append(f"| Prompts that share nothing | {rnd['on_vs_off']:.3f}x the throughput with prefix caching off "
+                    f"(best of {rnd['rounds']} rounds) | SmolLM2-135M, {rnd['prompts']} prompts of 256-1024 tokens, "
+                    f"8 at a time | {_cpu(rnd['cpu'])} |")
+    return rows
+
+
 def headline() -> list[str]:
     s128, s64 = _sparse_row(131072), _sparse_row(65536)
     dense64, sparse64 = _ttft_pair(65536)
@@ -91,6 +119,7 @@ def headline() -> list[str]:
         f"({prefill16k['megactx']:.0f} tok/s) | fp32, same GGUF file | not recorded |",
         f"| Server, 8 concurrent streams | {streams:.1f}x one stream's decode rate | SmolLM2-135M, "
         f"`--packed-weights auto` | not recorded |",
+        *_prefix_cache_rows(),
         f"| RULER-11 at 4K | {ruler['avg']:.1f} (of 100), {ruler['samples']} samples a task | in range, fp32 | not recorded |",
         "",
         "## What each area measures", "",
@@ -104,7 +133,10 @@ def headline() -> list[str]:
         "- **Perplexity** (`megactx eval ppl`): one long document scored per 4K-position bucket; the sliding window "
         "and dense DCA are the references.",
         "- **Engine and server** (`benchmarks/engine_vs_transformers.py`, `benchmarks/serve_latency.py`): prefill, "
-        "decode and memory against transformers; latency and throughput of `megactx serve` under concurrency.", "",
+        "decode and memory against transformers; latency and throughput of `megactx serve` under concurrency.",
+        "- **Prefix caching** (`benchmarks/prefix_cache.py`): time to first token of a first and a second question "
+        "about one document, and of a third asked of a new engine that finds the document in `--kv-cache-dir`; "
+        "concurrent questions and unrelated prompts with the cache on and off.", "",
         "Regenerate both files with `python benchmarks/make_benchmarks_md.py`.",
     ]
     return lines

@@ -10,6 +10,7 @@ import time
 import torch
 
 from megactx.attention.sparse.batched import batched_sparse_attention
+from megactx.attention.sparse.coarse import coarse_to_fine_scores
 from megactx.attention.sparse.estimate import VerticalSlash, Workspace, estimate_vertical_slash
 from megactx.attention.sparse.kernel import KeySource, sparse_attention
 from megactx.attention.sparse.patterns import SparsePatterns
@@ -79,7 +80,11 @@ class SparsePrefill:
         k_all = keys.span(0, m)[0] if len(vs_heads) or "block_sparse" in kinds else None
         if len(vs_heads) and self.cfg.estimate == "pooled":
             # every head is scored (a config mixing kinds pays for the others too): [len(vs_heads), B, G]
-            score = pooled_scores(segments, k_all, q_start, block, self.scale)[vs_heads]
+            if self.cfg.coarse_refine is not None:
+                score = coarse_to_fine_scores(segments, k_all, q_start, block, self.scale,
+                                              self.cfg.coarse_refine)[vs_heads]
+            else:
+                score = pooled_scores(segments, k_all, q_start, block, self.scale)[vs_heads]
             for head, plan in zip(vs_heads.tolist(), pooled_plan(score, q_start, n, block, self.cfg.pooled_cutoff,
                                                                    dca_parts, self.cfg.max_keys)):
                 plans[head] = plan
