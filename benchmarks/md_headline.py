@@ -68,10 +68,19 @@ def _prefix_cache_rows() -> list[str]:
         f"**{shared['on']['wall_s']:.0f} s** against {shared['off']['wall_s']:.0f} s, peak KV "
         f"{shared['kv_ratio']:.2f}x, {shared['same_answers']} of {shared['concurrent']} answers identical | "
         f"prefix caching on against off, fp32, in range | {_cpu(shared['cpu'])} |"]
+    if os.path.exists(os.path.join(RESULTS, "sparse_estimate_cost.json")):
+        cost = _load("sparse_estimate_cost.json")
+        top = cost["rows"][-1]
+        rows.append(f"| Sparse estimate of a {cost['chunk'] // 1024}K chunk at {top['keys'] // 1024}K keys, one layer | "
+                    f"**{top['coarse_s']:.2f} s** coarse-to-fine against {top['pooled_s']:.2f} s pooled "
+                    f"({top['ratio']:.1f}x) | `--sparse-coarse-refine {cost['refine']}`, "
+                    f"`benchmarks/sparse_estimate_cost.py` | {_cpu(cost['cpu'])} |")
     if os.path.exists(os.path.join(RESULTS, "prefix_cache_random.json")):
         rnd = _load("prefix_cache_random.json")
-        rows.append(f"| Prompts that share nothing | {rnd['on_vs_off']:.3f}x the throughput with prefix caching off "
-                    f"(best of {rnd['rounds']} rounds) | SmolLM2-135M, {rnd['prompts']} prompts of 256-1024 tokens, "
+        spread = max(rnd["on_s"] + rnd["off_s"]) / min(rnd["on_s"] + rnd["off_s"]) - 1
+        rows.append(f"| Prompts that share nothing | throughput with prefix caching {rnd['on_vs_off']:.2f}x that "
+                    f"without it (best of {rnd['rounds']} rounds each; rounds differ by up to {spread:.0%}: noise) "
+                    f"| SmolLM2-135M, {rnd['prompts']} prompts of 256-1024 tokens, "
                     f"8 at a time | {_cpu(rnd['cpu'])} |")
     return rows
 
