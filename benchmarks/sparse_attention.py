@@ -40,8 +40,8 @@ def run_length(args, length: int) -> dict:
     llm = LLM(args.model, max_model_len=length + MAX_NEW_TOKENS + 8, max_num_seqs=1, dca=True, sparse=True,
               sparse_config=args.sparse_config, sparse_threshold=args.threshold, sparse_mass=args.mass,
               sparse_max_density=args.max_density, sparse_estimate_span=args.estimate_span,
-              sparse_block_size=args.block, sparse_estimate=args.estimate,
-              max_num_batched_tokens=args.chunk, num_threads=args.threads, dtype=args.dtype)
+              sparse_block_size=args.block, sparse_estimate=args.estimate, sparse_max_keys=args.max_keys,
+              sparse_coarse_refine=args.coarse_refine, max_num_batched_tokens=args.chunk, num_threads=args.threads, dtype=args.dtype)
     backend = InProcessBackend(llm)
     key = make_key(0, length, 50, 0)
     if args.prompt == "passkey":
@@ -88,7 +88,8 @@ def run_length(args, length: int) -> dict:
             "attention_speedup": round(sum(record["dense_s"].values()) /
                                        max(sum(stats.attention_s[li] + stats.estimate_s[li] for li in measured), 1e-9), 2),
             "layers": per_layer, "chunk": args.chunk, "sparse_config": args.sparse_config or "default budgets",
-            "mass": args.mass, "estimate": args.estimate, "dtype": args.dtype,
+            "mass": args.mass, "estimate": args.estimate, "dtype": args.dtype, "max_keys": args.max_keys,
+            "coarse_refine": args.coarse_refine,
             "max_density": args.max_density, "estimate_span": args.estimate_span,
             "dca_temperature": llm.engine.dca.temperature, "kernel": _kernel(args, llm.engine.sparse.block_size),
             "dense_fallbacks": sum(stats.fallbacks.values()), "chunks": len(stats.calls),
@@ -123,6 +124,8 @@ def main():
     ap.add_argument("--block", type=int, default=None, help="sparse kernel block rows (default: by dtype, "
                     "256 in fp32, 512 in bf16)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-keys", type=int, default=None, help="--sparse-max-keys: key budget per query block")
+    ap.add_argument("--coarse-refine", type=int, default=None, help="--sparse-coarse-refine: super-groups refined")
     ap.add_argument("--out", default="benchmarks/results/sparse_attention_eval.json")
     args = ap.parse_args()
     # what the engine resolves "auto" and a default cut-off to, recorded as such: the defaults have changed
@@ -138,11 +141,12 @@ def main():
                                r["sparse_config"], r.get("dca_temperature", "position"), r.get("chunk", 16384),
                                r.get("estimate_span", 0), r.get("kernel", "per span"), r.get("mass_union", False),
                                r.get("dtype", "fp32"), r.get("slash_window", 0), r.get("cpu"),
-                               r.get("estimate", "vertical-slash"), r["dense_layers_measured"]) !=
+                               r.get("estimate", "vertical-slash"), r["dense_layers_measured"],
+                               r.get("max_keys"), r.get("coarse_refine")) !=
                            (length, args.prompt, args.mass, args.max_density, row["sparse_config"],
                             row["dca_temperature"], args.chunk, args.estimate_span, row["kernel"],
                             False, args.dtype, 0, row["cpu"], args.estimate,
-                            row["dense_layers_measured"])] + [row]
+                            row["dense_layers_measured"], args.max_keys, args.coarse_refine)] + [row]
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
         verdict = {True: "ok", False: "WRONG", None: "-"}[row["passkey_correct"]]

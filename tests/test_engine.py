@@ -55,6 +55,22 @@ def test_half_precision_kv_cache_stays_close(qwen_path, kv_dtype):
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
 
 
+def test_kv_dtype_auto_halves_the_cache_only_when_fp32_would_not_fit(qwen_path, monkeypatch, caplog):
+    """auto: the compute dtype, unless one max_model_len sequence's fp32 keys and values would take more than half
+    the available memory (a million tokens on a 24 GB machine): then bf16, with a warning that says why."""
+    from megactx.config import EngineConfig
+    from megactx.engine import llm_engine
+
+    def engine(max_model_len, **kw):
+        return llm_engine.LLMEngine(EngineConfig.from_kwargs(qwen_path, max_model_len=max_model_len, **kw))
+    per_token = 2 * 2 * 2 * 16 * 4  # layers x (k, v) x kv heads x head dim x fp32 bytes of the tiny model
+    monkeypatch.setattr(llm_engine, "available_memory", lambda: 2 * per_token * 256 + 1)
+    caplog.set_level("WARNING", logger="megactx")
+    assert engine(256).runner.kv_dtype == torch.float32 and not caplog.records
+    assert engine(512).runner.kv_dtype == torch.bfloat16 and "bf16" in caplog.records[0].getMessage()
+    assert engine(512, kv_cache_dtype="fp32").runner.kv_dtype == torch.float32
+
+
 def test_allocator_keeps_a_sequence_contiguous_and_frees_everything():
     alloc = BlockAllocator(num_blocks=32, block_size=4)
     a, b = Sequence("a", 0, [1] * 9, SamplingParams()), Sequence("b", 0, [1] * 9, SamplingParams())

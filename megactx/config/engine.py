@@ -25,7 +25,9 @@ class CacheConfig:
 
     # large blocks keep a sequence's keys contiguous, so attention reads them in place
     block_size: int = setting(128, "tokens per KV block", cli=False)
-    kv_cache_dtype: str = setting("auto", "auto (the compute dtype), fp32, bf16, fp16")
+    kv_cache_dtype: str = setting("auto", "auto (the compute dtype; bf16 when fp32 keys and values of one "
+                                          "max-model-len sequence would take over half the available memory), "
+                                          "fp32, bf16, fp16")
     kv_cache_memory: str | int | None = setting(
         None, "KV cache size, e.g. 8GiB (default: enough for max-model-len x min(max-num-seqs, 4), at most 4 GiB)",
         type=str)
