@@ -99,7 +99,7 @@ class SparseConfig:
               f"(default {POOLED_CUTOFF}). Vertical-slash: per head, keep only the best verticals and slashes "
               f"(within the budgets) that reach this share (default: whole budgets)", type=float)
     max_keys: int | None = setting(
-        None, "pooled: at most this many keys (the best 64-key groups) per 256-row query block besides the sinks, the "
+        None, "pooled: at most this many keys (the best 64-key groups) per query block besides the sinks, the "
               "local keys and each DCA part's first group, whatever the context's length: attention that grows "
               "linearly with it (default: no cap, the cut-off alone)", type=int)
     coarse_refine: int | None = setting(
