@@ -60,27 +60,24 @@ def _prefix_cache_rows() -> list[str]:
     second, shared = _load("prefix_cache_second.json"), _load("prefix_cache_shared.json")
     first, again, disk = second["rows"]
     rows = [
-        f"| Second question about a {second['length'] // 1024}K document | TTFT **{again['ttft_s']:.1f} s** against "
-        f"{first['ttft_s']:.0f} s for the first ({again['ttft_vs_first'] * 100:.1f} %); after a restart, read from "
-        f"`--kv-cache-dir`: {disk['ttft_s']:.1f} s ({disk['ttft_vs_first'] * 100:.1f} %) | prefix caching, DCA + "
-        f"sparse prefill, fp32; {second['disk_bytes'] / 2**30:.1f} GiB on disk | {_cpu(second['cpu'])} |",
-        f"| {shared['concurrent']} questions at once about one {shared['shared_tokens'] // 1024}K document | "
-        f"**{shared['on']['wall_s']:.0f} s** against {shared['off']['wall_s']:.0f} s, peak KV "
-        f"{shared['kv_ratio']:.2f}x, {shared['same_answers']} of {shared['concurrent']} answers identical | "
-        f"prefix caching on against off, fp32, in range | {_cpu(shared['cpu'])} |"]
+        f"| Second question, {second['length'] // 1024}K document | TTFT **{again['ttft_s']:.1f} s** vs "
+        f"{first['ttft_s']:.0f} s ({again['ttft_vs_first']:.1%}); after a restart, from disk: {disk['ttft_s']:.1f} s "
+        f"({disk['ttft_vs_first']:.1%}) | DCA + sparse, fp32 | {_cpu(second['cpu'])} |",
+        f"| {shared['concurrent']} questions at once, one {shared['shared_tokens'] // 1024}K document | "
+        f"**{shared['on']['wall_s']:.0f} s** vs {shared['off']['wall_s']:.0f} s uncached, KV "
+        f"{shared['kv_ratio']:.2f}x, {shared['same_answers']}/{shared['concurrent']} answers equal | fp32 "
+        f"| {_cpu(shared['cpu'])} |"]
     if os.path.exists(os.path.join(RESULTS, "sparse_estimate_cost.json")):
         cost = _load("sparse_estimate_cost.json")
         top = cost["rows"][-1]
-        rows.append(f"| Sparse estimate of a {cost['chunk'] // 1024}K chunk at {top['keys'] // 1024}K keys, one layer | "
-                    f"**{top['coarse_s']:.2f} s** coarse-to-fine against {top['pooled_s']:.2f} s pooled "
-                    f"({top['ratio']:.1f}x) | `--sparse-coarse-refine {cost['refine']}`, "
-                    f"`benchmarks/sparse_estimate_cost.py` | {_cpu(cost['cpu'])} |")
+        rows.append(f"| Sparse estimate, {cost['chunk'] // 1024}K chunk at {top['keys'] // 1024}K keys, a layer | "
+                    f"**{top['coarse_s']:.2f} s** coarse-to-fine vs {top['pooled_s']:.2f} s ({top['ratio']:.1f}x) | "
+                    f"`--sparse-coarse-refine {cost['refine']}` | {_cpu(cost['cpu'])} |")
     if os.path.exists(os.path.join(RESULTS, "prefix_cache_random.json")):
         rnd = _load("prefix_cache_random.json")
         spread = max(rnd["on_s"] + rnd["off_s"]) / min(rnd["on_s"] + rnd["off_s"]) - 1
-        rows.append(f"| Prompts that share nothing | throughput with prefix caching {rnd['on_vs_off']:.2f}x that "
-                    f"without it (best of {rnd['rounds']} rounds each; rounds differ by up to {spread:.0%}: noise) "
-                    f"| SmolLM2-135M, {rnd['prompts']} prompts of 256-1024 tokens, "
+        rows.append(f"| Prompts that share nothing | {rnd['on_vs_off']:.2f}x the throughput without prefix caching "
+                    f"(rounds vary {spread:.0%}: noise) | SmolLM2-135M, {rnd['prompts']} prompts of 256-1024 tokens, "
                     f"8 at a time | {_cpu(rnd['cpu'])} |")
     return rows
 
