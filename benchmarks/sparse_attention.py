@@ -19,9 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
-
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,6 +30,7 @@ from megactx.attention.sparse.probe import SparseProbe  # noqa: E402
 from megactx.bench.ttft import SPARSE_KERNELS  # noqa: E402
 from megactx.config import SparseConfig  # noqa: E402
 from megactx.config.attention import ESTIMATES, POOLED_CUTOFF  # noqa: E402
+from megactx.config.hardware import cpu_summary  # noqa: E402
 from megactx.eval.backends import InProcessBackend  # noqa: E402
 from megactx.eval.fitting import largest_fitting  # noqa: E402
 from megactx.eval.passkey import MAX_NEW_TOKENS, build_prompt, make_key, score  # noqa: E402
@@ -41,7 +41,8 @@ def run_length(args, length: int) -> dict:
               sparse_config=args.sparse_config, sparse_threshold=args.threshold, sparse_mass=args.mass,
               sparse_max_density=args.max_density, sparse_estimate_span=args.estimate_span,
               sparse_block_size=args.block, sparse_estimate=args.estimate, sparse_max_keys=args.max_keys,
-              sparse_coarse_refine=args.coarse_refine, max_num_batched_tokens=args.chunk, num_threads=args.threads, dtype=args.dtype)
+              sparse_coarse_refine=args.coarse_refine, max_num_batched_tokens=args.chunk, num_threads=args.threads,
+              dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype)
     backend = InProcessBackend(llm)
     key = make_key(0, length, 50, 0)
     if args.prompt == "passkey":
@@ -93,7 +94,9 @@ def run_length(args, length: int) -> dict:
             "max_density": args.max_density, "estimate_span": args.estimate_span,
             "dca_temperature": llm.engine.dca.temperature, "kernel": _kernel(args, llm.engine.sparse.block_size),
             "dense_fallbacks": sum(stats.fallbacks.values()), "chunks": len(stats.calls),
-            "cpu": torch.backends.cpu.get_cpu_capability()}
+            "kv_dtype": str(llm.engine.runner.kv_dtype).removeprefix("torch."),
+            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+            "cpu": cpu_summary()}
 
 
 def _kernel(args, block: int) -> str:
@@ -121,6 +124,7 @@ def main():
                     help="--sparse-estimate: how the heads are planned (default auto: pooled, at cut-off --mass, "
                          f"default {POOLED_CUTOFF}, unless budgets come from a file)")
     ap.add_argument("--dtype", default="fp32", help="compute dtype of both sides (fp32, bf16)")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="--kv-cache-dtype (auto: bf16 when fp32 would not fit)")
     ap.add_argument("--block", type=int, default=None, help="sparse kernel block rows (default: by dtype, "
                     "256 in fp32, 512 in bf16)")
     ap.add_argument("--threads", type=int, default=2)
@@ -142,18 +146,19 @@ def main():
                                r.get("estimate_span", 0), r.get("kernel", "per span"), r.get("mass_union", False),
                                r.get("dtype", "fp32"), r.get("slash_window", 0), r.get("cpu"),
                                r.get("estimate", "vertical-slash"), r["dense_layers_measured"],
-                               r.get("max_keys"), r.get("coarse_refine")) !=
+                               r.get("max_keys"), r.get("coarse_refine"), r.get("kv_dtype", "float32")) !=
                            (length, args.prompt, args.mass, args.max_density, row["sparse_config"],
                             row["dca_temperature"], args.chunk, args.estimate_span, row["kernel"],
                             False, args.dtype, 0, row["cpu"], args.estimate,
-                            row["dense_layers_measured"], args.max_keys, args.coarse_refine)] + [row]
+                            row["dense_layers_measured"], args.max_keys, args.coarse_refine, row["kv_dtype"])] + [row]
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
         verdict = {True: "ok", False: "WRONG", None: "-"}[row["passkey_correct"]]
         print(f"{length} ({args.prompt}): passkey {verdict}, TTFT sparse {row['ttft_sparse_s']} s, "
               f"dense (projected) {row['ttft_dense_projected_s']} s ({row['ttft_speedup_projected']}x); attention "
               f"{row['attention_speedup']}x on layers {row['dense_layers_measured']}; estimation "
-              f"{100 * row['estimate_share']:.1f}% of sparse attention", flush=True)
+              f"{100 * row['estimate_share']:.1f}% of sparse attention; peak RSS {row['peak_rss_gb']} GB "
+              f"({row['kv_dtype']} KV; {row['cpu']})", flush=True)
         for li in row["layers"]:
             print(f"  layer {li['layer']:2d}: sparse {li['sparse_s']:7.2f} s  estimate {li['estimate_s']:6.2f} s  "
                   f"dense {li['dense_s'] if li['dense_s'] is not None else '-':>7}  density {li['density']} "

@@ -35,7 +35,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     usage: Usage
-    metrics: dict = field(default_factory=dict)  # arrival, first_token_time, finished_time (time.monotonic)
+    # arrival, first_token_time (time.monotonic); prefill_done: prompt tokens ready; prefill_mark: (time, tokens
+    # ready) after the request's first step, the start of prefill_rate's measurement
+    metrics: dict = field(default_factory=dict)
 
     # conveniences for the common n == 1 case
     @property
@@ -49,3 +51,16 @@ class RequestOutput:
     @property
     def finish_reason(self) -> str | None:
         return self.outputs[0].finish_reason
+
+
+def prefill_rate(out: RequestOutput, now: float | None = None) -> tuple[float, float] | None:
+    """(prompt tokens computed per second, seconds left) of a prefill in progress, measured from the end of its
+    first step (None before a second step has run or once the prompt is done)."""
+    import time
+    mark, done = out.metrics.get("prefill_mark"), out.metrics.get("prefill_done", 0)
+    total = len(out.prompt_token_ids)
+    if mark is None or done <= mark[1] or done >= total:
+        return None
+    elapsed = (time.monotonic() if now is None else now) - mark[0]
+    rate = (done - mark[1]) / max(elapsed, 1e-9)
+    return rate, (total - done) / rate

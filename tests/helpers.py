@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import torch
 
-from megactx.config import CacheConfig, EngineConfig, SchedulerConfig
+from megactx.config import EngineConfig
 from megactx.engine.llm_engine import LLMEngine
 
 
-def make_engine(path: str, chunk: int = 4096, weight_dtype: str = "fp32", **cache) -> LLMEngine:
-    """fp32 weights by default: these engines are compared with transformers in fp32."""
-    return LLMEngine(EngineConfig(model=path, weight_dtype=weight_dtype, cache=CacheConfig(**cache),
-                                  scheduler=SchedulerConfig(max_num_batched_tokens=chunk)))
+def make_engine(path: str, chunk: int = 4096, weight_dtype: str = "fp32", dtype: str = "fp32",
+                **settings) -> LLMEngine:
+    """fp32 compute and weights by default: these engines are compared with transformers in fp32. settings: any
+    other engine setting by its LLM(...) name."""
+    return LLMEngine(EngineConfig.from_kwargs(path, weight_dtype=weight_dtype, dtype=dtype,
+                                              max_num_batched_tokens=chunk, **settings))
 
 
 def engine_logits(engine: LLMEngine, ids: list[int], chunk: int | None = None) -> torch.Tensor:

@@ -119,7 +119,7 @@ def test_engine_with_dca_chunked_prefill_matches_one_pass_and_plain_up_to_chunk_
     from megactx.engine.llm_engine import LLMEngine
 
     def engine(path, **kw):
-        return LLMEngine(EngineConfig.from_kwargs(path, weight_dtype="fp32", max_model_len=512, **kw))
+        return LLMEngine(EngineConfig.from_kwargs(path, dtype="fp32", weight_dtype="fp32", max_model_len=512, **kw))
     ids = token_ids(300, seed=3)
     dca = engine(dca_model)
     assert dca.dca is not None and dca.dca.chunk_len == 40

@@ -25,6 +25,7 @@ def path(dca_model):
 
 def _engine(path, cache_dir=None, **kw):
     kw.setdefault("max_model_len", 512)
+    kw.setdefault("dtype", "fp32")
     return LLM(path, block_size=16, max_num_batched_tokens=64, kv_cache_dir=cache_dir, dca=True, **kw)
 
 
@@ -143,7 +144,8 @@ def test_the_size_limit_drops_the_least_recently_used_blocks(path, tmp_path):
 KILLED_WRITER = """
 import random, sys
 from megactx import LLM, SamplingParams
-llm = LLM(sys.argv[1], block_size=16, max_num_batched_tokens=16, max_model_len=4096, dca=True, kv_cache_dir=sys.argv[2])
+llm = LLM(sys.argv[1], block_size=16, max_num_batched_tokens=16, max_model_len=4096, dca=True, kv_cache_dir=sys.argv[2],
+          dtype="fp32")
 print("ready", flush=True)
 prompt = list(range(100, 3100))
 while True:  # a block written every step until killed

@@ -25,9 +25,9 @@ def test_chunked_prefill_equals_one_pass(qwen_path, chunk):
 def test_batch_of_different_lengths_equals_each_alone(qwen_path):
     prompts = [token_ids(n, seed=n) for n in (5, 37, 120, 64)]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
-    alone = [LLM(qwen_path, max_num_batched_tokens=4096).generate([p], params)[0] for p in prompts]
+    alone = [LLM(qwen_path, dtype="fp32", max_num_batched_tokens=4096).generate([p], params)[0] for p in prompts]
     # a small step budget forces mixed steps: decodes of short prompts beside prefill chunks of long ones
-    together = LLM(qwen_path, max_num_batched_tokens=48).generate(prompts, params)
+    together = LLM(qwen_path, dtype="fp32", max_num_batched_tokens=48).generate(prompts, params)
     for a, b in zip(alone, together):
         assert a.token_ids == b.token_ids
         for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
@@ -37,10 +37,10 @@ def test_batch_of_different_lengths_equals_each_alone(qwen_path):
 def test_preemption_recomputes_and_gives_the_same_output(qwen_path):
     prompts = [token_ids(60, seed=10 + i) for i in range(4)]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    roomy = LLM(qwen_path).generate(prompts, params)
+    roomy = LLM(qwen_path, dtype="fp32").generate(prompts, params)
     # 8 blocks of 16 tokens = 128 slots: 4 sequences of 100 tokens cannot all stay resident
     bytes_per_token = 2 * 2 * 2 * 16 * 4  # layers x (k, v) x kv_heads x head_dim x fp32
-    tight = LLM(qwen_path, block_size=16, max_model_len=128, kv_cache_memory=128 * bytes_per_token)
+    tight = LLM(qwen_path, dtype="fp32", block_size=16, max_model_len=128, kv_cache_memory=128 * bytes_per_token)
     outs = tight.generate(prompts, params)
     assert [o.token_ids for o in outs] == [o.token_ids for o in roomy]
     assert tight.engine.allocator.num_free == tight.engine.allocator.num_blocks  # everything released
@@ -62,7 +62,7 @@ def test_kv_dtype_auto_halves_the_cache_only_when_fp32_would_not_fit(qwen_path, 
     from megactx.engine import llm_engine
 
     def engine(max_model_len, **kw):
-        return llm_engine.LLMEngine(EngineConfig.from_kwargs(qwen_path, max_model_len=max_model_len, **kw))
+        return llm_engine.LLMEngine(EngineConfig.from_kwargs(qwen_path, dtype="fp32", max_model_len=max_model_len, **kw))
     per_token = 2 * 2 * 2 * 16 * 4  # layers x (k, v) x kv heads x head dim x fp32 bytes of the tiny model
     monkeypatch.setattr(llm_engine, "available_memory", lambda: 2 * per_token * 256 + 1)
     caplog.set_level("WARNING", logger="megactx")
@@ -90,8 +90,8 @@ def test_packed_weights_batch_decode_gives_the_same_tokens(qwen_path):
     from megactx.layers.linear import packing_available
     prompts = [token_ids(n, seed=20 + n) for n in (9, 17, 30, 4, 12, 25, 6, 40)]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
-    plain = LLM(qwen_path, packed_weights="off").generate(prompts, params)
-    llm = LLM(qwen_path, packed_weights="on")
+    plain = LLM(qwen_path, dtype="fp32", packed_weights="off").generate(prompts, params)
+    llm = LLM(qwen_path, dtype="fp32", packed_weights="on")
     layers = llm.engine.runner.model.linear_layers()
     assert all(m.packed is not None for m in layers) == packing_available(torch.device("cpu"))
     packed = llm.generate(prompts, params)
@@ -99,7 +99,7 @@ def test_packed_weights_batch_decode_gives_the_same_tokens(qwen_path):
         assert a.token_ids == b.token_ids
         for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
             assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
-    single = LLM(qwen_path, max_num_seqs=1).engine.runner.model.linear_layers()
+    single = LLM(qwen_path, dtype="fp32", max_num_seqs=1).engine.runner.model.linear_layers()
     assert all(m.packed is None for m in single)  # auto: one sequence at a time never batches
 
 
@@ -116,3 +116,34 @@ def test_engine_warns_when_the_cpu_has_no_native_bf16(qwen_path, monkeypatch, ca
         assert warnings == []
     else:  # one warning, for the bf16 engine only, naming the setting and its fix
         assert len(warnings) == 1 and "--dtype bf16" in warnings[0] and "--dtype fp32" in warnings[0]
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, want", [(True, True, torch.bfloat16), (False, True, torch.float32),
+                                                    (False, False, torch.float32)])
+def test_dtype_auto_follows_the_cpu_and_says_why(qwen_path, monkeypatch, caplog, amx, avx512_bf16, want):
+    # the CPU's answers are simulated: bf16 only where AMX makes it several times faster
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    with caplog.at_level("INFO", logger="megactx.engine.llm_engine"):
+        llm = LLM(qwen_path, max_num_batched_tokens=64)
+    assert llm.engine.runner.dtype == want
+    said = [r.getMessage() for r in caplog.records if "Compute dtype auto" in r.getMessage()]
+    assert len(said) == 1 and ("AMX" in said[0]) and (("bf16," if amx else "fp32,") in said[0])
+    assert LLM(qwen_path, dtype="fp32", max_num_batched_tokens=64).engine.runner.dtype == torch.float32
+
+
+def test_prefill_progress_gives_rate_and_time_left(qwen_path):
+    """prefill_rate from the engine's outputs: tokens per second after the first step and the time left, None
+    before a second step and after the prompt is done."""
+    from megactx.outputs import prefill_rate
+    llm = LLM(qwen_path, dtype="fp32", max_num_batched_tokens=16)
+    seen = []
+
+    def step(outputs):
+        out = outputs[0]
+        seen.append((out.metrics["prefill_done"], prefill_rate(out, now=out.metrics["prefill_mark"][0] + 2.0)))
+    llm.generate(token_ids(80, seed=1), SamplingParams(temperature=0, max_tokens=2), on_step=step)
+    assert [d for d, _ in seen[:5]] == [16, 32, 48, 64, 80]
+    assert seen[0][1] is None and seen[4][1] is None  # one step: no rate yet; done: nothing left
+    for i, (done, (rate, left)) in enumerate(seen[1:4], start=1):  # 2 s after the first step (simulated clock)
+        assert rate == pytest.approx((done - 16) / 2.0) and left == pytest.approx((80 - done) / rate)

@@ -122,3 +122,17 @@ def test_ruler_run_scores_and_summarizes(backend, tmp_path):
     again = []
     ruler.run_ruler(backend, ["niah_single_1", "vt"], [1024], 1, str(tmp_path), on_row=again.append)
     assert again == [None, None]
+
+
+def test_long_prompts_report_prefill_progress(tmp_path):
+    """on_prefill(done, total) follows each engine step of a prompt (the command line draws its tokens/s and ETA
+    bar from it), and the passkey row is the same as without it."""
+    from megactx import LLM
+    llm = LLM(None, max_model_len=4096, max_num_seqs=1, max_num_batched_tokens=256, dtype="fp32")
+    seen = []
+    rows = passkey.run_passkey(InProcessBackend(llm), [1024], [50], 1, str(tmp_path),
+                               on_prefill=lambda done, total: seen.append((done, total)))
+    total = rows[0]["prompt_tokens"]
+    prefill = [d for d, t in seen if t == total and d < total]
+    assert prefill == list(range(256, total, 256))  # every step, in order, in tokens
+    assert seen[-1] == (total, total)

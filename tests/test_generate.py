@@ -10,7 +10,7 @@ from megactx import LLM, SamplingParams
 
 @pytest.fixture(scope="module")
 def llm(smollm2_path):
-    return LLM(smollm2_path, weight_dtype="fp32")  # exact comparisons with transformers in fp32
+    return LLM(smollm2_path, dtype="fp32", weight_dtype="fp32")  # exact comparisons with transformers in fp32
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_last_token_logits_and_32_token_greedy_match_transformers(llm, hf_smollm
 
 
 def test_default_fp16_weight_storage_stays_close_to_fp32(llm, smollm2_path):
-    fast = LLM(smollm2_path)  # auto: fp16 storage of the dequantized Q4_1 weights
+    fast = LLM(smollm2_path, dtype="fp32")  # auto: fp16 storage of the dequantized Q4_1 weights
     assert fast.engine.runner.weight_dtype == torch.float16
     ids = llm.tokenizer.encode(PROMPT * 20)
     ref = torch.cat([x for _, x in llm.engine.iter_logits(ids)])

@@ -55,7 +55,7 @@ def test_ppl_command_records_the_compute_dtype_and_sparse_setting(tiny_dir, tmp_
     import json
     from megactx.commands import main
     path = tiny_dir("qwen2", num_key_value_heads=2)
-    for extra, dtype, sparse in (([], "float32", False), (["--dtype", "bf16", "--sparse-threshold", "64"],
+    for extra, dtype, sparse in ((["--dtype", "fp32"], "float32", False), (["--dtype", "bf16", "--sparse-threshold", "64"],
                                                           "bfloat16", True)):
         out = tmp_path / f"{dtype}.json"
         assert main(["eval", "ppl", "--model", str(path), "--length", "150", "--bucket", "64", "--out", str(out),

@@ -33,6 +33,7 @@ def _same(a, b):
 
 def _engine(path, caching=True, **kw):
     kw.setdefault("max_model_len", 512)
+    kw.setdefault("dtype", "fp32")
     return LLM(path, block_size=16, max_num_batched_tokens=64, prefix_caching=caching, **kw)
 
 
@@ -137,9 +138,9 @@ def test_eviction_and_preemption_keep_the_results(qwen_path):
     readmitted from what is still cached; every output equals a roomy engine's."""
     prompts = [token_ids(60, seed=30 + i) for i in range(4)]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=1)
-    roomy = LLM(qwen_path, prefix_caching=False).generate(prompts, params)
+    roomy = LLM(qwen_path, dtype="fp32", prefix_caching=False).generate(prompts, params)
     bytes_per_token = 2 * 2 * 2 * 8 * 4  # layers x (k, v) x KV heads x head_dim x fp32
-    tight = LLM(qwen_path, block_size=16, max_model_len=128, kv_cache_memory=128 * 2 * bytes_per_token)
+    tight = LLM(qwen_path, dtype="fp32", block_size=16, max_model_len=128, kv_cache_memory=128 * 2 * bytes_per_token)
     outs = tight.generate(prompts, params)
     assert tight.engine.stats["preemptions"] > 0
     for a, b in zip(roomy, outs):

@@ -26,7 +26,7 @@ def start_server(*extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", MEGACTX_MAX_BODY_BYTES="1000000")
     proc = subprocess.Popen([sys.executable, "-m", "megactx.commands", "serve", "--port", str(port), "--api-key", KEY,
-                             "--max-model-len", "4096", "--max-num-batched-tokens", "512", "--max-num-seqs", "8",
+                             "--max-model-len", "4096", "--max-num-batched-tokens", "512", "--max-num-seqs", "8", "--dtype", "fp32",
                              *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
@@ -207,6 +207,11 @@ def test_prefill_progress_before_the_first_token(server, model):
     total = progress[0][1]
     assert len(progress) >= 3 and [p for p, _ in progress] == sorted(p for p, _ in progress)
     assert progress[0][0] == 512 and progress[-1][0] < total
+    # from the second line on: the speed and the time left, consistent with each other
+    speeds = [re.search(r"(\d+) tok/s, ETA (\d+) s$", l) for l in lines if l.startswith(": prefill")]
+    assert speeds[0] is None and all(speeds[1:])
+    for (done, _), m in zip(progress[1:], speeds[1:]):
+        assert int(m[1]) > 0 and abs(int(m[2]) - (total - done) / int(m[1])) <= 1
     assert metric(server, "megactx_prompt_tokens_computed") - computed_before == total  # every token computed once
     assert lines[-1] == "data: [DONE]"
     data = [json.loads(l[6:]) for l in lines if l.startswith("data: {")]

@@ -135,7 +135,7 @@ def test_engine_full_budgets_equal_dense_for_every_pattern(tiny_dir, tmp_path):
     ids = token_ids(300)
 
     def logits(**kw):
-        e = LLMEngine(EngineConfig.from_kwargs(path, max_num_batched_tokens=120, **kw))
+        e = LLMEngine(EngineConfig.from_kwargs(path, dtype="fp32", max_num_batched_tokens=120, **kw))
         probe = SparseProbe()
         e.observe_sparse(probe)
         return engine_logits(e, ids), probe
@@ -227,6 +227,6 @@ def test_kernel_block_height_follows_the_compute_dtype_unless_set(tiny_dir):
     from megactx.engine.llm_engine import LLMEngine
     path = tiny_dir("qwen2")
     for kw, rows in (({}, 256), ({"dtype": "bf16"}, 512), ({"dtype": "bf16", "sparse_block_size": 64}, 64)):
-        engine = LLMEngine(EngineConfig.from_kwargs(path, **kw))
+        engine = LLMEngine(EngineConfig.from_kwargs(path, **{"dtype": "fp32", **kw}))
         assert engine.sparse.block_size == rows
         assert engine.runner.backend.sparse.cfg.block_size == rows

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from megactx.attention.dense import attention
+from megactx.attention.kv_quant import SCALE_DTYPE, quantize
 from megactx.attention.merge import merge_attention
 from megactx.attention.sparse.kernel import KeySource
 from megactx.attention.sparse.prefill import SparsePrefill
@@ -36,7 +37,9 @@ class AttentionMetadata:
 
 
 class KVCacheTensors:
-    """Per layer: k, v of [Hkv, num_slots, D]; the slot axis inside each head keeps a sequence contiguous."""
+    """Per layer: k, v of [Hkv, num_slots, D]; the slot axis inside each head keeps a sequence contiguous.
+    dtype int8: k, v hold int8 and k_scale, v_scale [Hkv, num_slots, 1] one scale per head vector (kv_quant.py);
+    reads return them dequantized."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_slots: int,
                  dtype: torch.dtype, device: torch.device):
@@ -45,16 +48,37 @@ class KVCacheTensors:
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.dtype = dtype
+        self.k_scale = self.v_scale = None
+        if dtype == torch.int8:
+            shape = (num_kv_heads, num_slots, 1)
+            self.k_scale = [torch.empty(shape, dtype=SCALE_DTYPE, device=device) for _ in range(num_layers)]
+            self.v_scale = [torch.empty(shape, dtype=SCALE_DTYPE, device=device) for _ in range(num_layers)]
+
+    def tensors(self) -> dict[str, list[torch.Tensor]]:
+        """Every per-layer tensor by name (a block's copy on disk holds each of them)."""
+        out = {"k": self.k, "v": self.v}
+        if self.k_scale is not None:
+            out.update(k_scale=self.k_scale, v_scale=self.v_scale)
+        return out
 
     def write(self, layer: int, slots: torch.Tensor | slice, k: torch.Tensor, v: torch.Tensor) -> None:
         # slots: [T] or a slice (a plain copy, much cheaper than index_put), k/v: [T, Hkv, D]
-        self.k[layer][:, slots] = k.transpose(0, 1).to(self.dtype)
-        self.v[layer][:, slots] = v.transpose(0, 1).to(self.dtype)
+        if self.k_scale is None:
+            self.k[layer][:, slots] = k.transpose(0, 1).to(self.dtype)
+            self.v[layer][:, slots] = v.transpose(0, 1).to(self.dtype)
+            return
+        self.k[layer][:, slots], self.k_scale[layer][:, slots] = quantize(k.transpose(0, 1))
+        self.v[layer][:, slots], self.v_scale[layer][:, slots] = quantize(v.transpose(0, 1))
 
     def read(self, layer: int, slots: torch.Tensor | slice, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # -> k, v: [Hkv, m, D]; a view when slots is a slice and the dtype matches
-        k, v = self.k[layer][:, slots], self.v[layer][:, slots]
-        return k.to(dtype), v.to(dtype)
+        return self.source(layer, slots, dtype).span_all()
+
+    def source(self, layer: int, slots: torch.Tensor | slice, dtype: torch.dtype) -> KeySource:
+        """The keys of one sequence (slots: its positions' slots) in one layer, read in dtype."""
+        if self.k_scale is None:
+            return KeySource(self.k[layer], self.v[layer], slots, dtype)
+        return KeySource(self.k[layer], self.v[layer], slots, dtype, self.k_scale[layer], self.v_scale[layer])
 
 
 class DenseAttentionBackend:
@@ -138,7 +162,7 @@ class DenseAttentionBackend:
         return merge_attention([past[0], own[0]], [past[1], own[1]])
 
     def keys(self, layer: int, s: SeqAttention, dtype: torch.dtype) -> KeySource:
-        return KeySource(self.cache.k[layer], self.cache.v[layer], s.key_slots, dtype)
+        return self.cache.source(layer, s.key_slots, dtype)
 
 
 def _prefix(slots: torch.Tensor | slice, n: int) -> torch.Tensor | slice:

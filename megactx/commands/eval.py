@@ -41,6 +41,26 @@ def _bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="prompt", file=sys.stderr, dynamic_ncols=True)
 
 
+class PrefillBar:
+    """on_prefill for long prompts: a second bar, in tokens, with tqdm's rate and time left (a 1M-token prompt
+    computes for hours)."""
+    MIN_TOKENS = 8192
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+        if self.bar is None and total >= self.MIN_TOKENS and done < total:
+            self.bar = tqdm(total=total, initial=done, desc="prefill", unit="tok", unit_scale=True, file=sys.stderr,
+                            dynamic_ncols=True, leave=False)
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            if done >= total:
+                self.bar.close()
+                self.bar = None
+
+
 def cmd_passkey(args) -> int:
     from megactx.eval import passkey
     from megactx.eval.plots import passkey_heatmap
@@ -53,7 +73,7 @@ def cmd_passkey(args) -> int:
     backend = _open(args, lengths, passkey.MAX_NEW_TOKENS)
     with _bar(len(lengths) * len(depths) * args.trials, "passkey") as bar:
         rows = passkey.run_passkey(backend, lengths, depths, args.trials, args.out, seed=args.seed,
-                                   on_row=lambda row: bar.update(1))
+                                   on_row=lambda row: bar.update(1), on_prefill=PrefillBar())
     wanted = [r for r in rows if r["length"] in lengths and r["depth"] in depths and r["trial"] < args.trials]
     table = passkey.summarize(wanted)  # printed: the cells asked for
     # the folder's heatmap and summary cover every row in it, so a run of a few more cells does not hide the rest
@@ -80,7 +100,7 @@ def cmd_ruler(args) -> int:
     backend = _open(args, lengths, 0)
     with _bar(len(tasks) * len(lengths) * args.samples, "ruler") as bar:
         rows = ruler.run_ruler(backend, tasks, lengths, args.samples, args.out, seed=args.seed,
-                               on_row=lambda row: bar.update(1))
+                               on_row=lambda row: bar.update(1), on_prefill=PrefillBar())
     wanted = [r for r in rows if r["index"] < args.samples]
     summary = ruler.summarize(wanted, tasks, lengths)
     with open(os.path.join(args.out, "ruler_summary.json"), "w") as f:

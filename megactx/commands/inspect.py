@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from megactx.commands.flags import add_long_context_flags, engine_config
 from megactx.config import log_fmt_bytes
+from megactx.config.hardware import resolve_compute_dtype
 
 
 def add_parser(sub) -> None:
@@ -37,7 +38,9 @@ def describe(config, tokens: int | None = None) -> str:
     ]
     dca = config.dca.resolve(c)
     lines.append("dual chunk attn: " + (dca.describe() if dca else "off (turn on with --dca)"))
-    sparse = resolve_sparse(config.sparse, src.path, config.dtype)
+    _, compute, why = resolve_compute_dtype(config.dtype, config.device)
+    lines.append(f"compute dtype:    {compute}" + (f" (auto: {why})" if why else ""))
+    sparse = resolve_sparse(config.sparse, src.path, compute)
     lines.append("sparse prefill:   " + (sparse[0].describe() if sparse else "off (--no-sparse)"))
     for name, nbytes in (("fp32", 4), ("bf16/fp16", 2)):
         per = c.kv_bytes_per_token(nbytes)

@@ -27,7 +27,8 @@ class CacheConfig:
     block_size: int = setting(128, "tokens per KV block", cli=False)
     kv_cache_dtype: str = setting("auto", "auto (the compute dtype; bf16 when fp32 keys and values of one "
                                           "max-model-len sequence would take over half the available memory), "
-                                          "fp32, bf16, fp16")
+                                          "fp32, bf16, fp16, int8 (one scale per head vector: about half of bf16's "
+                                          "memory)")
     kv_cache_memory: str | int | None = setting(
         None, "KV cache size, e.g. 8GiB (default: enough for max-model-len x min(max-num-seqs, 4), at most 4 GiB)",
         type=str)
@@ -42,7 +43,8 @@ class CacheConfig:
     def __post_init__(self):
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
-        parse_dtype(self.kv_cache_dtype)
+        if self.kv_cache_dtype != "int8":
+            parse_dtype(self.kv_cache_dtype)
         if self.kv_cache_memory is not None:
             self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
         if self.kv_cache_disk_size is not None:
@@ -80,8 +82,9 @@ class EngineConfig:
 
     model: str | None = setting(None, "HF directory or .gguf file (default: the bundled SmolLM2)")
     tokenizer: str | None = setting(None, "tokenizer directory or file (default: the model's own)", cli=False)
-    dtype: str = setting("fp32", "compute dtype: fp32, bf16 (several times faster prefill on CPUs with AMX, "
-                                 "several times slower on CPUs without AVX512-BF16), fp16")
+    dtype: str = setting("auto", "compute dtype: auto (bf16 on CPUs with AMX, several times faster there; fp32 "
+                                 "on other CPUs: on AVX512-BF16 bf16 prefills 1.2-1.4x faster but decodes 2x "
+                                 "slower, without it bf16 is emulated), fp32, bf16, fp16")
     weight_dtype: str = setting("auto", "storage of the weight matrices: auto (fp16 for quantized GGUF on CPU, "
                                         "else --dtype), fp32, fp16, bf16")
     packed_weights: str = setting("auto", "an extra fp32 copy of the weights packed for oneDNN, for batched "

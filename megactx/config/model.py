@@ -53,8 +53,9 @@ class ModelConfig:
             return int(rs["original_max_position_embeddings"])
         return self.max_position_embeddings
 
-    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
-        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype_bytes
+    def kv_bytes_per_token(self, dtype_bytes: int, scale_bytes: int = 0) -> int:
+        """Keys and values of one token in all layers; scale_bytes: per head vector, for a quantized cache."""
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * (self.head_dim * dtype_bytes + scale_bytes)
 
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any], source: str = "config.json") -> "ModelConfig":

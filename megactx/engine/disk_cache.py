@@ -1,7 +1,8 @@
 """The prefix cache kept on disk: one safetensors file per full KV block, so a restarted engine reuses documents.
 
-    DIR/<salt>/<name>.safetensors    k, v: [layers, kv heads, block size, head dim] in the KV dtype
-                                     metadata: format, salt, name, blake2b checksum of k and v's bytes
+    DIR/<salt>/<name>.safetensors    k, v: [layers, kv heads, block size, head dim] in the KV dtype (an int8
+                                     cache: k_scale, v_scale [..., 1] too)
+                                     metadata: format, salt, name, blake2b checksum of the tensors' bytes
     DIR/<salt>/info.json             the model and settings of that salt, for people (`megactx cache ls`)
 
 A block's name (kv_cache.block_hash) is a chain over its tokens and all tokens before it, seeded by the salt
@@ -34,10 +35,10 @@ INFO = "info.json"
 DEFAULT_DISK_SHARE = 0.5  # default size limit: this share of the free space when the engine starts
 
 
-def checksum(k: torch.Tensor, v: torch.Tensor) -> str:
+def checksum(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.blake2b(digest_size=16)
-    for t in (k, v):
-        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    for name in sorted(tensors):
+        h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -102,12 +103,13 @@ class DiskKVCache:
     def __contains__(self, name: bytes) -> bool:
         return name in self.names
 
-    def write(self, name: bytes, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store one block (k, v: [L, Hkv, block, D]); an error turns writing off instead of failing the request."""
+    def write(self, name: bytes, tensors: dict[str, torch.Tensor]) -> None:
+        """Store one block (k, v: [L, Hkv, block, D], and scales); an error turns writing off instead of failing
+        the request."""
         if not self.writable or name in self.names:
             return
-        meta = {"format": FORMAT, "salt": self.salt, "name": name.hex(), "checksum": checksum(k, v)}
-        data = save({"k": k.contiguous(), "v": v.contiguous()}, metadata=meta)
+        meta = {"format": FORMAT, "salt": self.salt, "name": name.hex(), "checksum": checksum(tensors)}
+        data = save({key: t.contiguous() for key, t in tensors.items()}, metadata=meta)
         if len(data) > self.max_bytes:
             return
         self._make_room(len(data))
@@ -130,19 +132,20 @@ class DiskKVCache:
         self.names[name] = len(data)
         self.used += len(data)
 
-    def read(self, name: bytes) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The block's k, v, or None (with one warning, the file deleted) when it is damaged or not this salt's."""
+    def read(self, name: bytes) -> dict[str, torch.Tensor] | None:
+        """The block's tensors, or None (with one warning, the file deleted) when it is damaged or not this salt's."""
         path = self.path(name)
         try:
             with safe_open(path, "pt") as f:
                 meta = f.metadata() or {}
-                k, v = f.get_tensor("k"), f.get_tensor("v")
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+            k, v = tensors["k"], tensors["v"]
             problem = None
             if meta.get("format") != FORMAT or meta.get("salt") != self.salt or meta.get("name") != name.hex():
                 problem = "it holds another block, or comes from another model or other settings"
             elif tuple(k.shape) != self.shape or tuple(v.shape) != self.shape:
                 problem = f"its blocks have shape {tuple(k.shape)}, not {self.shape}"
-            elif meta.get("checksum") != checksum(k, v):
+            elif meta.get("checksum") != checksum(tensors):
                 problem = "its checksum does not match (damaged)"
         except FileNotFoundError:
             self._drop(name)
@@ -156,7 +159,7 @@ class DiskKVCache:
             return None
         os.utime(path)  # most recently used, also for the next engine's index
         self.names.move_to_end(name)
-        return k, v
+        return tensors
 
     def _drop(self, name: bytes, delete: bool = False) -> None:
         self.used -= self.names.pop(name, 0)

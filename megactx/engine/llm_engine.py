@@ -11,9 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
+from megactx.attention.kv_quant import SCALE_DTYPE
 from megactx.attention.sparse.patterns import resolve_sparse
 from megactx.attention.sparse.probe import SparseProbe
 from megactx.config import EngineConfig, ceil_div, log_fmt_bytes, parse_dtype
+from megactx.config.hardware import resolve_compute_dtype
 from megactx.engine.cache_salt import cache_salt
 from megactx.engine.detokenizer import IncrementalDetokenizer
 from megactx.engine.disk_cache import DiskKVCache
@@ -67,6 +69,8 @@ def kv_cache_dtype(name: str, compute: torch.dtype, model_config, max_model_len:
     """auto: the compute dtype, unless one max_model_len sequence's keys and values in it would take more than half
     the available memory; then bf16 (half of fp32's bytes; the 0.5B evaluation model at 1M tokens: 12.3 GB instead
     of 24.6), logged with the reason."""
+    if name == "int8":
+        return torch.int8
     chosen = parse_dtype(name)
     if chosen is not None:
         return chosen
@@ -100,13 +104,15 @@ class LLMEngine:
                 f"--allow-long-context runs plain RoPE anyway, for ablations)")
         if self.dca is not None:
             logger.info("Dual Chunk Attention: %s", self.dca.describe())
-        sparse = resolve_sparse(config.sparse, self.source.path, config.dtype)
+        compute, compute_name, why = resolve_compute_dtype(config.dtype, config.device)
+        if why:
+            logger.info("Compute dtype auto: %s, since %s (--dtype fp32 or bf16 chooses)", compute_name, why)
+        sparse = resolve_sparse(config.sparse, self.source.path, compute_name)
         self.sparse = sparse[0] if sparse else None  # the settings in effect
         if self.sparse is not None and self.max_model_len > self.sparse.threshold:
             logger.info("Sparse prefill: %s", self.sparse.describe())
-        dtype = kv_cache_dtype(cc.kv_cache_dtype, parse_dtype(config.dtype) or torch.float32, mc,
-                               self.max_model_len)
-        per_token = mc.kv_bytes_per_token(torch.finfo(dtype).bits // 8)
+        dtype = kv_cache_dtype(cc.kv_cache_dtype, compute, mc, self.max_model_len)
+        per_token = mc.kv_bytes_per_token(dtype.itemsize, SCALE_DTYPE.itemsize if dtype == torch.int8 else 0)
         need = per_token * ceil_div(self.max_model_len, cc.block_size) * cc.block_size
         if cc.kv_cache_memory is None:
             budget = max(need, min(DEFAULT_KV_BUDGET, need * min(sc.max_num_seqs, 4)))
@@ -120,7 +126,7 @@ class LLMEngine:
         num_blocks = budget // (per_token * cc.block_size)
         logger.info("KV cache: %d blocks of %d tokens (%s, %s)", num_blocks, cc.block_size,
                     log_fmt_bytes(num_blocks * cc.block_size * per_token), dtype)
-        self.runner = ModelRunner(self.source, config.dtype, config.device, num_blocks, cc.block_size,
+        self.runner = ModelRunner(self.source, compute_name, config.device, num_blocks, cc.block_size,
                                   str(dtype).removeprefix("torch."), config.weight_dtype, self.dca, sparse,
                                   config.packed_weights, sc.max_num_seqs)
         self.source.iter_weights = None  # drop the file mapping (a GGUF's pages would stay in RSS)
@@ -244,11 +250,13 @@ class LLMEngine:
             start = seq.num_computed_tokens
             self.stats["prompt_tokens_computed"] += max(0, min(start + ch.num_tokens, seq.num_prompt_tokens) - start)
             seq.num_computed_tokens += ch.num_tokens
+            if seq.prefill_mark is None:
+                seq.prefill_mark = (time.monotonic(), seq.num_computed_tokens)
             new_blocks = self.allocator.register(seq)
             if new_blocks and self.disk is not None and self.disk.writable:
                 start = time.perf_counter()
                 for block, name in new_blocks:
-                    self.disk.write(name, *self.runner.export_block(block))
+                    self.disk.write(name, self.runner.export_block(block))
                 self.stats["blocks_written"] += len(new_blocks)
                 self.stats["disk_seconds"] += time.perf_counter() - start
             req = self.requests[seq.request_id]
@@ -279,7 +287,7 @@ class LLMEngine:
                     if kv is None:
                         alloc.forget(name)
                         break
-                    self.runner.import_block(block, *kv)
+                    self.runner.import_block(block, kv)
                     self.stats["blocks_read"] += 1
                 else:
                     break
@@ -318,5 +326,6 @@ class LLMEngine:
         usage = Usage(len(req.prompt_token_ids), sum(s.num_output_tokens for s in req.seqs),
                       sum(s.num_cached_prompt_tokens for s in req.seqs))
         metrics = {"arrival": req.arrival, "first_token_time": min(first) if first else None,
-                   "prefill_done": min(min(s.num_computed_tokens, s.num_prompt_tokens) for s in req.seqs)}
+                   "prefill_done": min(min(s.num_computed_tokens, s.num_prompt_tokens) for s in req.seqs),
+                   "prefill_mark": req.seqs[0].prefill_mark}
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, usage, metrics)

@@ -10,6 +10,7 @@ from megactx.attention.dca import DualChunkAttentionBackend
 from megactx.attention.sparse.patterns import SparsePatterns
 from megactx.attention.sparse.prefill import SparsePrefill
 from megactx.config import DCAConfig, ModelConfig, SparseConfig, parse_dtype
+from megactx.config.hardware import cpu_has_native
 from megactx.engine.scheduler import ScheduledChunk
 from megactx.layers.linear import packing_available
 from megactx.layers.rotary import RotaryEmbedding
@@ -56,19 +57,6 @@ def resolve_weight_dtype(name: str, source: ModelSource, dtype: torch.dtype, dev
     return torch.float16 if source.quantized and device.type == "cpu" and dtype == torch.float32 else dtype
 
 
-def cpu_has_native(dtype: torch.dtype) -> bool:
-    """Whether this CPU multiplies `dtype` matrices natively: bf16 needs AVX512-BF16 or AMX, fp16 AMX-FP16.
-    Without them oneDNN and ATen convert element by element: measured on an AVX2-only CPU (2 threads), a bf16
-    linear of the 0.5B model's MLP shape (512 x 896 x 4864) ran at 17 GFLOP/s against 106 in fp32 (fp16 about
-    as slow), and a bf16 `@` of two 2048 x 2048 matrices at 0.3 GFLOP/s."""
-    if dtype == torch.float32:
-        return True
-    cpu = torch.cpu
-    if dtype == torch.bfloat16:
-        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
-    return bool(cpu._is_amx_fp16_supported())
-
-
 def warn_if_emulated(dtype: torch.dtype, device: torch.device) -> bool:
     """Log a warning when the compute dtype has no native support on this CPU (slower than fp32, not faster)."""
     if device.type != "cpu" or cpu_has_native(dtype):
@@ -96,7 +84,7 @@ class ModelRunner:
             logger.info("Packed weights for batched decoding: %.0f MiB", packed / 2**20)
         c = self.config
         self.block_size = block_size
-        self.kv_dtype = parse_dtype(kv_dtype) or self.dtype
+        self.kv_dtype = torch.int8 if kv_dtype == "int8" else parse_dtype(kv_dtype) or self.dtype
         self.dca = dca
         cache = KVCacheTensors(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, num_blocks * block_size,
                                self.kv_dtype, self.device)
@@ -109,19 +97,18 @@ class ModelRunner:
         else:
             self.backend = DualChunkAttentionBackend(*heads, cache, dca, self.model.rotary, prefill)
 
-    def export_block(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A copy of one KV block: k, v [layers, Hkv, block_size, D] (the prefix cache on disk)."""
+    def export_block(self, block: int) -> dict[str, torch.Tensor]:
+        """A copy of one KV block: k, v [layers, Hkv, block_size, D] (and an int8 cache's scales [..., 1])."""
         s = slice(block * self.block_size, (block + 1) * self.block_size)
-        cache = self.backend.cache
-        return torch.stack([k[:, s] for k in cache.k]).cpu(), torch.stack([v[:, s] for v in cache.v]).cpu()
+        return {name: torch.stack([t[:, s] for t in per_layer]).cpu()
+                for name, per_layer in self.backend.cache.tensors().items()}
 
-    def import_block(self, block: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write a block read back from disk (shapes as export_block's)."""
+    def import_block(self, block: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Write a block read back from disk (as export_block gives it)."""
         s = slice(block * self.block_size, (block + 1) * self.block_size)
-        cache = self.backend.cache
-        for layer in range(len(cache.k)):
-            cache.k[layer][:, s] = k[layer]
-            cache.v[layer][:, s] = v[layer]
+        for name, per_layer in self.backend.cache.tensors().items():
+            for layer, t in enumerate(per_layer):
+                t[:, s] = tensors[name][layer]
 
     def prepare(self, chunks: list[ScheduledChunk]):
         ids, positions, slot_parts, seqs, last_rows = [], [], [], [], []

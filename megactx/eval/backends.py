@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 from megactx.errors import MegactxError
+
+PREFILL_COMMENT = re.compile(r": prefill (\d+)/(\d+)")  # the server's progress lines (megactx/server/responses.py)
 
 
 @dataclass(slots=True)
@@ -25,13 +28,16 @@ class Answer:
     prefill_tok_s: float
 
 
+Progress = Callable[[int, int], None]  # on_prefill(prompt tokens ready, prompt tokens) while a prompt is computed
+
+
 class Backend(Protocol):
     name: str
     max_model_len: int | None  # prompt + generated tokens the target accepts (None: unknown)
 
     def render(self, user_text: str, answer_prefix: str = "") -> list[int]: ...
     def count(self, user_text: str, answer_prefix: str = "") -> int: ...
-    def generate(self, prompt_ids: list[int], max_tokens: int) -> Answer: ...
+    def generate(self, prompt_ids: list[int], max_tokens: int, on_prefill: Progress | None = None) -> Answer: ...
 
 
 class InProcessBackend:
@@ -55,10 +61,14 @@ class InProcessBackend:
             return user_text
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
-    def generate(self, prompt_ids: list[int], max_tokens: int) -> Answer:
+    def generate(self, prompt_ids: list[int], max_tokens: int, on_prefill: Progress | None = None) -> Answer:
         from megactx.sampling import SamplingParams
         start = time.perf_counter()
-        out = self.llm.generate(prompt_ids, SamplingParams(temperature=0.0, max_tokens=max_tokens))[0]
+
+        def step(outputs):
+            if on_prefill and outputs:
+                on_prefill(outputs[0].metrics.get("prefill_done", 0), len(prompt_ids))
+        out = self.llm.generate(prompt_ids, SamplingParams(temperature=0.0, max_tokens=max_tokens), on_step=step)[0]
         m = out.metrics
         ttft = (m["first_token_time"] - m["arrival"]) if m.get("first_token_time") else time.perf_counter() - start
         return Answer(out.text, ttft, len(prompt_ids), len(prompt_ids) / max(ttft, 1e-9))
@@ -101,7 +111,7 @@ class ServerBackend:
     def count(self, user_text: str, answer_prefix: str = "") -> int:
         return len(self.render(user_text, answer_prefix))
 
-    def generate(self, prompt_ids: list[int], max_tokens: int) -> Answer:
+    def generate(self, prompt_ids: list[int], max_tokens: int, on_prefill: Progress | None = None) -> Answer:
         body = {"model": self.model, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0.0,
                 "stream": True}
         start, first, text = time.perf_counter(), None, ""
@@ -109,6 +119,9 @@ class ServerBackend:
             if r.status_code != 200:
                 raise MegactxError(f"/v1/completions: the server answered {r.status_code}: {r.read()[:300]!r}")
             for line in r.iter_lines():
+                progress = PREFILL_COMMENT.match(line)
+                if progress and on_prefill:
+                    on_prefill(int(progress[1]), int(progress[2]))
                 if not line.startswith("data: {"):
                     continue
                 for choice in json.loads(line[6:]).get("choices", []):

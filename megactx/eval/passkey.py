@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from megactx.eval.backends import Backend
+from megactx.eval.backends import Backend, Progress
 from megactx.eval.fitting import largest_fitting
 from megactx.eval.results import ResultLog
 
@@ -59,7 +59,8 @@ class Cell:
 
 
 def run_passkey(backend: Backend, lengths: list[int], depths: list[int], trials: int, out_dir: str,
-                seed: int = 0, on_row: Callable[[dict | None], None] | None = None) -> list[dict]:
+                seed: int = 0, on_row: Callable[[dict | None], None] | None = None,
+                on_prefill: Progress | None = None) -> list[dict]:
     """Run every cell not already in out_dir/passkey.jsonl; return all rows (old and new).
     on_row(row) is called after each cell (row None: a cell skipped because it was done)."""
     guess: dict[int, int] = {}
@@ -69,11 +70,12 @@ def run_passkey(backend: Backend, lengths: list[int], depths: list[int], trials:
             for depth in depths:
                 for trial in range(trials):
                     if not log.skip((length, depth, trial)):
-                        log.add(run_cell(backend, Cell(length, depth, trial), seed, guess))
+                        log.add(run_cell(backend, Cell(length, depth, trial), seed, guess, on_prefill))
     return log.rows
 
 
-def run_cell(backend: Backend, cell: Cell, seed: int, guess: dict[int, int]) -> dict:
+def run_cell(backend: Backend, cell: Cell, seed: int, guess: dict[int, int],
+             on_prefill: Progress | None = None) -> dict:
     key = make_key(seed, cell.length, cell.depth, cell.trial)
     target = cell.length
     if backend.max_model_len and target + MAX_NEW_TOKENS > backend.max_model_len:
@@ -84,7 +86,7 @@ def run_cell(backend: Backend, cell: Cell, seed: int, guess: dict[int, int]) -> 
                         guess.get(cell.length))
     guess[cell.length] = n
     ids = backend.render(build_prompt(n, cell.depth, key))
-    answer = backend.generate(ids, MAX_NEW_TOKENS)
+    answer = backend.generate(ids, MAX_NEW_TOKENS, on_prefill)
     correct, found = score(answer.text, key)
     logger.info("passkey length %d depth %d trial %d: %s (%d prompt tokens, TTFT %.1f s)", cell.length,
                 cell.depth, cell.trial, "ok" if correct else "wrong", len(ids), answer.ttft_s)

@@ -13,7 +13,7 @@ import random
 from typing import Callable
 
 from megactx.errors import MegactxError
-from megactx.eval.backends import Backend
+from megactx.eval.backends import Backend, Progress
 from megactx.eval.fitting import largest_fitting
 from megactx.eval.results import ResultLog
 from megactx.eval.ruler_tasks import TASKS, Sample, Task
@@ -57,7 +57,7 @@ def build_sample(backend: Backend, task: Task, length: int, index: int, seed: in
 
 
 def run_ruler(backend: Backend, tasks: list[str], lengths: list[int], samples: int, out_dir: str, seed: int = 0,
-              on_row: Callable[[dict | None], None] | None = None) -> list[dict]:
+              on_row: Callable[[dict | None], None] | None = None, on_prefill: Progress | None = None) -> list[dict]:
     sizes: dict[tuple[str, int], int] = {}
     with ResultLog(os.path.join(out_dir, "ruler.jsonl"), lambda r: (r["task"], r["length"], r["index"]),
                    on_row) as log:
@@ -68,7 +68,7 @@ def run_ruler(backend: Backend, tasks: list[str], lengths: list[int], samples: i
                     if log.skip((name, length, index)):
                         continue
                     sample, ids = build_sample(backend, task, length, index, seed, sizes)
-                    answer = backend.generate(ids, task.tokens_to_generate)
+                    answer = backend.generate(ids, task.tokens_to_generate, on_prefill)
                     prediction = postprocess(answer.text)
                     score = METRICS[task.metric]([prediction], [sample.outputs])
                     logger.info("ruler %s length %d sample %d: %.0f", name, length, index, score)

@@ -1,14 +1,15 @@
 """OpenAI response shapes: chat.completion(.chunk), text_completion, usage, logprobs, SSE framing.
 
 Prefill progress: before the first token of a streamed response the server sends SSE comment lines
-`: prefill <computed>/<prompt tokens>`, which SSE clients (the openai package included) ignore.
+`: prefill <ready>/<prompt tokens> (<cached> cached) <rate> tok/s, ETA <seconds> s` (the parts in brackets
+when known), which SSE clients (the openai package included) ignore.
 """
 from __future__ import annotations
 
 import json
 import time
 
-from megactx.outputs import CompletionOutput, RequestOutput
+from megactx.outputs import CompletionOutput, RequestOutput, prefill_rate
 
 
 def sse(obj) -> str:
@@ -19,9 +20,12 @@ SSE_DONE = "data: [DONE]\n\n"
 
 
 def prefill_comment(out: RequestOutput) -> str:
-    """`: prefill DONE/TOTAL (CACHED cached)`: prompt tokens ready, of which taken from the prefix cache."""
+    """`: prefill DONE/TOTAL (CACHED cached) RATE tok/s, ETA S s`: prompt tokens ready, of which taken from the
+    prefix cache, and the speed of the computed part with the time left once two steps have run."""
     cached = f" ({out.usage.cached_tokens} cached)" if out.usage.cached_tokens else ""
-    return f": prefill {out.metrics.get('prefill_done', 0)}/{len(out.prompt_token_ids)}{cached}\n\n"
+    rate = prefill_rate(out)
+    speed = f" {rate[0]:.0f} tok/s, ETA {rate[1]:.0f} s" if rate else ""
+    return f": prefill {out.metrics.get('prefill_done', 0)}/{len(out.prompt_token_ids)}{cached}{speed}\n\n"
 
 
 def usage_dict(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from megactx.attention.dense import flash_cpu
+from megactx.attention.kv_quant import dequantize
 from megactx.attention.merge import merge_attention
 from megactx.attention.sparse.kernel import KeySource, own_blocks, sparse_attention
 from megactx.attention.sparse.plan import Plan, block_starts
@@ -137,8 +138,13 @@ def _attend_entries(q_entries: torch.Tensor, bounds: torch.Tensor, entry: torch.
         # [B, w] index into pos; the padding repeats the entry's last key and is masked out
         at = entry_first[batch][:, None] + torch.minimum(j[None], entry_len[batch][:, None] - 1)
         flat = (kv_of_entry[batch][:, None] * num_slots + slots[at]).flatten().to(keys.k.device)
-        k = k_flat.index_select(0, flat).view(len(batch), 1, w, d).to(keys.dtype)
-        v = v_flat.index_select(0, flat).view(len(batch), 1, w, d).to(keys.dtype)
+        k = k_flat.index_select(0, flat).view(len(batch), 1, w, d)
+        v = v_flat.index_select(0, flat).view(len(batch), 1, w, d)
+        if keys.k_scale is None:
+            k, v = k.to(keys.dtype), v.to(keys.dtype)
+        else:  # an int8 cache: the scales of the same slots (contiguous too)
+            k = dequantize(k, keys.k_scale.view(-1, 1).index_select(0, flat).view(len(batch), 1, w, 1), keys.dtype)
+            v = dequantize(v, keys.v_scale.view(-1, 1).index_select(0, flat).view(len(batch), 1, w, 1), keys.dtype)
         mask = None
         if bool((entry_len[batch] < w).any()):
             mask = torch.zeros(len(batch), 1, 1, w, device=q_entries.device)  # fp32 for bf16 queries too

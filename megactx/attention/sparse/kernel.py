@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from megactx.attention.dense import attention
+from megactx.attention.kv_quant import dequantize
 from megactx.attention.merge import merge_attention
 from megactx.attention.sparse.plan import BlockKeys, Plan, block_starts
 
@@ -36,23 +37,34 @@ MIN_VIEW_BLOCKS = 8  # narrower spans are gathered with the columns into one cal
 
 
 class KeySource:
-    """One sequence's keys and values in the paged cache: k, v [Hkv, slots, D] and the slots of positions 0..."""
+    """One sequence's keys and values in the paged cache: k, v [Hkv, slots, D] and the slots of positions 0...
+    An int8 cache gives k_scale, v_scale [Hkv, slots, 1] too: what is read is dequantized (kv_quant.py)."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor | slice, dtype: torch.dtype):
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor | slice, dtype: torch.dtype,
+                 k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None):
         self.k, self.v, self.slots, self.dtype = k, v, slots, dtype
+        self.k_scale, self.v_scale = k_scale, v_scale
+
+    def _read(self, heads, s) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k_scale is None:
+            return self.k[heads, s].to(self.dtype), self.v[heads, s].to(self.dtype)
+        return (dequantize(self.k[heads, s], self.k_scale[heads, s], self.dtype),
+                dequantize(self.v[heads, s], self.v_scale[heads, s], self.dtype))
+
+    def span_all(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # -> k, v [Hkv, m, D] of all the slots
+        return self._read(slice(None), self.slots)
 
     def span(self, lo: int, hi: int, kv_head: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         # -> k, v [Hkv, hi - lo, D] (or [1, hi - lo, D] of one KV head): views when the slots are contiguous
         s = slice(self.slots.start + lo, self.slots.start + hi) if isinstance(self.slots, slice) else self.slots[lo:hi]
         heads = slice(None) if kv_head is None else slice(kv_head, kv_head + 1)
-        return self.k[heads, s].to(self.dtype), self.v[heads, s].to(self.dtype)
+        return self._read(heads, s)
 
     def take(self, kv_head: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # idx: [m] positions -> k, v [1, m, D]
         slots = idx + self.slots.start if isinstance(self.slots, slice) else self.slots[idx]
-        slots = slots.to(self.k.device)
-        return (self.k[kv_head].index_select(0, slots).to(self.dtype)[None],
-                self.v[kv_head].index_select(0, slots).to(self.dtype)[None])
+        return self._read(slice(kv_head, kv_head + 1), slots.to(self.k.device))
 
 
 def shared_keys(blocks: list[BlockKeys]) -> tuple[list[tuple[int, int]], torch.Tensor]:
