@@ -49,10 +49,11 @@ def _passkey(folder: str) -> list[dict]:
 
 
 def _cpu(flags: str) -> str:
-    """'2 cores, avx2, avx512f, avx512_bf16' -> 'AVX512 with BF16, no AMX'."""
-    base = "AVX512" if "avx512f" in flags else "AVX2"
-    extra = " with BF16" if "avx512_bf16" in flags else ""
-    return f"{base}{extra}, {'AMX' if 'amx_tile' in flags else 'no AMX'}"
+    """'2 cores, AVX2 AVX512 AVX512-BF16' (or /proc/cpuinfo's names) -> 'AVX512 with BF16, no AMX'."""
+    words = set(flags.lower().replace(",", " ").replace("-", "_").split())
+    base = "AVX512" if words & {"avx512f", "avx512"} else "AVX2"
+    extra = " with BF16" if "avx512_bf16" in words else ""
+    return f"{base}{extra}, {'AMX' if words & {'amx_tile', 'amx'} else 'no AMX'}"
 
 
 def _prefix_cache_rows() -> list[str]:

@@ -19,7 +19,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import random
 import tempfile
 import time
@@ -28,17 +27,12 @@ import torch
 
 from megactx import LLM, SamplingParams
 from megactx.eval.ppl import document_ids
+from megactx.config.hardware import cpu_summary
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 QUESTIONS = ["\n\nWhich module of the text above defines the most classes?",
              "\n\nName three functions from the text above that open files.",
              "\n\nWhat does the first function in the text above return?"]
-
-
-def cpu_flags() -> str:
-    flags = open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0].split() if platform.system() == "Linux" else []
-    have = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f in flags]
-    return f"{os.cpu_count()} cores, " + ", ".join(have)
 
 
 def ttft(out) -> float:
@@ -158,7 +152,7 @@ def main() -> None:
     common = {"dtype": args.dtype, "max_num_batched_tokens": args.max_num_batched_tokens}
     if args.dca:
         common.update(dca=True, max_model_len=args.length + 1024)
-    meta = {"model": os.path.basename(args.model or "SmolLM2-135M (bundled)"), "cpu": cpu_flags(),
+    meta = {"model": os.path.basename(args.model or "SmolLM2-135M (bundled)"), "cpu": cpu_summary(),
             "dtype": args.dtype, "dca": args.dca, "torch_threads": torch.get_num_threads()}
     for part in args.parts.split(","):
         start = time.perf_counter()

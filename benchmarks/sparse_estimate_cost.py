@@ -18,14 +18,9 @@ import torch
 
 from megactx.attention.sparse.coarse import coarse_to_fine_scores
 from megactx.attention.sparse.pooled import pooled_scores
+from megactx.config.hardware import cpu_summary
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def cpu_flags() -> str:
-    flags = open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0].split()
-    return f"{os.cpu_count()} cores, " + ", ".join(
-        f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f in flags)
 
 
 def best_of(fn, repeats: int) -> float:
@@ -56,7 +51,7 @@ def main() -> None:
         rows.append({"keys": m, "pooled_s": round(flat, 4), "coarse_s": round(two_step, 4),
                      "ratio": round(flat / two_step, 2)})
         print(f"{m:9d}  {flat:9.3f}  {two_step:9.3f}  {flat / two_step:.2f}x", flush=True)
-    result = {"cpu": cpu_flags(), "threads": torch.get_num_threads(), "chunk": args.chunk, "refine": args.refine,
+    result = {"cpu": cpu_summary(), "threads": torch.get_num_threads(), "chunk": args.chunk, "refine": args.refine,
               "rows": rows}
     with open(os.path.join(HERE, "results", "sparse_estimate_cost.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -56,7 +56,7 @@ def test_chat_missing_attachment_is_a_clear_error(tmp_path):
 def test_bench_ttft_json_rows_and_eval_input_errors(tmp_path):
     import json
 
-    import torch
+    from megactx.config.hardware import cpu_summary
     bad = tmp_path / "bad.json"
     bad.write_text('[{"0": ["diagonal", 1, 2, 0]}]')
     # each row is a fresh process loading the model (peak memory is per row), so one length only
@@ -68,7 +68,9 @@ def test_bench_ttft_json_rows_and_eval_input_errors(tmp_path):
     assert all(set(x) == {"engine", "mode", "dtype", "length", "ttft_s", "prefill_tok_s", "peak_rss_mb", "cpu"}
                for x in rows)
     # each row names the CPU's kernels: the ratios differ between AVX2 and AVX512 machines
-    assert {x["cpu"] for x in rows} == {torch.backends.cpu.get_cpu_capability()}
+    assert {x["cpu"] for x in rows} == {cpu_summary()}
+    flags = open("/proc/cpuinfo").read()
+    assert ("AVX512-BF16" in rows[0]["cpu"]) == (" avx512_bf16" in flags) and ("AMX" in rows[0]["cpu"]) == (" amx_tile" in flags)
     assert all(x["ttft_s"] > 0 and x["peak_rss_mb"] > 100 for x in rows)
     for args, message in [(["eval", "passkey", "--lengths", "4x", "--out", str(tmp_path)], "'4x' is not a number"),
                           (["eval", "ruler", "--tasks", "qa_1", "--out", str(tmp_path)], "unknown RULER task 'qa_1'"),

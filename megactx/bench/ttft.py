@@ -144,10 +144,10 @@ def measure(engine: str, mode: str, length: int, args, dtype: str = "fp32") -> d
 
 
 def cpu_capability() -> str:
-    """The vector instructions torch's CPU kernels use here (AVX2, AVX512, ...), recorded with every row: the
+    """The cores and vector extensions here ('2 cores, AVX2 AVX512 AVX512-BF16'), recorded with every row: the
     ratios between dtypes, and between attention and the matmuls, differ from one CPU to another."""
-    import torch
-    return torch.backends.cpu.get_cpu_capability()
+    from megactx.config.hardware import cpu_summary
+    return cpu_summary()
 
 
 def run(args) -> list[dict]:
