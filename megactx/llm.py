@@ -50,6 +50,10 @@ class LLM:
         try:
             while len(final) < len(request_ids):
                 outputs = self.engine.step()
+                for rid, error in self.engine.failures:
+                    if rid in request_ids:
+                        raise RuntimeError(f"request {rid}: sampling failed: {error}") from error
+                self.engine.failures.clear()
                 if on_step:
                     on_step(outputs)
                 for out in outputs:

@@ -1,8 +1,11 @@
 """Sampling parameters and the sampler (logits processors + token choice).
 
-Order, as in vLLM / transformers: penalties on the raw logits, then temperature, top-k, top-p, min-p, and a
-draw from the resulting distribution with the request's own torch.Generator (same seed, same output, whatever
-else is in the batch). Temperature 0 is greedy. Logprobs are those of the raw model distribution.
+Order, as in vLLM / transformers: logit_bias and penalties on the raw logits, then temperature, top-k, top-p,
+min-p, and a draw from the resulting distribution with the request's own torch.Generator. A temperature below
+GREEDY_BELOW is greedy (as in vLLM: dividing by 1e-45 overflows). Every accepted value stays finite: a penalty
+that overflows a logit makes it the largest finite one, so a request can never produce NaN probabilities; and
+sample() fails only the row whose sampling raised, never its batch. Logprobs are those of the raw model
+distribution.
 """
 from __future__ import annotations
 
@@ -11,6 +14,9 @@ from dataclasses import dataclass, field
 import torch
 
 from megactx.errors import RequestError
+
+GREEDY_BELOW = 1e-5
+SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 @dataclass(slots=True)
@@ -31,6 +37,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None = off; k >= 0: chosen token's logprob and the top k
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -47,6 +54,9 @@ class SamplingParams:
             (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
             (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
+            (self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
+             f"seed must be in [-2**63, 2**64 - 1], got {self.seed}"),
+            (all(-100 <= b <= 100 for b in self.logit_bias.values()), "logit_bias values must be in [-100, 100]"),
         ]
         for ok, message in checks:
             if not ok:
@@ -54,7 +64,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass(slots=True)
@@ -88,6 +98,7 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         sorted_logits, order = torch.sort(logits, descending=True)
         cum = torch.softmax(sorted_logits, -1).cumsum(-1)
         drop = cum - torch.softmax(sorted_logits, -1) >= params.top_p  # keep the smallest set reaching top_p
+        drop[0] = False  # and always the most likely token (a top_p below fp32's range, 1e-300, is 0 there)
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     if params.min_p > 0:
         probs = torch.softmax(logits, -1)
@@ -95,15 +106,28 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
+    # logits: [V] (modified in place); ids outside the vocabulary were refused with the request
+    if bias:
+        logits[torch.tensor(list(bias), dtype=torch.long)] += torch.tensor(list(bias.values()), dtype=logits.dtype)
+    return logits
+
+
+def finite(logits: torch.Tensor) -> torch.Tensor:
+    """+inf (a penalty of 1e-300, a tiny temperature) -> the largest finite value; NaN -> -inf (never chosen)."""
+    return torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
+
+
 def sample_one(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int],
                generator: torch.Generator | None) -> SampledToken:
     # logits: [V] fp32, raw from the model
     raw = logits
-    logits = apply_penalties(logits.clone(), params, prompt_ids, output_ids)
+    logits = finite(apply_penalties(apply_logit_bias(logits.clone(), params.logit_bias), params, prompt_ids,
+                                    output_ids))
     if params.greedy:
         token = int(torch.argmax(logits))
     else:
-        logits = filter_logits(logits / params.temperature, params)
+        logits = filter_logits(finite(logits / params.temperature), params)
         probs = torch.softmax(logits, -1)
         token = int(torch.multinomial(probs, 1, generator=generator))
     if params.logprobs is None:
@@ -116,8 +140,14 @@ def sample_one(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[in
     return SampledToken(token, float(logprobs[token]), top)
 
 
-def sample(logits: torch.Tensor, seqs) -> list[SampledToken]:
-    """One token per row; seqs[i] carries .params, .prompt_token_ids, .output_token_ids, .generator."""
+def sample(logits: torch.Tensor, seqs) -> list[SampledToken | Exception]:
+    """One token per row; seqs[i] carries .params, .prompt_token_ids, .output_token_ids, .generator. A row whose
+    sampling raises gets its exception in its place: it fails that request only."""
     # logits: [B, V]
-    return [sample_one(logits[i], s.params, s.prompt_token_ids, s.output_token_ids, s.generator)
-            for i, s in enumerate(seqs)]
+    out = []
+    for i, s in enumerate(seqs):
+        try:
+            out.append(sample_one(logits[i], s.params, s.prompt_token_ids, s.output_token_ids, s.generator))
+        except Exception as e:  # noqa: BLE001 -- reported to that request, the batch goes on
+            out.append(e)
+    return out

@@ -20,7 +20,11 @@ def run(args) -> int:
 
     from megactx.server.app import create_app
     server = server_config(args)
-    app = create_app(engine_config(args), server.served_model_name, server.api_key)
+    app = create_app(engine_config(args), server.served_model_name, server.api_key, server=server)
     logger.info("serving on http://%s:%d", server.host, server.port)
-    uvicorn.run(app, host=server.host, port=server.port, log_level="info" if args.verbose else "warning")
+    http = uvicorn.Server(uvicorn.Config(app, host=server.host, port=server.port,
+                                         log_level="info" if args.verbose else "warning"))
+    # a model that cannot load ends the server (exit code 2) instead of answering 503 forever
+    app.state.megactx.on_fatal = lambda: setattr(http, "should_exit", True)
+    http.run()
     return 2 if app.state.megactx.load_error else 0

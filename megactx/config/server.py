@@ -18,6 +18,8 @@ class ServerConfig:
     api_key: str | None = setting(None, "require 'Authorization: Bearer KEY' on every endpoint but /health and "
                                         "/metrics")
     served_model_name: str | None = setting(None, "the model's name in the API (default: the file's name)")
+    allowed_origins: str | None = setting(None, "comma list of origins whose web pages may call the API (CORS), "
+                                                "e.g. http://localhost:3000, or * for any; off by default")
 
     def __post_init__(self):
         if not 0 <= self.port < 65536:

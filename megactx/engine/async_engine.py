@@ -97,6 +97,9 @@ class AsyncEngine:
                     self.engine.abort(seq.request_id)
                     self._fail(seq.request_id, EngineError(f"internal error while computing this request: {e}"))
                 continue
+            while self.engine.failures:
+                rid, error = self.engine.failures.pop()
+                self._fail(rid, EngineError(f"sampling failed for this request: {error}"))
             for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if stream is not None:

@@ -147,6 +147,9 @@ class LLMEngine:
                                   f"directory") from None
         self.scheduler = Scheduler(sc, self.allocator)
         self.requests: dict[str, Request] = {}
+        # (request id, exception) of requests that failed alone (their sampling raised), for the caller to report:
+        # AsyncEngine fails their streams, LLM.generate raises
+        self.failures: list[tuple[str, Exception]] = []
         self._next_id = 0
         # prompt tokens computed by the model (again after a preemption) vs taken from a cache; blocks moved to
         # and from the disk cache, and the time spent doing it
@@ -169,7 +172,7 @@ class LLMEngine:
         for i in range(params.n):
             gen = None
             if params.seed is not None:
-                gen = torch.Generator().manual_seed(params.seed + i)
+                gen = torch.Generator().manual_seed((params.seed + i) % 2**64)
             seqs.append(Sequence(request_id, i, ids, params, generator=gen, arrival=now))
         self.requests[request_id] = Request(request_id, text, ids, seqs,
                                             [IncrementalDetokenizer(self.tokenizer, s) for s in seqs], now)
@@ -184,6 +187,9 @@ class LLMEngine:
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise RequestError(f"prompt token id {bad[0]} is out of range for a vocabulary of {vocab}")
+        bad = [t for t in params.logit_bias if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"logit_bias token id {bad[0]} is out of range for a vocabulary of {vocab}")
         limit = self.max_model_len
         if len(ids) >= limit:
             raise RequestError(f"the prompt has {len(ids)} tokens; this model's maximum context length is "
@@ -244,6 +250,7 @@ class LLMEngine:
         it = iter(tokens)
         self.stats["prompt_tokens_cached"] += plan.cached_tokens
         self.stats["preemptions"] += len(plan.preempted)
+        failed: dict[str, Exception] = {}
         for ch in plan.chunks:
             seq = ch.seq
             completes = ch.completes
@@ -262,7 +269,16 @@ class LLMEngine:
             req = self.requests[seq.request_id]
             touched[req.request_id] = req
             if completes:
-                self.append_token(req, seq, next(it))
+                token = next(it)
+                if isinstance(token, Exception):
+                    failed[req.request_id] = token
+                elif req.request_id not in failed:
+                    self.append_token(req, seq, token)
+        for request_id, error in failed.items():  # that request ends; the others in the step go on
+            logger.warning("request %s failed while sampling: %s", request_id, error)
+            self.abort(request_id)
+            touched.pop(request_id, None)
+            self.failures.append((request_id, error))
         outputs = [self.make_output(r) for r in touched.values()]
         for out in outputs:
             if out.finished:

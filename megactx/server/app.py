@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP server (FastAPI + uvicorn).
 
-Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health (503 while the model
-loads), POST /tokenize, POST /detokenize, GET /metrics (Prometheus). Errors are OpenAI-style JSON bodies.
+Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}], GET|HEAD /health (503 while
+the model loads), GET /version, POST /tokenize, POST /detokenize, GET /metrics (Prometheus). Errors are
+OpenAI-style JSON bodies. Every response carries X-Request-Id (the client's, when it sent one).
 """
 from __future__ import annotations
 
@@ -18,16 +19,27 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from megactx.config import EngineConfig
+from fastapi.middleware.cors import CORSMiddleware
+
+from megactx import __version__
+from megactx.config import EngineConfig, ServerConfig
 from megactx.engine.async_engine import AsyncEngine, EngineError
 from megactx.errors import MegactxError
+from megactx.server.limits import RequestLimits
 from megactx.server.metrics import ServerMetrics
-from megactx.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from megactx.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+                                     chat_messages, clean_text)
 from megactx.server.responses import ResponseBuilder, error_body
 from megactx.server.streaming import collect, stream
 
 logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = int(os.environ.get("MEGACTX_MAX_BODY_BYTES", 64 * 2**20))  # a 1M-token prompt is ~4 MB of text
+MAX_CHARS_PER_TOKEN = 32  # text longer than the context x this cannot fit (tokens average 3-5 characters)
+
+
+def _union_branch(part) -> bool:
+    """pydantic's names of a union's branches in an error location ('str', 'list[ContentPart]')."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "list", "dict") or "[" in part)
 
 
 class ApiError(Exception):
@@ -43,6 +55,7 @@ class ServerState:
         self.engine: AsyncEngine | None = None
         self.load_error: str | None = None
         self.metrics = ServerMetrics()
+        self.on_fatal = None  # called when the model cannot load (`megactx serve` stops the server)
 
     def load(self) -> None:
         from megactx.engine.llm_engine import LLMEngine
@@ -51,6 +64,8 @@ class ServerState:
         except MegactxError as e:
             self.load_error = str(e)
             logger.error("cannot load the model: %s", e)
+            if self.on_fatal is not None:
+                self.on_fatal()
             return
         if self.served_name is None:
             self.served_name = os.path.basename(engine.source.path.rstrip("/")).removesuffix(".gguf")
@@ -71,10 +86,15 @@ class ServerState:
 
 
 def create_app(config: EngineConfig, served_name: str | None = None, api_key: str | None = None,
-               load_in_background: bool = True) -> FastAPI:
+               load_in_background: bool = True, server: ServerConfig | None = None) -> FastAPI:
     state = ServerState(config, served_name, api_key)
-    app = FastAPI(title="megactx", version="0.1.0")
+    app = FastAPI(title="megactx", version=__version__)
     app.state.megactx = state
+    app.add_middleware(RequestLimits, max_body_bytes=MAX_BODY_BYTES)
+    if server is not None and server.allowed_origins:
+        origins = [o.strip() for o in server.allowed_origins.split(",") if o.strip()]
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"],
+                           expose_headers=["X-Request-Id"])
     if load_in_background:
         threading.Thread(target=state.load, name="megactx-load", daemon=True).start()
     else:
@@ -82,15 +102,17 @@ def create_app(config: EngineConfig, served_name: str | None = None, api_key: st
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            return JSONResponse(error_body(f"request body of {length} bytes exceeds the limit of {MAX_BODY_BYTES}",
-                                           413), status_code=413)
-        if state.api_key and request.url.path not in ("/health", "/metrics"):
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        open_paths = ("/health", "/metrics", "/version")
+        if state.api_key and request.url.path not in open_paths and request.method != "OPTIONS":
             if request.headers.get("authorization", "") != f"Bearer {state.api_key}":
-                return JSONResponse(error_body("invalid or missing API key; send 'Authorization: Bearer <key>'",
-                                               401, "authentication_error"), status_code=401)
-        return await call_next(request)
+                response = JSONResponse(error_body("invalid or missing API key; send 'Authorization: Bearer <key>'",
+                                                   401, "authentication_error"), status_code=401)
+                response.headers["X-Request-Id"] = request_id
+                return response
+        response = await call_next(request)
+        response.headers["X-Request-Id"] = request_id
+        return response
 
     @app.exception_handler(ApiError)
     async def api_error(_, e: ApiError):
@@ -102,9 +124,11 @@ def create_app(config: EngineConfig, served_name: str | None = None, api_key: st
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {}
-        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        msg = first.get("msg", "invalid request")
+        # of a union's failed branches, the one with our own message says most ("this model takes text only")
+        errors = e.errors()
+        first = next((x for x in errors if x.get("type") == "value_error"), errors[0] if errors else {})
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body" and not _union_branch(x))
+        msg = first.get("msg", "invalid request").removeprefix("Value error, ")
         return JSONResponse(error_body(f"{where}: {msg}" if where else msg, 400, param=where or None),
                             status_code=400)
 
@@ -112,32 +136,55 @@ def create_app(config: EngineConfig, served_name: str | None = None, api_key: st
     async def http_error(_, e: StarletteHTTPException):
         return JSONResponse(error_body(str(e.detail), e.status_code), status_code=e.status_code)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         if state.engine is None:
             return JSONResponse({"status": "loading" if not state.load_error else "error"}, status_code=503)
         return {"status": "ok"}
 
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
     @app.get("/metrics")
     async def metrics():
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def model_card() -> dict:
+        return {"id": state.served_name, "object": "model", "created": 0, "owned_by": "megactx",
+                "max_model_len": state.engine.engine.max_model_len}
+
     @app.get("/v1/models")
     async def models():
         state.ready()
-        return {"object": "list", "data": [{"id": state.served_name, "object": "model", "created": 0,
-                                            "owned_by": "megactx",
-                                            "max_model_len": state.engine.engine.max_model_len}]}
+        return {"object": "list", "data": [model_card()]}
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        state.ready()
+        state.check_model(model_id)
+        return model_card()
+
+    def check_length(*texts: str) -> None:
+        """Refuse text that cannot fit the context before tokenizing it (a 70 MB body took minutes of CPU)."""
+        limit = state.engine.engine.max_model_len
+        chars = sum(len(t) for t in texts)
+        if chars > limit * MAX_CHARS_PER_TOKEN:
+            raise ApiError(400, f"the text has {chars} characters, far more than this model's context of {limit} "
+                                f"tokens can hold; shorten it")
+
+    # the tokenizer runs in a thread: a long text must not stall the event loop (other streams, /health)
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
         tok = state.ready().engine.tokenizer
         state.check_model(req.model)
         if req.messages is not None:
-            ids = tok.encode_chat([m.model_dump() | {"content": m.text()} for m in req.messages],
-                                  add_generation_prompt=req.add_generation_prompt)
+            messages = chat_messages(req.messages)
+            check_length(*(m["content"] for m in messages))
+            ids = await asyncio.to_thread(tok.encode_chat, messages, add_generation_prompt=req.add_generation_prompt)
         elif req.prompt is not None:
-            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            check_length(req.prompt)
+            ids = await asyncio.to_thread(tok.encode, clean_text(req.prompt), add_special_tokens=req.add_special_tokens)
         else:
             raise ApiError(400, "give 'prompt' or 'messages'")
         return {"tokens": ids, "count": len(ids), "max_model_len": state.engine.engine.max_model_len}
@@ -149,14 +196,15 @@ def create_app(config: EngineConfig, served_name: str | None = None, api_key: st
         bad = [t for t in req.tokens if not 0 <= t < eng.model_config.vocab_size]
         if bad:
             raise ApiError(400, f"token id {bad[0]} is out of range for a vocabulary of {eng.model_config.vocab_size}")
-        return {"prompt": eng.tokenizer.decode(req.tokens, skip_special_tokens=False)}
+        return {"prompt": await asyncio.to_thread(eng.tokenizer.decode, req.tokens, skip_special_tokens=False)}
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, raw: Request):
         engine = state.ready()
         state.check_model(req.model)
         tok = engine.engine.tokenizer
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        messages = chat_messages(req.messages)
+        check_length(*(m["content"] for m in messages))
         ids = await asyncio.to_thread(tok.encode_chat, messages, add_generation_prompt=req.add_generation_prompt,
                                       continue_final_message=req.continue_final_message)
         params = req.sampling_params(req.max_completion_tokens or req.max_tokens,
@@ -176,7 +224,8 @@ def create_app(config: EngineConfig, served_name: str | None = None, api_key: st
             raise ApiError(400, "prompt is empty")
         if req.stream and len(prompts) > 1:
             raise ApiError(400, "streaming supports one prompt per request; send the prompts separately")
-        ids = [await asyncio.to_thread(tok.encode, x) if isinstance(x, str) else list(x) for x in prompts]
+        check_length(*(x for x in prompts if isinstance(x, str)))
+        ids = [await asyncio.to_thread(tok.encode, clean_text(x)) if isinstance(x, str) else list(x) for x in prompts]
         echo = [tok.decode(i, skip_special_tokens=False) if not isinstance(x, str) else x
                 for i, x in zip(ids, prompts)] if req.echo else None
         builder = ResponseBuilder("completion", state.served_name, tok, f"cmpl-{uuid.uuid4().hex}")

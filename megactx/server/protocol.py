@@ -4,27 +4,61 @@ from __future__ import annotations
 
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from megactx.sampling import SamplingParams
+from megactx.sampling import SEED_RANGE, SamplingParams
 
 
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
+def clean_text(text: str) -> str:
+    """A lone UTF-16 surrogate ('\\ud800' in JSON is valid JSON, but no UTF-8 text) becomes U+FFFD, as a UTF-8
+    decoder does with invalid bytes; a surrogate pair becomes its character."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self):
+        if self.type != "text":
+            raise ValueError(f"this model takes text only; content parts of type {self.type!r} are not supported")
+        if self.text is None:
+            raise ValueError("a text part needs 'text'")
+        return self
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart], None] = None
+    content: Union[str, list[ContentPart], None] = None
+    tool_calls: list[dict] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
 
     def text(self) -> str:
         if self.content is None:
             return ""
         if isinstance(self.content, str):
-            return self.content
-        return "".join(p.text for p in self.content)
+            return clean_text(self.content)
+        return clean_text("".join(p.text for p in self.content))
+
+
+def chat_messages(messages: list[ChatMessage]) -> list[dict]:
+    """What the chat template gets: role and text, and a tool conversation's fields where they are given."""
+    out = []
+    for m in messages:
+        d = {"role": m.role, "content": m.text()}
+        for key in ("tool_calls", "tool_call_id", "name"):
+            if getattr(m, key) is not None:
+                d[key] = getattr(m, key)
+        out.append(d)
+    return out
 
 
 class StreamOptions(BaseModel):
@@ -42,7 +76,8 @@ class SamplingFields(BaseModel):
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     repetition_penalty: float = Field(default=1.0, gt=0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    logit_bias: dict[str, float] | None = None
     stop: Union[str, list[str], None] = None
     stop_token_ids: list[int] | None = None
     n: int = Field(default=1, ge=1, le=16)
@@ -57,6 +92,16 @@ class SamplingFields(BaseModel):
     def _stop_list(cls, v):
         return [v] if isinstance(v, str) else v
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        for key, bias in (v or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise ValueError(f"keys are token ids (as strings, e.g. \"1234\"), got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"the bias of token {key} must be in [-100, 100], got {bias}")
+        return v
+
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         return SamplingParams(
             n=self.n, max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
@@ -64,7 +109,8 @@ class SamplingFields(BaseModel):
             repetition_penalty=self.repetition_penalty, seed=self.seed, stop=self.stop or [],
             stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
             include_stop_str_in_output=self.include_stop_str_in_output, logprobs=logprobs,
-            skip_special_tokens=self.skip_special_tokens)
+            skip_special_tokens=self.skip_special_tokens,
+            logit_bias={int(k): b for k, b in (self.logit_bias or {}).items()})
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -5,6 +5,7 @@ import time
 from typing import AsyncIterator
 
 from megactx.engine.async_engine import EngineError
+from megactx.errors import MegactxError
 from megactx.outputs import RequestOutput
 from megactx.server.responses import SSE_DONE, ResponseBuilder, error_body, prefill_comment, sse
 
@@ -54,8 +55,14 @@ async def stream(gen: AsyncIterator[RequestOutput], b: ResponseBuilder, n: int, 
                     sent_text[i] += len(text)
                     sent_tokens[i] = new_tokens
                 done[i] = c.finish_reason is not None
-    except EngineError as e:
-        yield sse(error_body(str(e), 500, "internal_server_error"))
+    except MegactxError as e:  # the request was refused once it reached the engine
+        yield sse(error_body(str(e), 400))
+        yield SSE_DONE
+        return
+    except Exception as e:  # noqa: BLE001 -- a stream that fails ends with an error event, then [DONE]
+        message = str(e) if isinstance(e, EngineError) else f"internal error: {type(e).__name__}: {e}"
+        yield sse(error_body(message, 500, "internal_server_error"))
+        yield SSE_DONE
         return
     finally:
         await gen.aclose()

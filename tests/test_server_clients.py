@@ -1,0 +1,193 @@
+"""What clients and careless or hostile requests meet: logit_bias honoured, odd values answered safely, bad input
+refused with an OpenAI-shaped 4xx naming the problem, and the server alive and serving after each.
+The real server with the bundled model on loopback, driven by the openai client and httpx."""
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from test_server import KEY, start_server
+
+ORIGIN = "http://page.example"
+http = httpx.Client(timeout=300)
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc, base = start_server("--allowed-origins", ORIGIN)
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
+
+
+def auth(extra=None):
+    return {"Authorization": f"Bearer {KEY}", **(extra or {})}
+
+
+def refused(r, status, *words):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == status and all(w in err["message"] for w in words), err
+    return err
+
+
+def alive(client):
+    out = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=2, temperature=0,
+                                         messages=[{"role": "user", "content": "Hi"}])
+    assert out.choices[0].message.content is not None
+
+
+def first_token(client, **kw):
+    model = client.models.list().data[0].id
+    out = client.completions.create(model=model, prompt="The capital of France is", max_tokens=1, temperature=0,
+                                    logprobs=1, **kw)
+    return out.choices[0].logprobs.tokens[0], out.choices[0].logprobs.top_logprobs[0]
+
+
+def token_id(server, text):
+    r = http.post(server + "/tokenize", headers=auth(), json={"prompt": text, "add_special_tokens": False})
+    ids = r.json()["tokens"]
+    assert len(ids) == 1
+    return ids[0]
+
+
+def test_logit_bias_bans_and_forces_tokens(server, client):
+    chosen, _ = first_token(client)
+    banned, _ = first_token(client, logit_bias={str(token_id(server, chosen)): -100})
+    assert banned != chosen
+    forced_id = token_id(server, " banana")
+    forced, _ = first_token(client, logit_bias={str(forced_id): 100})
+    assert forced == " banana"
+    chat = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=3, temperature=0,
+                                          messages=[{"role": "user", "content": "Name a fruit."}],
+                                          logit_bias={str(forced_id): 100})
+    assert chat.choices[0].message.content == " banana" * 3
+    r = http.post(server + "/v1/completions", headers=auth(), json={"prompt": "x", "logit_bias": {"12": 101}})
+    refused(r, 400, "logit_bias", "[-100, 100]")
+    r = http.post(server + "/v1/completions", headers=auth(), json={"prompt": "x", "logit_bias": {"10000000": 1}})
+    refused(r, 400, "logit_bias token id 10000000")
+
+
+@pytest.mark.parametrize("seed", [2**64, 1e30, -2**70])
+def test_seed_outside_64_bits_is_a_400_also_when_streaming(server, client, seed):
+    for stream in (False, True):
+        r = http.post(server + "/v1/chat/completions", headers=auth(),
+                       json={"messages": [{"role": "user", "content": "hi"}], "seed": seed, "stream": stream})
+        refused(r, 400, "seed")
+    out = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=4, seed=2**64 - 1,
+                                         messages=[{"role": "user", "content": "hi"}])
+    assert out.choices[0].finish_reason == "length"
+
+
+def test_extreme_sampling_values_fail_nobody(client):
+    """Tiny temperatures are greedy; a tiny top_p keeps the top token; a tiny repetition penalty stays finite. Sent
+    while three other clients stream, every request finishes and the streams are whole."""
+    model = client.models.list().data[0].id
+    messages = [{"role": "user", "content": "Count from one to ten."}]
+    greedy = client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0)
+    results, errors = {}, []
+
+    def stream(i):
+        try:
+            s = client.chat.completions.create(model=model, messages=messages, max_tokens=24, stream=True, seed=i)
+            parts = [c.choices[0].finish_reason for c in s if c.choices]
+            results[i] = parts[-1]
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    odd = [{"temperature": 1e-300}, {"temperature": 1e-45}, {"top_p": 1e-300},
+           {"repetition_penalty": 1e-300, "temperature": 0.7}, {"repetition_penalty": 1e-300, "temperature": 1e-300}]
+    outs = [client.chat.completions.create(model=model, messages=messages, max_tokens=12,
+                                           extra_body=kw if "repetition_penalty" in kw else None,
+                                           **{k: v for k, v in kw.items() if k != "repetition_penalty"})
+            for kw in odd]
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and sorted(results) == [0, 1, 2] and set(results.values()) <= {"length", "stop"}
+    assert outs[0].choices[0].message.content == outs[1].choices[0].message.content == \
+        greedy.choices[0].message.content  # below 1e-5: greedy
+    assert all(o.choices[0].finish_reason in ("length", "stop") for o in outs)
+
+
+def test_bodies_and_headers_beyond_the_limits(server, client):
+    # the test server's body limit is 1,000,000 bytes (MEGACTX_MAX_BODY_BYTES); chunked: no Content-Length
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(40):
+            yield b"a" * 65536
+        yield b'"}'
+    start = time.monotonic()
+    r = http.post(server + "/v1/completions", headers=auth({"Content-Type": "application/json"}), content=chunks())
+    refused(r, 413, "exceeds the limit")
+    assert time.monotonic() - start < 10
+    r = http.post(server + "/v1/completions", headers=auth({"X-Junk": "x" * 100_000}), json={"prompt": "hi"})
+    refused(r, 431, "headers")
+    # text that cannot fit the context is refused before it is tokenized (4096 tokens x 32 characters)
+    r = http.post(server + "/tokenize", headers=auth(), json={"prompt": "word " * 30000})
+    refused(r, 400, "150000 characters", "shorten")
+    alive(client)
+
+
+def test_lone_surrogates_become_replacement_characters(server, client):
+    body = '{"prompt": "Hello \\ud800 world", "max_tokens": 2, "temperature": 0}'
+    r = http.post(server + "/v1/completions", headers=auth({"Content-Type": "application/json"}), content=body)
+    assert r.status_code == 200, r.text
+    chat = ('{"messages": [{"role": "user", "content": "Hi \\udfff"}], "max_tokens": 2, "temperature": 0}')
+    r = http.post(server + "/v1/chat/completions", headers=auth({"Content-Type": "application/json"}), content=chat)
+    assert r.status_code == 200, r.text
+    r = http.post(server + "/tokenize", headers=auth({"Content-Type": "application/json"}),
+                   content='{"prompt": "a\\ud800b", "add_special_tokens": false}')
+    same = http.post(server + "/tokenize", headers=auth(), json={"prompt": "a\ufffdb", "add_special_tokens": False})
+    assert r.status_code == 200 and r.json()["tokens"] == same.json()["tokens"]
+
+
+def test_image_parts_are_refused_by_name(server):
+    r = http.post(server + "/v1/chat/completions", headers=auth(), json={"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                     {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]})
+    err = refused(r, 400, "this model takes text only", "'image_url'")
+    assert err["param"].startswith("messages.0.content")
+
+
+def test_browser_and_ops_conveniences(server, client):
+    model = client.models.list().data[0].id
+    assert client.models.retrieve(model).id == model
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+    r = http.post(server + "/v1/completions", headers=auth({"X-Request-Id": "abc-123"}),
+                   json={"prompt": "hi", "max_tokens": 1})
+    assert r.headers["x-request-id"] == "abc-123"
+    r = http.post(server + "/v1/completions", headers=auth(), json={"prompt": "hi", "max_tokens": 1})
+    assert len(r.headers["x-request-id"]) == 32
+    assert http.head(server + "/health").status_code == 200
+    assert http.get(server + "/version").json()["version"]
+    # CORS: the allowed origin's preflight and response; another origin gets no CORS header
+    pre = http.options(server + "/v1/chat/completions", headers={
+        "Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == ORIGIN
+    r = http.get(server + "/v1/models", headers=auth({"Origin": ORIGIN}))
+    assert r.headers["access-control-allow-origin"] == ORIGIN
+    r = http.get(server + "/v1/models", headers=auth({"Origin": "http://other.example"}))
+    assert "access-control-allow-origin" not in r.headers
+
+
+def test_a_model_that_cannot_load_ends_the_server_with_code_2():
+    start = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "megactx.commands", "serve", "--port", "0", "--max-model-len", "4096",
+                        "--kv-cache-memory", "8MiB"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and time.monotonic() - start < 120
+    assert "KV cache memory" in r.stderr and "raise --kv-cache-memory" in r.stderr
+    assert r.stderr.count("KV cache memory 8.0 MiB") == 1  # said once
