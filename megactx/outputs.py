@@ -38,6 +38,8 @@ class RequestOutput:
     # arrival, first_token_time (time.monotonic); prefill_done: prompt tokens ready; prefill_mark: (time, tokens
     # ready) after the request's first step, the start of prefill_rate's measurement
     metrics: dict = field(default_factory=dict)
+    # [None, SampledToken of prompt token 1, ...] (its logprob given the tokens before it) when asked for
+    prompt_logprobs: list[SampledToken | None] | None = None
 
     # conveniences for the common n == 1 case
     @property

@@ -22,7 +22,7 @@ SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes
 @dataclass(slots=True)
 class SamplingParams:
     n: int = 1
-    max_tokens: int | None = 16  # None = up to the context length
+    max_tokens: int | None = 16  # None = up to the context length; 0 = none (with prompt_logprobs: score only)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1 = off
@@ -38,6 +38,7 @@ class SamplingParams:
     logprobs: int | None = None  # None = off; k >= 0: chosen token's logprob and the top k
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
+    prompt_logprobs: int | None = None  # None = off; k >= 0: each prompt token's logprob and rank, and the top k
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -45,7 +46,7 @@ class SamplingParams:
         self.stop = [s for s in (self.stop or []) if s]
         checks = [
             (self.n >= 1, f"n must be >= 1, got {self.n}"),
-            (self.max_tokens is None or self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
+            (self.max_tokens is None or self.max_tokens >= 0, f"max_tokens must be >= 0, got {self.max_tokens}"),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= -1, f"top_k must be -1, 0 (off) or positive, got {self.top_k}"),
@@ -54,6 +55,8 @@ class SamplingParams:
             (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
             (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+             f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}"),
             (self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
              f"seed must be in [-2**63, 2**64 - 1], got {self.seed}"),
             (all(-100 <= b <= 100 for b in self.logit_bias.values()), "logit_bias values must be in [-100, 100]"),
@@ -72,6 +75,7 @@ class SampledToken:
     token_id: int
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    rank: int | None = None  # 1 = the most likely token (prompt logprobs)
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int],

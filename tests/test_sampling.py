@@ -72,7 +72,7 @@ def test_logprobs_are_the_raw_distribution():
     assert [t for t, _ in tok.top_logprobs] == ref.topk(3).indices.tolist()
 
 
-@pytest.mark.parametrize("kw", [{"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"max_tokens": 0}, {"n": 0},
+@pytest.mark.parametrize("kw", [{"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"max_tokens": -1}, {"n": 0},
                                 {"min_p": 2}, {"presence_penalty": 3}, {"logprobs": 50}, {"top_k": -5}])
 def test_bad_sampling_parameters_are_rejected_with_the_value(kw):
     with pytest.raises(RequestError, match=list(kw)[0]):

@@ -19,7 +19,7 @@ http = httpx.Client(timeout=300)
 
 @pytest.fixture(scope="module")
 def server():
-    proc, base = start_server("--allowed-origins", ORIGIN)
+    proc, base = start_server("--allowed-origins", ORIGIN, "--weight-dtype", "fp32")  # fp32: transformers' values
     yield base
     proc.terminate()
     proc.wait(timeout=30)
@@ -191,3 +191,43 @@ def test_a_model_that_cannot_load_ends_the_server_with_code_2():
     assert r.returncode == 2 and time.monotonic() - start < 120
     assert "KV cache memory" in r.stderr and "raise --kv-cache-memory" in r.stderr
     assert r.stderr.count("KV cache memory 8.0 MiB") == 1  # said once
+
+
+def test_lm_eval_loglikelihood_request_gets_transformers_logprobs(server, smollm2_path):
+    """lm-eval's local-completions loglikelihood request, as it sends it: token ids, echo, logprobs 1, max_tokens 1.
+    Every prompt token's logprob (the first: null) equals transformers' log-softmax, then the generated token's."""
+    import os
+
+    import torch
+
+    from conftest import hf_forward
+    ids = http.post(server + "/tokenize", headers=auth(), json={"prompt": "The capital of France is Paris",
+                                                               "add_special_tokens": False}).json()["tokens"]
+    r = http.post(server + "/v1/completions", headers=auth(), json={
+        "prompt": [ids], "max_tokens": 1, "logprobs": 1, "echo": True, "temperature": 0, "seed": 1234})
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    assert len(lp["token_logprobs"]) == len(ids) + 1 and lp["token_logprobs"][0] is None
+    folder, name = os.path.split(smollm2_path)
+    want = torch.log_softmax(hf_forward(folder, ids, gguf_file=name), -1)
+    for p in range(1, len(ids)):
+        assert lp["token_logprobs"][p] == pytest.approx(float(want[p - 1, ids[p]]), abs=2e-3)
+        best = max(lp["top_logprobs"][p].values())
+        assert best == pytest.approx(float(want[p - 1].max()), abs=2e-3)
+    assert lp["token_logprobs"][-1] == pytest.approx(float(want[-1].max()), abs=2e-3)  # greedy generated token
+    # max_tokens 0 with echo: the prompt's only; vLLM's prompt_logprobs with ranks; a stream is refused
+    r = http.post(server + "/v1/completions", headers=auth(), json={
+        "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 0, "prompt_logprobs": 2})
+    choice = r.json()["choices"][0]
+    assert len(choice["logprobs"]["token_logprobs"]) == len(ids) and r.json()["usage"]["completion_tokens"] == 0
+    entry = choice["prompt_logprobs"][1][str(ids[1])]
+    assert entry["rank"] == int((want[0] > want[0, ids[1]]).sum()) + 1 and len(choice["prompt_logprobs"][1]) <= 3
+    refused(http.post(server + "/v1/completions", headers=auth(), json={"prompt": ids, "max_tokens": 0}),
+            400, "max_tokens 0")
+    refused(http.post(server + "/v1/completions", headers=auth(), json={
+        "prompt": ids, "echo": True, "logprobs": 1, "stream": True}), 400, "stream: false")
+    chat = http.post(server + "/v1/chat/completions", headers=auth(), json={
+        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "prompt_logprobs": 0}).json()
+    assert chat["prompt_logprobs"][0] is None and len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]
+    info = http.get(server + "/tokenizer_info", headers=auth()).json()
+    assert info["eos_token"] == "<|im_end|>" and "{%" in info["chat_template"]

@@ -29,15 +29,15 @@ def faulty_server():
     app = create_app(EngineConfig(model=None, scheduler=SchedulerConfig(max_model_len=1024)), load_in_background=False)
     engine = app.state.megactx.engine.engine
     marker_ids = engine.tokenizer.encode(MARKER, add_special_tokens=False)
-    real_run = engine.runner.run
+    real_forward = engine.runner.forward
 
-    def run(chunks):
+    def forward(chunks):
         for ch in chunks:
             ids = ch.seq.prompt_token_ids
             if any(ids[i:i + len(marker_ids)] == marker_ids for i in range(len(ids))):
                 raise RuntimeError("injected fault")
-        return real_run(chunks)
-    engine.runner.run = run
+        return real_forward(chunks)
+    engine.runner.forward = forward
     port = _port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -82,8 +82,11 @@ class BlockAllocator:
 
     def lookup(self, seq: Sequence) -> list[bytes]:
         """The names of the full blocks of the sequence's tokens, except the last token (it must be computed to
-        give the next token's logits)."""
-        return self.hashes(seq, (seq.num_tokens - 1) // self.block_size) if self.caching else []
+        give the next token's logits). None for a sequence that asks for its prompt's logprobs: every prompt
+        token must be computed to score it."""
+        if not self.caching or seq.params.prompt_logprobs is not None:
+            return []
+        return self.hashes(seq, (seq.num_tokens - 1) // self.block_size)
 
     def match_prefix(self, seq: Sequence) -> int:
         """For a sequence with no blocks: take over the longest cached chain that starts its tokens; returns the

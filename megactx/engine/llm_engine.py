@@ -21,6 +21,7 @@ from megactx.engine.detokenizer import IncrementalDetokenizer
 from megactx.engine.disk_cache import DiskKVCache
 from megactx.engine.kv_cache import BlockAllocator
 from megactx.engine.model_runner import ModelRunner
+from megactx.engine.prompt_logprobs import score_prompt_tokens
 from megactx.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from megactx.engine.sequence import Sequence
 from megactx.errors import ConfigError, RequestError
@@ -191,7 +192,7 @@ class LLMEngine:
         if bad:
             raise RequestError(f"logit_bias token id {bad[0]} is out of range for a vocabulary of {vocab}")
         limit = self.max_model_len
-        if len(ids) >= limit:
+        if len(ids) > limit or (len(ids) == limit and params.max_tokens != 0):
             raise RequestError(f"the prompt has {len(ids)} tokens; this model's maximum context length is "
                                f"{limit} tokens, leaving no room to generate. Shorten the prompt")
         if params.max_tokens is not None and len(ids) + params.max_tokens > limit:
@@ -240,7 +241,12 @@ class LLMEngine:
         if self.disk is not None:
             self.load_from_disk()
         plan = self.scheduler.schedule()
-        logits = self.runner.run(plan.chunks) if plan.chunks else None
+        logits = None
+        if plan.chunks:
+            hidden, last_rows = self.runner.forward(plan.chunks)
+            if any(c.seq.params.prompt_logprobs is not None for c in plan.chunks):
+                score_prompt_tokens(plan.chunks, hidden, self.runner.logits, LOGIT_ROWS)
+            logits = self.runner.logits(hidden[last_rows])
         done = [c.seq for c in plan.chunks if c.completes]
         tokens = sample(logits, done) if done else []
         return self.update(plan, tokens)
@@ -268,7 +274,11 @@ class LLMEngine:
                 self.stats["disk_seconds"] += time.perf_counter() - start
             req = self.requests[seq.request_id]
             touched[req.request_id] = req
-            if completes:
+            if completes and seq.params.max_tokens == 0:  # the prompt only (its logprobs): nothing to generate
+                next(it)
+                seq.finish_reason = "length"
+                self.scheduler.finish(seq, "length")
+            elif completes:
                 token = next(it)
                 if isinstance(token, Exception):
                     failed[req.request_id] = token
@@ -344,4 +354,5 @@ class LLMEngine:
         metrics = {"arrival": req.arrival, "first_token_time": min(first) if first else None,
                    "prefill_done": min(min(s.num_computed_tokens, s.num_prompt_tokens) for s in req.seqs),
                    "prefill_mark": req.seqs[0].prefill_mark}
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, usage, metrics)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, usage, metrics,
+                             req.seqs[0].prompt_logprobs)

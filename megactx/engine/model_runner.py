@@ -144,14 +144,6 @@ class ModelRunner:
         return input_ids, pos, meta, torch.tensor(last_rows, dtype=torch.long, device=self.device)
 
     @torch.inference_mode()
-    def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Compute the chunks; return logits [N, vocab] for the chunks that complete their sequence."""
-        hidden, last_rows = self.forward(chunks)
-        if len(last_rows) == 0:
-            return torch.empty(0, self.config.vocab_size)
-        return self.logits(hidden[last_rows])
-
-    @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [n, hidden] rows of forward() -> logits [n, vocab] on the CPU
         return self.model.compute_logits(hidden).cpu()

@@ -36,6 +36,7 @@ class Sequence:
     generator: torch.Generator | None = None
     arrival: float = 0.0
     first_token_time: float | None = None
+    prompt_logprobs: list | None = None  # [None, SampledToken of prompt token 1, ...] when params ask for them
     prefill_mark: tuple[float, int] | None = None  # (time.monotonic(), computed tokens) after its first step
     num_cached_prompt_tokens: int = 0  # prompt tokens taken from a cache instead of computed (last admission)
     block_hashes: list[bytes] = field(default_factory=list)  # names of its full blocks (prefix caching)

@@ -43,9 +43,9 @@ def _union_branch(part) -> bool:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
+        self.status, self.message, self.kind, self.param = status, message, kind, param
 
 
 class ServerState:
@@ -116,7 +116,7 @@ def create_app(config: EngineConfig, served_name: str | None = None, api_key: st
 
     @app.exception_handler(ApiError)
     async def api_error(_, e: ApiError):
-        return JSONResponse(error_body(e.message, e.status, e.kind), status_code=e.status)
+        return JSONResponse(error_body(e.message, e.status, e.kind, e.param), status_code=e.status)
 
     @app.exception_handler(MegactxError)
     async def user_error(_, e: MegactxError):
@@ -141,6 +141,16 @@ def create_app(config: EngineConfig, served_name: str | None = None, api_key: st
         if state.engine is None:
             return JSONResponse({"status": "loading" if not state.load_error else "error"}, status_code=503)
         return {"status": "ok"}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        """As vLLM serves it: what a client needs to use the server's tokenizer (lm-eval's remote tokenizer)."""
+        hf = state.ready().engine.tokenizer.hf
+        info = {"tokenizer_class": type(hf).__name__, "model_max_length": state.engine.engine.max_model_len,
+                "chat_template": getattr(hf, "chat_template", None)}
+        for key in ("eos_token", "bos_token", "pad_token", "unk_token"):
+            info[key] = getattr(hf, key, None)
+        return info
 
     @app.get("/version")
     async def version():
@@ -209,9 +219,13 @@ def create_app(config: EngineConfig, served_name: str | None = None, api_key: st
                                       continue_final_message=req.continue_final_message)
         params = req.sampling_params(req.max_completion_tokens or req.max_tokens,
                                      (req.top_logprobs or 0) if req.logprobs else None)
+        params.prompt_logprobs = req.prompt_logprobs
+        if req.stream and req.prompt_logprobs is not None:
+            raise ApiError(400, "prompt_logprobs come with the whole response; send stream: false", param="stream")
         builder = ResponseBuilder("chat", state.served_name, tok, f"chatcmpl-{uuid.uuid4().hex}")
         return await respond(engine, [ids], params, builder, req.stream,
-                             bool(req.stream_options and req.stream_options.include_usage), raw)
+                             bool(req.stream_options and req.stream_options.include_usage), raw,
+                             prompt_k=req.prompt_logprobs)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request):
@@ -228,11 +242,24 @@ def create_app(config: EngineConfig, served_name: str | None = None, api_key: st
         ids = [await asyncio.to_thread(tok.encode, clean_text(x)) if isinstance(x, str) else list(x) for x in prompts]
         echo = [tok.decode(i, skip_special_tokens=False) if not isinstance(x, str) else x
                 for i, x in zip(ids, prompts)] if req.echo else None
+        # echo with logprobs (lm-eval's loglikelihood): the prompt tokens' logprobs come first
+        echo_k = req.logprobs if req.echo and req.logprobs is not None else None
+        wanted = [k for k in (echo_k, req.prompt_logprobs) if k is not None]
+        if req.max_tokens == 0 and not (req.echo or wanted):
+            raise ApiError(400, "max_tokens 0 generates nothing; use it with echo or prompt_logprobs to score the "
+                                "prompt", param="max_tokens")
+        if req.stream and wanted:
+            raise ApiError(400, "prompt logprobs (echo with logprobs, prompt_logprobs) come with the whole response; "
+                                "send stream: false", param="stream")
+        params = req.sampling_params(req.max_tokens, req.logprobs)
+        params.prompt_logprobs = max(wanted) if wanted else None
         builder = ResponseBuilder("completion", state.served_name, tok, f"cmpl-{uuid.uuid4().hex}")
-        return await respond(engine, ids, req.sampling_params(req.max_tokens, req.logprobs), builder, req.stream,
-                             bool(req.stream_options and req.stream_options.include_usage), raw, echo)
+        return await respond(engine, ids, params, builder, req.stream,
+                             bool(req.stream_options and req.stream_options.include_usage), raw, echo,
+                             echo_k=echo_k, prompt_k=req.prompt_logprobs)
 
-    async def respond(engine, prompts, params, builder, streaming, include_usage, raw, echo=None):
+    async def respond(engine, prompts, params, builder, streaming, include_usage, raw, echo=None, echo_k=None,
+                      prompt_k=None):
         for ids in prompts:  # validate all before starting any
             engine.engine.check_prompt(ids, params)
         gens = [engine.generate(ids, params, f"{builder.id}-{i}") for i, ids in enumerate(prompts)]
@@ -248,6 +275,6 @@ def create_app(config: EngineConfig, served_name: str | None = None, api_key: st
             return Response(status_code=499)  # the client went away
         for o in outs:
             state.metrics.finished(o, time.monotonic())
-        return builder.full(outs, params.n, echo)
+        return builder.full(outs, params.n, echo, echo_k, prompt_k)
 
     return app

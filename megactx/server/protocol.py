@@ -77,6 +77,7 @@ class SamplingFields(BaseModel):
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     repetition_penalty: float = Field(default=1.0, gt=0)
     seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)  # vLLM's extra: the prompt tokens' logprobs
     logit_bias: dict[str, float] | None = None
     stop: Union[str, list[str], None] = None
     stop_token_ids: list[int] | None = None
@@ -124,7 +125,7 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: Union[str, list[int], list[str], list[list[int]]]
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = Field(default=16, ge=0)  # 0: the prompt only, with echo or prompt_logprobs
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
 

@@ -63,6 +63,44 @@ def completion_logprobs(tokenizer, c: CompletionOutput, start: int, end: int, of
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
+def _join(prompt: dict, generated: dict | None) -> dict:
+    """The echoed prompt's logprobs followed by the generated tokens' (their offsets after the prompt text)."""
+    if generated is None:
+        return prompt
+    return {key: prompt[key] + generated[key] for key in prompt}
+
+
+def echo_logprobs(tokenizer, out: RequestOutput, k: int) -> dict:
+    """The prompt's part of an echoed completion's logprobs (OpenAI's legacy shape; the first token: null)."""
+    tokens, lps, tops, offsets, offset = [], [], [], [], 0
+    for token_id, e in zip(out.prompt_token_ids, out.prompt_logprobs):
+        text = tokenizer.decode([token_id], skip_special_tokens=False)
+        tokens.append(text)
+        lps.append(None if e is None else e.logprob)
+        tops.append(None if e is None else
+                    {tokenizer.decode([i], skip_special_tokens=False): lp for i, lp in e.top_logprobs[:k]})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def vllm_prompt_logprobs(tokenizer, out: RequestOutput, k: int) -> list[dict | None]:
+    """vLLM's prompt_logprobs: per prompt token {token id: {logprob, rank, decoded_token}} of the token itself and
+    the top k (the first token: null)."""
+    result = []
+    for token_id, e in zip(out.prompt_token_ids, out.prompt_logprobs):
+        if e is None:
+            result.append(None)
+            continue
+        entry = {}
+        for rank, (i, lp) in enumerate(e.top_logprobs[:k], start=1):
+            entry[str(i)] = {"logprob": lp, "rank": rank, "decoded_token": tokenizer.decode([i], skip_special_tokens=False)}
+        entry[str(token_id)] = {"logprob": e.logprob, "rank": e.rank,
+                                "decoded_token": tokenizer.decode([token_id], skip_special_tokens=False)}
+        result.append(entry)
+    return result
+
+
 class ResponseBuilder:
     """Builds the bodies for one request (chat or text completion), whole or as stream chunks."""
 
@@ -73,7 +111,10 @@ class ResponseBuilder:
     def _base(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def full(self, outs: list[RequestOutput], n: int, echo_texts: list[str] | None = None) -> dict:
+    def full(self, outs: list[RequestOutput], n: int, echo_texts: list[str] | None = None,
+             echo_k: int | None = None, prompt_k: int | None = None) -> dict:
+        """echo_k: the echoed prompt's logprobs come first in each choice's logprobs (top echo_k); prompt_k: vLLM's
+        prompt_logprobs field (per choice of a completion, once per response of a chat)."""
         choices, prompt_tokens, completion_tokens, cached = [], 0, 0, 0
         for p, out in enumerate(outs):
             prompt_tokens += out.usage.prompt_tokens
@@ -87,11 +128,17 @@ class ResponseBuilder:
                                     "finish_reason": c.finish_reason})
                 else:
                     prefix = echo_texts[p] if echo_texts else ""
+                    logprobs = completion_logprobs(self.tokenizer, c, 0, len(c.token_ids), len(prefix))
+                    if echo_k is not None:
+                        logprobs = _join(echo_logprobs(self.tokenizer, out, echo_k), logprobs)
                     choices.append({"index": index, "text": prefix + c.text, "finish_reason": c.finish_reason,
-                                    "logprobs": completion_logprobs(self.tokenizer, c, 0, len(c.token_ids),
-                                                                    len(prefix))})
+                                    "logprobs": logprobs})
+                    if prompt_k is not None:
+                        choices[-1]["prompt_logprobs"] = vllm_prompt_logprobs(self.tokenizer, out, prompt_k)
         body = self._base("chat.completion" if self.kind == "chat" else "text_completion")
         body["choices"] = choices
+        if prompt_k is not None and self.kind == "chat":
+            body["prompt_logprobs"] = vllm_prompt_logprobs(self.tokenizer, outs[0], prompt_k)
         body["usage"] = usage_dict(prompt_tokens, completion_tokens, cached)
         return body
 
