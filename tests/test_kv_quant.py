@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from megactx import LLM, SamplingParams
-from megactx.attention.kv_quant import dequantize, quantize
+from megactx.attention.kv_quant import GROUP, dequantize, quantize
 from megactx.engine.kv_cache import block_hash
 from helpers import engine_logits, make_engine, token_ids
 
@@ -13,11 +13,12 @@ def test_quantize_matches_the_definition():
     x = torch.randn(3, 50, 64) * torch.logspace(-3, 2, 50)[None, :, None]  # head vectors of very different sizes
     x[0, 0] = 0  # an all-zero vector stays zero
     q, scale = quantize(x)
-    assert q.dtype == torch.int8 and scale.shape == (3, 50, 1) and int(q.abs().max()) <= 127
-    want = x.abs().amax(-1, keepdim=True) / 127
-    assert torch.allclose(scale.float(), want.clamp_min(1e-8), rtol=1e-3)
+    assert q.dtype == torch.int8 and scale.shape == (3, 50, 64 // GROUP) and int(q.abs().max()) <= 127
+    want = x.unflatten(-1, (64 // GROUP, GROUP)).abs().amax(-1) / 127  # one scale per GROUP values
+    assert torch.allclose(scale.float(), want.clamp_min(1e-7), rtol=1e-3, atol=1e-7)
     err = (dequantize(q, scale, torch.float32) - x).abs()
-    assert bool((err <= scale.float() * 0.5 * 1.002 + 1e-7).all())  # rounding: half a step at most
+    step = scale.float().repeat_interleave(GROUP, -1)
+    assert bool((err <= step * 0.5 * 1.002 + 1e-7).all())  # rounding: half a step at most
     assert bool((dequantize(q, scale, torch.float32)[0, 0] == 0).all())
 
 
@@ -38,9 +39,10 @@ def test_int8_cache_stays_close_to_fp32(dca_model, settings):
 def test_int8_cache_takes_about_half_of_bf16(dca_model):
     int8 = make_engine(dca_model, kv_cache_dtype="int8", kv_cache_memory=2**20, block_size=16, max_model_len=48)
     bf16 = make_engine(dca_model, kv_cache_dtype="bf16", kv_cache_memory=2**20, block_size=16, max_model_len=48)
-    d = int8.model_config.head_dim  # one fp16 scale per head vector of d int8 values: (d + 2) / 2d bytes of bf16
-    assert int8.allocator.num_blocks == 2**20 // (int8.model_config.kv_bytes_per_token(1, 2) * 16)
-    assert int8.allocator.num_blocks / bf16.allocator.num_blocks == pytest.approx(2 * d / (d + 2), rel=0.02)
+    d = int8.model_config.head_dim  # d int8 values and d / GROUP fp16 scales: (d + 2 d / GROUP) / 2d bytes of bf16
+    per_token = d + 2 * d // GROUP
+    assert int8.allocator.num_blocks == 2**20 // (int8.model_config.kv_bytes_per_token(1, 2 * d // GROUP) * 16)
+    assert int8.allocator.num_blocks / bf16.allocator.num_blocks == pytest.approx(2 * d / per_token, rel=0.02)
 
 
 def test_int8_blocks_on_disk_are_reused_exactly(dca_model, tmp_path):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from megactx.attention.dense import attention
-from megactx.attention.kv_quant import SCALE_DTYPE, quantize
+from megactx.attention.kv_quant import SCALE_DTYPE, num_groups, quantize
 from megactx.attention.merge import merge_attention
 from megactx.attention.sparse.kernel import KeySource
 from megactx.attention.sparse.prefill import SparsePrefill
@@ -50,7 +50,7 @@ class KVCacheTensors:
         self.dtype = dtype
         self.k_scale = self.v_scale = None
         if dtype == torch.int8:
-            shape = (num_kv_heads, num_slots, 1)
+            shape = (num_kv_heads, num_slots, num_groups(head_dim))
             self.k_scale = [torch.empty(shape, dtype=SCALE_DTYPE, device=device) for _ in range(num_layers)]
             self.v_scale = [torch.empty(shape, dtype=SCALE_DTYPE, device=device) for _ in range(num_layers)]
 

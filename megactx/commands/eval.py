@@ -29,10 +29,12 @@ def _open(args, lengths: list[int], max_new: int):
         return open_backend(args.base_url, args.api_key, args.served_model)
     # one request at a time: the KV cache only needs one long sequence
     overrides = {"max_num_seqs": 1}
-    if args.max_model_len is None:  # as long as the lengths need, within the model's context
+    if args.max_model_len is None:  # as long as the lengths need: within the model's context unless DCA extends it
         from megactx.engine.llm_engine import derived_max_len
         from megactx.loader import open_model
-        overrides["max_model_len"] = min(max(lengths) + max_new, derived_max_len(open_model(args.model).config))
+        need = max(lengths) + max_new
+        beyond = getattr(args, "dca", False) or getattr(args, "allow_long_context", False)
+        overrides["max_model_len"] = need if beyond else min(need, derived_max_len(open_model(args.model).config))
     return open_backend(config=engine_config(args, **overrides))
 
 

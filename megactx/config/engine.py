@@ -27,7 +27,7 @@ class CacheConfig:
     block_size: int = setting(128, "tokens per KV block", cli=False)
     kv_cache_dtype: str = setting("auto", "auto (the compute dtype; bf16 when fp32 keys and values of one "
                                           "max-model-len sequence would take over half the available memory), "
-                                          "fp32, bf16, fp16, int8 (one scale per head vector: about half of bf16's "
+                                          "fp32, bf16, fp16, int8 (a scale per 16 values: 56 percent of bf16's "
                                           "memory)")
     kv_cache_memory: str | int | None = setting(
         None, "KV cache size, e.g. 8GiB (default: enough for max-model-len x min(max-num-seqs, 4), at most 4 GiB)",

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megactx.attention.kv_quant import SCALE_DTYPE
+from megactx.attention.kv_quant import SCALE_DTYPE, num_groups
 from megactx.attention.sparse.patterns import resolve_sparse
 from megactx.attention.sparse.probe import SparseProbe
 from megactx.config import EngineConfig, ceil_div, log_fmt_bytes, parse_dtype
@@ -113,7 +113,8 @@ class LLMEngine:
         if self.sparse is not None and self.max_model_len > self.sparse.threshold:
             logger.info("Sparse prefill: %s", self.sparse.describe())
         dtype = kv_cache_dtype(cc.kv_cache_dtype, compute, mc, self.max_model_len)
-        per_token = mc.kv_bytes_per_token(dtype.itemsize, SCALE_DTYPE.itemsize if dtype == torch.int8 else 0)
+        scales = SCALE_DTYPE.itemsize * num_groups(mc.head_dim) if dtype == torch.int8 else 0
+        per_token = mc.kv_bytes_per_token(dtype.itemsize, scales)
         need = per_token * ceil_div(self.max_model_len, cc.block_size) * cc.block_size
         if cc.kv_cache_memory is None:
             budget = max(need, min(DEFAULT_KV_BUDGET, need * min(sc.max_num_seqs, 4)))

@@ -143,8 +143,9 @@ def _attend_entries(q_entries: torch.Tensor, bounds: torch.Tensor, entry: torch.
         if keys.k_scale is None:
             k, v = k.to(keys.dtype), v.to(keys.dtype)
         else:  # an int8 cache: the scales of the same slots (contiguous too)
-            k = dequantize(k, keys.k_scale.view(-1, 1).index_select(0, flat).view(len(batch), 1, w, 1), keys.dtype)
-            v = dequantize(v, keys.v_scale.view(-1, 1).index_select(0, flat).view(len(batch), 1, w, 1), keys.dtype)
+            g = keys.k_scale.shape[-1]
+            k = dequantize(k, keys.k_scale.view(-1, g).index_select(0, flat).view(len(batch), 1, w, g), keys.dtype)
+            v = dequantize(v, keys.v_scale.view(-1, g).index_select(0, flat).view(len(batch), 1, w, g), keys.dtype)
         mask = None
         if bool((entry_len[batch] < w).any()):
             mask = torch.zeros(len(batch), 1, 1, w, device=q_entries.device)  # fp32 for bf16 queries too
