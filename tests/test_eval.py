@@ -136,3 +136,18 @@ def test_long_prompts_report_prefill_progress(tmp_path):
     prefill = [d for d, t in seen if t == total and d < total]
     assert prefill == list(range(256, total, 256))  # every step, in order, in tokens
     assert seen[-1] == (total, total)
+
+
+def test_eval_with_dca_sizes_the_context_to_the_lengths_asked_for(tiny_dir, tmp_path):
+    """--dca runs beyond the trained length: the context is what the lengths need, not the trained length (a 64K
+    passkey run once got 32K prompts that way); without DCA it stays within the model's context."""
+    from megactx.commands import build_parser
+    from megactx.commands.eval import _open
+    from megactx.engine.llm_engine import derived_max_len
+    from megactx.loader import open_model
+    path = tiny_dir("qwen2", num_key_value_heads=2)
+    trained = derived_max_len(open_model(path).config)
+    args = build_parser().parse_args(["eval", "passkey", "--model", path, "--dca", "--out", str(tmp_path)])
+    assert _open(args, [trained * 4], 32).max_model_len == trained * 4 + 32
+    args = build_parser().parse_args(["eval", "passkey", "--model", path, "--out", str(tmp_path)])
+    assert _open(args, [trained * 4], 32).max_model_len == trained

@@ -12,6 +12,7 @@ import os
 import threading
 import time
 import uuid
+from importlib.metadata import version
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,7 +22,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fastapi.middleware.cors import CORSMiddleware
 
-from megactx import __version__
 from megactx.config import EngineConfig, ServerConfig
 from megactx.engine.async_engine import AsyncEngine, EngineError
 from megactx.errors import MegactxError
@@ -34,6 +34,7 @@ from megactx.server.streaming import collect, stream
 
 logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = int(os.environ.get("MEGACTX_MAX_BODY_BYTES", 64 * 2**20))  # a 1M-token prompt is ~4 MB of text
+VERSION = version("megactx")
 MAX_CHARS_PER_TOKEN = 32  # text longer than the context x this cannot fit (tokens average 3-5 characters)
 
 
@@ -88,7 +89,7 @@ class ServerState:
 def create_app(config: EngineConfig, served_name: str | None = None, api_key: str | None = None,
                load_in_background: bool = True, server: ServerConfig | None = None) -> FastAPI:
     state = ServerState(config, served_name, api_key)
-    app = FastAPI(title="megactx", version=__version__)
+    app = FastAPI(title="megactx", version=VERSION)
     app.state.megactx = state
     app.add_middleware(RequestLimits, max_body_bytes=MAX_BODY_BYTES)
     if server is not None and server.allowed_origins:
@@ -154,7 +155,7 @@ def create_app(config: EngineConfig, served_name: str | None = None, api_key: st
 
     @app.get("/version")
     async def version():
-        return {"version": __version__}
+        return {"version": VERSION}
 
     @app.get("/metrics")
     async def metrics():
