@@ -44,12 +44,17 @@ def start_server(*extra: str) -> tuple[subprocess.Popen, str]:
     return proc, base
 
 
-@pytest.fixture(scope="module")
-def server():
-    proc, base = start_server()
+def serving(*extra: str):
+    """A module fixture's body: the server with these flags for the module's tests, stopped after them."""
+    proc, base = start_server(*extra)
     yield base
     proc.terminate()
     proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server():
+    yield from serving()
 
 
 @pytest.fixture(scope="module")

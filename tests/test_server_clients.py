@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from test_server import KEY, start_server
+from test_server import KEY, client, serving  # noqa: F401 -- client: the module's server's openai client
 
 ORIGIN = "http://page.example"
 http = httpx.Client(timeout=300)
@@ -19,15 +19,7 @@ http = httpx.Client(timeout=300)
 
 @pytest.fixture(scope="module")
 def server():
-    proc, base = start_server("--allowed-origins", ORIGIN, "--weight-dtype", "fp32")  # fp32: transformers' values
-    yield base
-    proc.terminate()
-    proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
+    yield from serving("--allowed-origins", ORIGIN, "--weight-dtype", "fp32")  # fp32: transformers' values
 
 
 def auth(extra=None):
