@@ -27,12 +27,17 @@ class LLM:
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
 
-    def generate(self, prompts: str | list[int] | Seq[str | list[int]], params: SamplingParams | None = None,
+    def generate(self, prompts: str | list[int] | Seq[str | list[int]],
+                 params: SamplingParams | Seq[SamplingParams] | None = None,
                  on_step: Callable[[list[RequestOutput]], None] | None = None) -> list[RequestOutput]:
-        """Generate for each prompt (text or token ids); outputs in prompt order."""
+        """Generate for each prompt (text or token ids); outputs in prompt order. params: one for all prompts, or
+        one per prompt (as vLLM takes them)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        ids = [self.engine.add_request(p, params) for p in prompts]
+        each = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(each) != len(prompts):
+            raise ValueError(f"{len(each)} sampling params for {len(prompts)} prompts; give one, or one per prompt")
+        ids = [self.engine.add_request(p, q) for p, q in zip(prompts, each)]
         return self._run(ids, on_step)
 
     def chat(self, messages: Messages | list[Messages], params: SamplingParams | None = None,

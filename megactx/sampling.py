@@ -1,7 +1,8 @@
 """Sampling parameters and the sampler (logits processors + token choice).
 
 Order, as in vLLM / transformers: logit_bias and penalties on the raw logits, then temperature, top-k, top-p,
-min-p, and a draw from the resulting distribution with the request's own torch.Generator. A temperature below
+min-p, and a draw from the resulting distribution with the request's own torch.Generator (so a seeded request
+samples the same tokens alone or in any batch). A temperature below
 GREEDY_BELOW is greedy (as in vLLM: dividing by 1e-45 overflows). Every accepted value stays finite: a penalty
 that overflows a logit makes it the largest finite one, so a request can never produce NaN probabilities; and
 sample() fails only the row whose sampling raised, never its batch. Logprobs are those of the raw model
@@ -16,7 +17,28 @@ import torch
 from megactx.errors import RequestError
 
 GREEDY_BELOW = 1e-5
+GUIDED_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+@dataclass(frozen=True, slots=True)
+class GuidedDecoding:
+    """A constraint on the output (engine/guided.py compiles it): a JSON schema (dict), any JSON object, a regex,
+    one of a list of strings, or a Lark grammar. source: the request field it came from, for error messages."""
+    kind: str
+    spec: object = None
+    source: str = "guided decoding"
+
+    def __post_init__(self):
+        if self.kind not in GUIDED_KINDS:
+            raise RequestError(f"{self.source}: unknown constraint {self.kind!r}; choose one of {', '.join(GUIDED_KINDS)}")
+        if self.kind == "choice" and not (isinstance(self.spec, list) and self.spec
+                                          and all(isinstance(c, str) and c for c in self.spec)):
+            raise RequestError(f"{self.source}: give a non-empty list of non-empty strings")
+        if self.kind in ("regex", "grammar") and not (isinstance(self.spec, str) and self.spec):
+            raise RequestError(f"{self.source}: give the {self.kind} as a non-empty string")
+        if self.kind == "json_schema" and not isinstance(self.spec, dict):
+            raise RequestError(f"{self.source}: a JSON schema is an object")
 
 
 @dataclass(slots=True)
@@ -39,6 +61,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
     prompt_logprobs: int | None = None  # None = off; k >= 0: each prompt token's logprob and rank, and the top k
+    guided: GuidedDecoding | None = None  # structured output: the engine masks what would break the constraint
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -123,17 +146,23 @@ def finite(logits: torch.Tensor) -> torch.Tensor:
 
 
 def sample_one(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int],
-               generator: torch.Generator | None) -> SampledToken:
-    # logits: [V] fp32, raw from the model
+               generator: torch.Generator | None, allowed: torch.Tensor | None = None) -> SampledToken:
+    # logits: [V] fp32, raw from the model; allowed: [V] bool, a grammar's mask (-inf stays -inf below)
     raw = logits
-    logits = finite(apply_penalties(apply_logit_bias(logits.clone(), params.logit_bias), params, prompt_ids,
-                                    output_ids))
+    logits = logits.clone()
+    if allowed is not None:
+        logits.masked_fill_(~allowed, float("-inf"))
+    logits = finite(apply_penalties(apply_logit_bias(logits, params.logit_bias), params, prompt_ids, output_ids))
     if params.greedy:
         token = int(torch.argmax(logits))
     else:
         logits = filter_logits(finite(logits / params.temperature), params)
         probs = torch.softmax(logits, -1)
-        token = int(torch.multinomial(probs, 1, generator=generator))
+        # the exponential race (as vLLM samples): argmax p_i / q_i with q_i ~ Exp(1) draws i with probability p_i.
+        # Unlike inverse-CDF draws (torch.multinomial), a seeded draw does not move when batching changes the
+        # logits in their last bits: only a near-tie between the two best racers could flip
+        q = torch.empty_like(probs).exponential_(1.0, generator=generator)
+        token = int(torch.argmax(probs / q))
     if params.logprobs is None:
         return SampledToken(token)
     logprobs = torch.log_softmax(raw, -1)
@@ -145,13 +174,15 @@ def sample_one(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[in
 
 
 def sample(logits: torch.Tensor, seqs) -> list[SampledToken | Exception]:
-    """One token per row; seqs[i] carries .params, .prompt_token_ids, .output_token_ids, .generator. A row whose
-    sampling raises gets its exception in its place: it fails that request only."""
+    """One token per row; seqs[i] carries .params, .prompt_token_ids, .output_token_ids, .generator and .guide
+    (None, or what engine/guided.py builds: .allowed(V) -> [V] bool). A row whose sampling raises gets its
+    exception in its place: it fails that request only."""
     # logits: [B, V]
     out = []
     for i, s in enumerate(seqs):
         try:
-            out.append(sample_one(logits[i], s.params, s.prompt_token_ids, s.output_token_ids, s.generator))
+            allowed = s.guide.allowed(logits.shape[-1]) if s.guide is not None else None
+            out.append(sample_one(logits[i], s.params, s.prompt_token_ids, s.output_token_ids, s.generator, allowed))
         except Exception as e:  # noqa: BLE001 -- reported to that request, the batch goes on
             out.append(e)
     return out

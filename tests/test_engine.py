@@ -34,6 +34,22 @@ def test_batch_of_different_lengths_equals_each_alone(qwen_path):
             assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
 
 
+def test_seeded_sampling_does_not_depend_on_the_batch(qwen_path):
+    """A seeded request draws from its own generator: alone, or batched beside other (seeded and unseeded)
+    requests, it samples the same tokens."""
+    prompt = token_ids(40, seed=7)
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, ignore_eos=True, seed=1234)
+    llm = LLM(qwen_path, dtype="fp32", max_num_batched_tokens=64)
+    alone = llm.generate([prompt], params)[0].token_ids
+    others = [token_ids(n, seed=n) for n in (9, 70, 33)]
+    unseeded = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
+    batch = llm.generate([others[0], prompt, others[1], prompt, others[2]],
+                         [unseeded, params, SamplingParams(temperature=0.7, max_tokens=16, ignore_eos=True, seed=5),
+                          params, unseeded])
+    assert batch[1].token_ids == alone and batch[3].token_ids == alone
+    assert llm.generate([prompt], unseeded)[0].token_ids != alone  # the draw is random without the seed: the test can tell
+
+
 def test_preemption_recomputes_and_gives_the_same_output(qwen_path):
     prompts = [token_ids(60, seed=10 + i) for i in range(4)]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)

@@ -2,6 +2,7 @@
 refused with an OpenAI-shaped 4xx naming the problem, and the server alive and serving after each.
 The real server with the bundled model on loopback, driven by the openai client and httpx."""
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -223,3 +224,51 @@ def test_lm_eval_loglikelihood_request_gets_transformers_logprobs(server, smollm
     assert chat["prompt_logprobs"][0] is None and len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]
     info = http.get(server + "/tokenizer_info", headers=auth()).json()
     assert info["eos_token"] == "<|im_end|>" and "{%" in info["chat_template"]
+
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["city", "population"],
+          "properties": {"city": {"type": "string", "maxLength": 20}, "population": {"type": "integer", "minimum": 0, "maximum": 10**9}}}
+
+
+def test_response_format_json_schema_always_validates(client):
+    model = client.models.list().data[0].id
+    for seed in range(3):
+        out = client.chat.completions.create(
+            model=model, max_tokens=60, temperature=1.0, seed=seed,
+            messages=[{"role": "user", "content": "Name a big city."}],
+            response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA, "strict": True}})
+        obj = json.loads(out.choices[0].message.content)
+        assert set(obj) == {"city", "population"} and isinstance(obj["population"], int), obj
+        assert isinstance(obj["city"], str) and len(obj["city"]) <= 20
+        assert out.choices[0].finish_reason == "stop"
+
+
+def test_guided_extras_on_both_endpoints(client):
+    model = client.models.list().data[0].id
+    chat = client.chat.completions.create(model=model, max_tokens=10, temperature=1.0, seed=4,
+                                          messages=[{"role": "user", "content": "Pick a colour."}],
+                                          extra_body={"guided_choice": ["red", "green", "blue"]})
+    assert chat.choices[0].message.content in ("red", "green", "blue")
+    text = client.completions.create(model=model, prompt="My number is", max_tokens=12, temperature=1.0, seed=4,
+                                     extra_body={"guided_regex": r" [0-9]{3}-[0-9]{4}"})
+    assert re.fullmatch(r" [0-9]{3}-[0-9]{4}", text.choices[0].text), text.choices[0].text
+    obj = client.completions.create(model=model, prompt="JSON:", max_tokens=80, temperature=1.0, seed=4,
+                                    extra_body={"guided_json": json.dumps(SCHEMA)})
+    assert obj.choices[0].finish_reason == "stop"
+    assert set(json.loads(obj.choices[0].text)) == {"city", "population"}
+
+
+def test_constraints_refused_clearly(client):
+    model = client.models.list().data[0].id
+    ask = dict(model=model, max_tokens=5, messages=[{"role": "user", "content": "Hi"}])
+    with pytest.raises(openai.BadRequestError, match="Invalid type"):
+        client.chat.completions.create(**ask, response_format={"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "objectx"}}})
+    with pytest.raises(openai.BadRequestError, match="json_schema.schema"):
+        client.chat.completions.create(**ask, response_format={"type": "json_schema", "json_schema": {"name": "x"}})
+    with pytest.raises(openai.BadRequestError, match="one output constraint"):
+        client.chat.completions.create(**ask, response_format={"type": "json_object"},
+                                       extra_body={"guided_regex": "a+"})
+    with pytest.raises(openai.BadRequestError, match="no tool support"):  # SmolLM2's template renders no tools
+        client.chat.completions.create(**ask, tools=[{"type": "function", "function": {"name": "f"}}])
+    alive(client)

@@ -19,6 +19,7 @@ from megactx.config.hardware import resolve_compute_dtype
 from megactx.engine.cache_salt import cache_salt
 from megactx.engine.detokenizer import IncrementalDetokenizer
 from megactx.engine.disk_cache import DiskKVCache
+from megactx.engine.guided import Guide
 from megactx.engine.kv_cache import BlockAllocator
 from megactx.engine.model_runner import ModelRunner
 from megactx.engine.prompt_logprobs import score_prompt_tokens
@@ -175,7 +176,8 @@ class LLMEngine:
             gen = None
             if params.seed is not None:
                 gen = torch.Generator().manual_seed((params.seed + i) % 2**64)
-            seqs.append(Sequence(request_id, i, ids, params, generator=gen, arrival=now))
+            guide = Guide(self.tokenizer, params.guided) if params.guided is not None else None
+            seqs.append(Sequence(request_id, i, ids, params, generator=gen, arrival=now, guide=guide))
         self.requests[request_id] = Request(request_id, text, ids, seqs,
                                             [IncrementalDetokenizer(self.tokenizer, s) for s in seqs], now)
         for s in seqs:
@@ -284,7 +286,10 @@ class LLMEngine:
                 if isinstance(token, Exception):
                     failed[req.request_id] = token
                 elif req.request_id not in failed:
-                    self.append_token(req, seq, token)
+                    try:
+                        self.append_token(req, seq, token)
+                    except RequestError as e:  # the grammar refused the token: that request fails alone
+                        failed[req.request_id] = e
         for request_id, error in failed.items():  # that request ends; the others in the step go on
             logger.warning("request %s failed while sampling: %s", request_id, error)
             self.abort(request_id)
@@ -329,12 +334,16 @@ class LLMEngine:
             seq.logprobs.append(token)
         params = seq.params
         tid = token.token_id
+        if seq.guide is not None:
+            seq.guide.accept(tid)
         if tid in params.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", tid
         elif not params.ignore_eos and tid in self.tokenizer.eos_token_ids:
             seq.finish_reason = "stop"
         else:
             req.detokenizers[seq.index].step(seq)
+            if seq.guide is not None and seq.guide.complete:  # the output is whole: end it without an EOS
+                seq.finish_reason = "stop"
         if seq.finish_reason is None:
             at_max = params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens
             if at_max or seq.num_tokens >= self.max_model_len:

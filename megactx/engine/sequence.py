@@ -42,6 +42,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # names of its full blocks (prefix caching)
     num_registered_blocks: int = 0  # blocks of block_table already named in the prefix cache
     num_preemptions: int = 0
+    guide: object | None = None  # the grammar matcher of a constrained request (engine/guided.py)
     seq_id: int = field(default_factory=lambda: next(_ids))
 
     def __post_init__(self):

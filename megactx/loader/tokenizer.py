@@ -37,6 +37,12 @@ class Tokenizer:
         return bool(getattr(self.hf, "chat_template", None))
 
     @property
+    def supports_tools(self) -> bool:
+        """The chat template renders a `tools` list (Qwen2.5's, Llama 3.1's, Hermes' do)."""
+        template = getattr(self.hf, "chat_template", None) or ""
+        return "tools" in (template if isinstance(template, str) else str(template))
+
+    @property
     def kind(self) -> str:
         return type(self.hf).__name__
 

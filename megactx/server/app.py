@@ -31,6 +31,7 @@ from megactx.server.protocol import (ChatCompletionRequest, CompletionRequest, D
                                      chat_messages, clean_text)
 from megactx.server.responses import ResponseBuilder, error_body
 from megactx.server.streaming import collect, stream
+from megactx.server.tool_calls import tool_choice_constraint
 
 logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = int(os.environ.get("MEGACTX_MAX_BODY_BYTES", 64 * 2**20))  # a 1M-token prompt is ~4 MB of text
@@ -216,14 +217,25 @@ def create_app(config: EngineConfig, served_name: str | None = None, api_key: st
         tok = engine.engine.tokenizer
         messages = chat_messages(req.messages)
         check_length(*(m["content"] for m in messages))
+        tools = req.tool_dicts()
+        if tools and not tok.supports_tools:
+            raise ApiError(400, "this model's chat template has no tool support; send the request without tools or "
+                                "serve a model whose template renders them (e.g. Qwen2.5)", param="tools")
+        template_args = {"tools": tools} if tools else {}
         ids = await asyncio.to_thread(tok.encode_chat, messages, add_generation_prompt=req.add_generation_prompt,
-                                      continue_final_message=req.continue_final_message)
+                                      continue_final_message=req.continue_final_message, **template_args)
         params = req.sampling_params(req.max_completion_tokens or req.max_tokens,
                                      (req.top_logprobs or 0) if req.logprobs else None)
         params.prompt_logprobs = req.prompt_logprobs
+        forced = tool_choice_constraint(tools, req.tool_choice, req.parallel_tool_calls) if tools else None
+        if forced is not None:
+            if params.guided is not None:
+                raise ApiError(400, f"tool_choice {req.tool_choice!r} and {params.guided.source} both constrain the "
+                                    f"output; give one", param="tool_choice")
+            params.guided = forced
         if req.stream and req.prompt_logprobs is not None:
             raise ApiError(400, "prompt_logprobs come with the whole response; send stream: false", param="stream")
-        builder = ResponseBuilder("chat", state.served_name, tok, f"chatcmpl-{uuid.uuid4().hex}")
+        builder = ResponseBuilder("chat", state.served_name, tok, f"chatcmpl-{uuid.uuid4().hex}", bool(tools))
         return await respond(engine, [ids], params, builder, req.stream,
                              bool(req.stream_options and req.stream_options.include_usage), raw,
                              prompt_k=req.prompt_logprobs)

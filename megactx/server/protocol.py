@@ -2,11 +2,13 @@
 for forward compatibility; wrong types and out-of-range values are 400s."""
 from __future__ import annotations
 
+import json
 from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from megactx.sampling import SEED_RANGE, SamplingParams
+from megactx.errors import RequestError
+from megactx.sampling import SEED_RANGE, GuidedDecoding, SamplingParams
 
 
 def clean_text(text: str) -> str:
@@ -49,6 +51,18 @@ class ChatMessage(BaseModel):
         return clean_text("".join(p.text for p in self.content))
 
 
+def _template_call(call: dict) -> dict:
+    """An assistant's tool call as templates read it: OpenAI sends the arguments as a JSON string, templates
+    (Qwen2.5's `arguments | tojson`) want the object, as vLLM gives them."""
+    function = dict(call.get("function") or {})
+    if isinstance(function.get("arguments"), str):
+        try:
+            function["arguments"] = json.loads(function["arguments"])
+        except ValueError:
+            pass
+    return {**call, "function": function}
+
+
 def chat_messages(messages: list[ChatMessage]) -> list[dict]:
     """What the chat template gets: role and text, and a tool conversation's fields where they are given."""
     out = []
@@ -57,8 +71,22 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict]:
         for key in ("tool_calls", "tool_call_id", "name"):
             if getattr(m, key) is not None:
                 d[key] = getattr(m, key)
+        if m.tool_calls:
+            d["tool_calls"] = [_template_call(c) for c in m.tool_calls]
         out.append(d)
     return out
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict | None = None
+
+    @model_validator(mode="after")
+    def _schema(self):
+        if self.type == "json_schema" and not isinstance((self.json_schema or {}).get("schema"), dict):
+            raise ValueError("type json_schema needs json_schema.schema, the JSON schema object")
+        return self
 
 
 class StreamOptions(BaseModel):
@@ -87,6 +115,36 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # structured output: OpenAI's response_format, or one of vLLM's guided_* extras
+    response_format: ResponseFormat | None = None
+    guided_json: Union[dict, str, None] = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None  # a Lark grammar (llguidance's dialect)
+
+    def guided(self) -> GuidedDecoding | None:
+        """The one output constraint asked for (400 when several are)."""
+        asked = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            asked.append(GuidedDecoding("json_object", source="response_format"))
+        elif rf is not None and rf.type == "json_schema":
+            asked.append(GuidedDecoding("json_schema", rf.json_schema["schema"], source="response_format"))
+        if self.guided_json is not None:
+            spec = self.guided_json
+            if isinstance(spec, str):
+                try:
+                    spec = json.loads(spec)
+                except ValueError as e:
+                    raise RequestError(f"guided_json: not JSON ({e})") from None
+            asked.append(GuidedDecoding("json_schema", spec, source="guided_json"))
+        for kind, value in (("regex", self.guided_regex), ("choice", self.guided_choice),
+                            ("grammar", self.guided_grammar)):
+            if value is not None:
+                asked.append(GuidedDecoding(kind, value, source=f"guided_{kind}"))
+        if len(asked) > 1:
+            raise RequestError(f"give one output constraint, not {' and '.join(g.source for g in asked)}")
+        return asked[0] if asked else None
 
     @field_validator("stop")
     @classmethod
@@ -111,7 +169,20 @@ class SamplingFields(BaseModel):
             stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
             include_stop_str_in_output=self.include_stop_str_in_output, logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
-            logit_bias={int(k): b for k, b in (self.logit_bias or {}).items()})
+            logit_bias={int(k): b for k, b in (self.logit_bias or {}).items()}, guided=self.guided())
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"]
+    function: FunctionSpec
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -121,6 +192,28 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    tools: list[Tool] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], dict, None] = None
+    parallel_tool_calls: bool = True
+
+    @model_validator(mode="after")
+    def _tool_choice(self):
+        choice = self.tool_choice
+        if isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+            if not name:
+                raise ValueError('a named tool_choice is {"type": "function", "function": {"name": ...}}')
+            if name not in [t.function.name for t in self.tools or []]:
+                raise ValueError(f"tool_choice names {name!r}, which is not among the tools")
+        elif choice == "required" and not self.tools:
+            raise ValueError("tool_choice 'required' needs tools")
+        return self
+
+    def tool_dicts(self) -> list[dict] | None:
+        """The tools the template sees (none for tool_choice 'none', as vLLM does)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
 
 
 class CompletionRequest(SamplingFields):

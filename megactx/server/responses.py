@@ -10,6 +10,7 @@ import json
 import time
 
 from megactx.outputs import CompletionOutput, RequestOutput, prefill_rate
+from megactx.server.tool_calls import parse_tool_calls
 
 
 def sse(obj) -> str:
@@ -104,8 +105,9 @@ def vllm_prompt_logprobs(tokenizer, out: RequestOutput, k: int) -> list[dict | N
 class ResponseBuilder:
     """Builds the bodies for one request (chat or text completion), whole or as stream chunks."""
 
-    def __init__(self, kind: str, model: str, tokenizer, request_id: str):
-        self.kind, self.model, self.tokenizer, self.id = kind, model, tokenizer, request_id
+    def __init__(self, kind: str, model: str, tokenizer, request_id: str, tools: bool = False):
+        """tools: the request offered tools; the model's tool-call blocks become `tool_calls`."""
+        self.kind, self.model, self.tokenizer, self.id, self.tools = kind, model, tokenizer, request_id, tools
         self.created = int(time.time())
 
     def _base(self, obj: str) -> dict:
@@ -123,9 +125,15 @@ class ResponseBuilder:
             for c in out.outputs:
                 index = p * n + c.index
                 if self.kind == "chat":
-                    choices.append({"index": index, "message": {"role": "assistant", "content": c.text},
+                    message, finish = {"role": "assistant", "content": c.text}, c.finish_reason
+                    if self.tools:
+                        content, calls = parse_tool_calls(c.text)
+                        if calls:
+                            message = {"role": "assistant", "content": content, "tool_calls": calls}
+                            finish = "tool_calls" if finish == "stop" else finish
+                    choices.append({"index": index, "message": message,
                                     "logprobs": chat_logprobs(self.tokenizer, c, 0, len(c.token_ids)),
-                                    "finish_reason": c.finish_reason})
+                                    "finish_reason": finish})
                 else:
                     prefix = echo_texts[p] if echo_texts else ""
                     logprobs = completion_logprobs(self.tokenizer, c, 0, len(c.token_ids), len(prefix))
@@ -143,9 +151,11 @@ class ResponseBuilder:
         return body
 
     def chunk(self, index: int, text: str, finish_reason: str | None, logprobs: dict | None,
-              role: bool = False) -> str:
+              role: bool = False, tool_calls: list[dict] | None = None) -> str:
         if self.kind == "chat":
             delta = {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
+            if tool_calls:  # OpenAI's stream shape: each call with its index, whole here (sent once parsed)
+                delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(tool_calls)]
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             body = self._base("chat.completion.chunk")
         else:

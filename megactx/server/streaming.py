@@ -8,6 +8,7 @@ from megactx.engine.async_engine import EngineError
 from megactx.errors import MegactxError
 from megactx.outputs import RequestOutput
 from megactx.server.responses import SSE_DONE, ResponseBuilder, error_body, prefill_comment, sse
+from megactx.server.tool_calls import ToolCallStream
 
 
 async def collect(gen: AsyncIterator[RequestOutput], raw) -> RequestOutput | None:
@@ -28,6 +29,7 @@ async def stream(gen: AsyncIterator[RequestOutput], b: ResponseBuilder, n: int, 
     sent_text = [0] * n
     sent_tokens = [0] * n
     done = [False] * n
+    tool_streams = [ToolCallStream() for _ in range(n)] if b.tools else None
     for i in range(n):
         yield b.chunk(i, echo or "", None, None, role=True)
     last_progress = -1
@@ -51,9 +53,17 @@ async def stream(gen: AsyncIterator[RequestOutput], b: ResponseBuilder, n: int, 
                 new_tokens = len(c.token_ids)
                 if text or c.finish_reason or (c.logprobs is not None and new_tokens > sent_tokens[i] and text):
                     logprobs = b.logprobs_for(c, sent_tokens[i], new_tokens, sent_text[i])
-                    yield b.chunk(i, text, c.finish_reason, logprobs)
                     sent_text[i] += len(text)
                     sent_tokens[i] = new_tokens
+                    finish, calls = c.finish_reason, None
+                    if tool_streams is not None:  # tool-call blocks are held back and sent parsed at the end
+                        text = tool_streams[i].feed(text)
+                        if finish is not None:
+                            rest, calls = tool_streams[i].finish()
+                            text += rest
+                            finish = "tool_calls" if calls and finish == "stop" else finish
+                    if text or finish or logprobs:
+                        yield b.chunk(i, text, finish, logprobs, tool_calls=calls)
                 done[i] = c.finish_reason is not None
     except MegactxError as e:  # the request was refused once it reached the engine
         yield sse(error_body(str(e), 400))
