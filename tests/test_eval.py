@@ -8,7 +8,7 @@ from megactx.eval import passkey, ruler
 from megactx.eval.backends import InProcessBackend
 from megactx.eval.fitting import largest_fitting
 from megactx.eval.results import read_rows
-from megactx.eval.ruler_tasks import TASKS
+from megactx.eval.ruler_tasks import ALL_TASKS, EXTRA_TASKS, TASKS
 from megactx.eval.scoring import postprocess, string_match_all, string_match_part
 
 
@@ -45,13 +45,28 @@ def test_niah_singular_rewrite_and_plural_for_multi_value():
 def test_generators_are_reproducible_from_the_seed():
     assert passkey.make_key(0, 4096, 50, 1) == passkey.make_key(0, 4096, 50, 1)
     assert passkey.make_key(0, 4096, 50, 1) != passkey.make_key(1, 4096, 50, 1)
-    for name, task in TASKS.items():
+    for name, task in ALL_TASKS.items():
         a = task.generate(40, ruler.sample_rng(0, name, 4096, 3)(), 4096)
         b = task.generate(40, ruler.sample_rng(0, name, 4096, 3)(), 4096)
         c = task.generate(40, ruler.sample_rng(1, name, 4096, 3)(), 4096)
         assert (a.text, a.outputs) == (b.text, b.outputs), name
         assert a.outputs != c.outputs, name
         assert all(o.lower() in a.text.lower() for o in a.outputs) or name == "cwe", name
+
+
+def test_our_needle_tasks_hide_one_needle_in_their_own_haystacks():
+    """code, log lines and needle-like prose each contain the needle sentence exactly once; the haystack-word
+    task's value is a word the haystack uses elsewhere too."""
+    for name, marker in [("niah_code", "def "), ("niah_logs", "Z INFO "), ("niah_similar", "special magic")]:
+        s = EXTRA_TASKS[name].generate(300, random.Random(5), 8192)
+        assert marker in s.text and s.text.count("One of the special magic numbers for ") == 1, name
+        assert f"is: {s.outputs[0]}." in s.text and s.outputs[0].isdigit()
+    word = EXTRA_TASKS["niah_haystack_word"].generate(3000, random.Random(5), 8192)
+    value = word.outputs[0]
+    assert f"words for " in word.text and f"is: {value}." in word.text
+    assert word.text.count(value) > 1  # also in the haystack: the answer cannot be told by being unusual
+    assert ruler.parse_tasks("needles")[-4:] == list(EXTRA_TASKS) and "vt" not in ruler.parse_tasks("needles")
+    assert ruler.parse_tasks("all") == list(TASKS)
 
 
 def test_passkey_depth_places_the_key_between_whole_sentences():

@@ -94,7 +94,7 @@ def cmd_passkey(args) -> int:
 
 def cmd_ruler(args) -> int:
     from megactx.eval import ruler
-    from megactx.eval.ruler_tasks import TASKS
+    from megactx.eval.ruler_tasks import ALL_TASKS
     tasks = ruler.parse_tasks(args.tasks)
     if args.samples < 1:
         raise MegactxError("--samples must be at least 1")
@@ -107,7 +107,7 @@ def cmd_ruler(args) -> int:
     summary = ruler.summarize(wanted, tasks, lengths)
     with open(os.path.join(args.out, "ruler_summary.json"), "w") as f:
         json.dump({"target": backend.name, "samples": args.samples,
-                   "haystacks": {t: TASKS[t].haystack for t in tasks},
+                   "haystacks": {t: ALL_TASKS[t].haystack for t in tasks},
                    "tasks": summary["tasks"], "per_length": summary["per_length"], "avg": summary["avg"]}, f, indent=2)
     print(ruler.format_table(summary, lengths))
     return 0
@@ -164,7 +164,8 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_passkey)
     r = ev.add_parser("ruler", help="RULER's synthetic tasks (RULER-11, offline)")
     add_target_args(r)
-    r.add_argument("--tasks", default="all", help="all, or a comma list: niah_single_1,...,vt,cwe,fwe")
+    r.add_argument("--tasks", default="all", help="all (RULER's 11), needles (RULER's 8 needle tasks and ours: niah_code, "
+                   "niah_logs, niah_similar, niah_haystack_word), or a comma list: niah_single_1,...,vt,cwe,fwe")
     r.add_argument("--lengths", default="4096")
     r.add_argument("--samples", type=int, default=5)
     r.set_defaults(func=cmd_ruler)

@@ -16,20 +16,23 @@ from megactx.errors import MegactxError
 from megactx.eval.backends import Backend, Progress
 from megactx.eval.fitting import largest_fitting
 from megactx.eval.results import ResultLog
-from megactx.eval.ruler_tasks import TASKS, Sample, Task
+from megactx.eval.ruler_tasks import ALL_TASKS, NEEDLE_TASKS, TASKS, Sample, Task
 from megactx.eval.scoring import METRICS, postprocess
 
 logger = logging.getLogger(__name__)
 
 
 def parse_tasks(spec: str) -> list[str]:
+    """all: RULER's tasks; needles: every needle task, RULER's and ours (haystacks.py); or names."""
     if spec.strip() in ("all", ""):
         return list(TASKS)
+    if spec.strip() == "needles":
+        return list(NEEDLE_TASKS)
     names = [t.strip() for t in spec.split(",") if t.strip()]
-    unknown = [t for t in names if t not in TASKS]
+    unknown = [t for t in names if t not in ALL_TASKS]
     if unknown:
         hint = " (qa_1 and qa_2 need SQuAD/HotpotQA, not available offline)" if any(t.startswith("qa") for t in unknown) else ""
-        raise MegactxError(f"unknown RULER task {unknown[0]!r}{hint}; choose from: all, {', '.join(TASKS)}")
+        raise MegactxError(f"unknown RULER task {unknown[0]!r}{hint}; choose from: all, needles, {', '.join(ALL_TASKS)}")
     return names
 
 
@@ -63,7 +66,7 @@ def run_ruler(backend: Backend, tasks: list[str], lengths: list[int], samples: i
                    on_row) as log:
         for length in lengths:
             for name in tasks:
-                task = TASKS[name]
+                task = ALL_TASKS[name]
                 for index in range(samples):
                     if log.skip((name, length, index)):
                         continue
@@ -103,7 +106,7 @@ def format_table(summary: dict, lengths: list[int]) -> str:
     lines = [head, "|---|---|" + "---|" * len(lengths)]
     for name, scores in summary["tasks"].items():
         cells = [f"{scores[n]:.1f}" if n in scores else "" for n in lengths]
-        lines.append(f"| {name} | {TASKS[name].haystack} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {ALL_TASKS[name].haystack} | " + " | ".join(cells) + " |")
     per = summary["per_length"]
     lines.append("| **score** | | " + " | ".join(f"**{per[n]:.1f}**" if n in per else "" for n in lengths) + " |")
     lines.append(f"\nAvg. over lengths: **{summary['avg']:.1f}** (RULER-{len(summary['tasks'])}; "

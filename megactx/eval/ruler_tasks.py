@@ -13,7 +13,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable
 
-from megactx.eval.words import essay_substitute_words, key_words, vocabulary
+from megactx.eval.haystacks import HAYSTACKS
+from megactx.eval.words import NOUNS, essay_substitute_words, key_words, vocabulary
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NIAH_TEMPLATE = ("Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. "
@@ -56,17 +57,20 @@ def _random_value(kind: str, rng: random.Random) -> str:
         return str(rng.randint(10**6, 10**7 - 1))  # 7 digits
     if kind == "words":
         return rng.choice(key_words())
+    if kind == "nouns":  # single nouns: words the essay haystack itself is full of
+        return rng.choice(NOUNS)
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
 
 def _niah(haystack: str, type_k: str, type_v: str, num_k: int, num_v: int, num_q: int):
     num_k = max(num_k, num_q)
+    kind_v, type_v = type_v, "words" if type_v == "nouns" else type_v  # the value's kind, the template's name
 
     def generate(size: int, rng: random.Random, length: int) -> Sample:
         keys, values, needles = [], [], []
         for _ in range(num_k):
             keys.append(_random_value(type_k, rng))
-            values.append([_random_value(type_v, rng) for _ in range(num_v)])
+            values.append([_random_value(kind_v, rng) for _ in range(num_v)])
             needles += [NEEDLE.format(type_needle_v=type_v, key=keys[-1], value=v) for v in values[-1]]
         rng.shuffle(needles)
         depths = sorted(rng.sample(DEPTHS, len(needles)))
@@ -79,6 +83,8 @@ def _niah(haystack: str, type_k: str, type_v: str, num_k: int, num_v: int, num_q
         else:
             if haystack == "noise":
                 lines = [NOISE] * size
+            elif haystack in HAYSTACKS:
+                lines = HAYSTACKS[haystack](size, rng)
             else:  # every line a distractor needle
                 lines = [NEEDLE.format(type_needle_v=type_v, key=_random_value(type_k, rng),
                                        value=_random_value(type_v, rng)) for _ in range(size)]
@@ -175,3 +181,14 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("cwe", 120, "all", _cwe, "word list"),
     Task("fwe", 50, "all", _fwe, "coded words"),
 ]}
+
+# Needle tasks of our own, beyond RULER's (not in "all", which stays RULER-13's comparable set): haystacks that
+# look like what users send, and values that also occur in the haystack
+EXTRA_TASKS: dict[str, Task] = {t.name: t for t in [
+    Task("niah_code", 128, "all", _niah("code", "words", "numbers", 1, 1, 1), "python code"),
+    Task("niah_logs", 128, "all", _niah("logs", "words", "numbers", 1, 1, 1), "log lines"),
+    Task("niah_similar", 128, "all", _niah("similar", "words", "numbers", 1, 1, 1), "needle-like prose"),
+    Task("niah_haystack_word", 128, "all", _niah("essay", "words", "nouns", 1, 1, 1), "essay-substitute"),
+]}
+ALL_TASKS = {**TASKS, **EXTRA_TASKS}
+NEEDLE_TASKS = [name for name in ALL_TASKS if name.startswith("niah")]

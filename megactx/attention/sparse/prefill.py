@@ -61,7 +61,8 @@ class SparsePrefill:
         if self.probe is not None:
             self.probe.calls.append(SparseCall(layer, q_start, n, density, fallback, t1 - t0,
                                                time.perf_counter() - t1,
-                                               plan if self.probe.record_plans else None))
+                                               plan if self.probe.record_plans else None,
+                                               self.cfg.block_size))
         return result
 
     def plan(self, layer: int, segments, estimate_segments, keys: KeySource, q_start: int, n: int,

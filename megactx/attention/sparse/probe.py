@@ -28,6 +28,7 @@ class SparseCall:
     estimate_s: float
     attention_s: float
     plan: list | None = None  # [H][blocks] BlockKeys, with record_plans
+    block: int = 0  # query rows per plan block: block k starts at q_start + k * block
     dense_s: float | None = None  # the same rows densely, for a compared layer
     recall_sum: torch.Tensor | None = None  # [H] float64: sum over rows of exp(lse_sparse - lse_dense)
 

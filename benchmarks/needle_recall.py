@@ -1,0 +1,114 @@
+"""Where a needle is lost: the sparse plans' coverage of the needle, layer by layer, for the question's rows.
+
+For each needle task sample (RULER's and ours, megactx/eval/ruler_tasks.py) at a length, one greedy run with the
+given settings. The engine's sparse probe (megactx/attention/sparse/probe.py) records every plan; for the query
+block that holds the prompt's last row (the row whose output picks the first answer token), the script reports per
+layer the share of heads whose plan keeps at least half of the needle sentence's tokens. A dense run has no plans:
+it reports the answer only. Rows are appended to --out as they finish (a rerun skips them).
+
+  python benchmarks/needle_recall.py --model EVAL.gguf --tasks niah_single_2,niah_similar --lengths 49152 \
+      --samples 3 --setting dca-sparse --out benchmarks/results/needle_recall.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megactx import LLM  # noqa: E402
+from megactx.attention.sparse.probe import SparseProbe  # noqa: E402
+from megactx.config.hardware import cpu_summary  # noqa: E402
+from megactx.eval.backends import InProcessBackend  # noqa: E402
+from megactx.eval.ruler import build_sample, parse_tasks  # noqa: E402
+from megactx.eval.ruler_tasks import ALL_TASKS, NEEDLE  # noqa: E402
+from megactx.eval.scoring import METRICS, postprocess  # noqa: E402
+
+SETTINGS = {  # name -> engine settings; "plain": no DCA (in range only)
+    "plain": {"dca": False, "sparse": False},
+    "dca-dense": {"dca": True, "sparse": False},
+    "dca-sparse": {"dca": True, "sparse": True},
+}
+
+
+def needle_tokens(tokenizer, text: str, needle: str) -> list[int]:
+    """Token positions of the needle sentence in the rendered prompt text."""
+    start = text.find(needle)
+    if start < 0:
+        return []
+    enc = tokenizer.hf(text, return_offsets_mapping=True, add_special_tokens=False)
+    end = start + len(needle)
+    return [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start]
+
+
+def plan_coverage(probe: SparseProbe, prompt_len: int, positions: list[int]) -> dict[int, float]:
+    """Per layer: the share of heads whose last query block keeps >= half of `positions` among its earlier keys
+    (positions inside the block itself are always computed)."""
+    wanted = set(positions)
+    out: dict[int, float] = {}
+    for call in probe.calls:
+        if call.plan is None or call.q_start + call.rows != prompt_len:
+            continue
+        block_start = call.q_start + (len(call.plan[0]) - 1) * call.block
+        own = {p for p in wanted if p >= block_start}
+        kept = sum(len((set(head[-1].indices().tolist()) | own) & wanted) * 2 >= len(wanted) for head in call.plan)
+        out[call.layer] = kept / len(call.plan)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--tasks", default="needles")
+    ap.add_argument("--lengths", default="49152")
+    ap.add_argument("--samples", type=int, default=3)
+    ap.add_argument("--setting", choices=list(SETTINGS), default="dca-sparse")
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--sparse-threshold", type=int, default=32768)
+    ap.add_argument("--dca-original-max-position", type=int, default=None,
+                    help="pretend a shorter trained length (a cheap stand-in for DCA far beyond it)")
+    ap.add_argument("--out", default="benchmarks/results/needle_recall.jsonl")
+    args = ap.parse_args()
+    lengths = [int(x) for x in args.lengths.split(",")]
+    done = set()
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            done = {(r["task"], r["length"], r["index"], r["setting"], r["dtype"]) for r in map(json.loads, f)}
+    settings = dict(SETTINGS[args.setting])
+    if settings["dca"] and args.dca_original_max_position:
+        settings["dca_original_max_position"] = args.dca_original_max_position
+    llm = LLM(args.model, max_model_len=max(lengths) + 256, max_num_seqs=1, dtype=args.dtype,
+              sparse_threshold=args.sparse_threshold, allow_long_context=not settings["dca"], **settings)
+    backend = InProcessBackend(llm)
+    sizes: dict = {}
+    for length in lengths:
+        for name in parse_tasks(args.tasks):
+            task = ALL_TASKS[name]
+            for index in range(args.samples):
+                if (name, length, index, args.setting, args.dtype) in done:
+                    continue
+                sample, ids = build_sample(backend, task, length, index, 0, sizes)
+                text = backend._template(sample.text) + sample.answer_prefix
+                needles = [part for line in text.split("\n") for part in line.split(". ")  # the answer's needles
+                           if part.startswith(NEEDLE.split("{")[0]) and any(v in part for v in sample.outputs)]
+                positions = sorted({p for n in needles for p in needle_tokens(llm.tokenizer, text, n)})
+                probe = SparseProbe(record_plans=True)
+                llm.engine.observe_sparse(probe)
+                answer = backend.generate(ids, task.tokens_to_generate)
+                llm.engine.observe_sparse(None)
+                prediction = postprocess(answer.text)
+                row = {"task": name, "length": length, "index": index, "setting": args.setting, "dtype": args.dtype,
+                       "prompt_tokens": len(ids), "score": METRICS[task.metric]([prediction], [sample.outputs]),
+                       "prediction": prediction[:200], "outputs": sample.outputs, "ttft_s": round(answer.ttft_s, 1),
+                       "needle_tokens": len(positions), "cpu": cpu_summary(),
+                       "dca_original_max_position": args.dca_original_max_position,
+                       "plan_coverage": plan_coverage(probe, len(ids), positions) if positions else {}}
+                print(json.dumps({k: row[k] for k in ("task", "length", "index", "setting", "score", "prediction")}))
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
