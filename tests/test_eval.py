@@ -119,7 +119,8 @@ def test_passkey_run_writes_jsonl_heatmap_and_resumes(backend, tmp_path):
     assert len(rows) == 3
     lines = read_rows(str(tmp_path / "passkey.jsonl"))
     assert len(lines) == 3  # the broken line is skipped, the row after it is whole
-    assert {"length", "depth", "trial", "key", "answer", "correct", "ttft_s"} <= set(lines[-1])
+    assert {"length", "depth", "trial", "key", "answer", "correct", "ttft_s", "cpu", "dtype"} <= set(lines[-1])
+    assert " cores" in lines[-1]["cpu"]  # where each figure was made
     png = passkey_heatmap(*passkey.accuracy_grid(rows), str(tmp_path / "h.png"))
     assert os.path.getsize(png) > 1000
     table = passkey.summarize(rows)
@@ -131,6 +132,7 @@ def test_ruler_run_scores_and_summarizes(backend, tmp_path):
     assert len(rows) == 2 and all(r["prompt_tokens"] + TASKS[r["task"]].tokens_to_generate <= 1024 for r in rows)
     for r in rows:
         assert r["score"] == string_match_all([r["prediction"]], [r["outputs"]])
+        assert r["dtype"] == backend.llm.engine.compute_dtype and r["cpu"]
     summary = ruler.summarize(rows, ["niah_single_1", "vt"], [1024])
     assert summary["avg"] == pytest.approx((rows[0]["score"] + rows[1]["score"]) / 2)
     assert "| niah_single_1 | noise |" in ruler.format_table(summary, [1024])

@@ -63,6 +63,11 @@ class PrefillBar:
                 self.bar = None
 
 
+def _machines(rows: list[dict]) -> dict:
+    """The CPUs and compute dtypes the rows were measured with (rows from servers record none)."""
+    return {key: sorted({r[key] for r in rows if key in r}) for key in ("cpu", "dtype")}
+
+
 def cmd_passkey(args) -> int:
     from megactx.eval import passkey
     from megactx.eval.plots import passkey_heatmap
@@ -82,7 +87,7 @@ def cmd_passkey(args) -> int:
     png = passkey_heatmap(*passkey.accuracy_grid(rows), os.path.join(args.out, "passkey_heatmap.png"),
                           title=f"Passkey: {backend.name}")
     with open(os.path.join(args.out, "passkey_summary.json"), "w") as f:
-        json.dump({"target": backend.name, "summary": passkey.summarize(rows)}, f, indent=2)
+        json.dump({"target": backend.name, "summary": passkey.summarize(rows), **_machines(rows)}, f, indent=2)
     print("| length | cells | accuracy % | key anywhere % | mean TTFT s | prefill tok/s |")
     print("|---|---|---|---|---|---|")
     for t in table:
@@ -108,7 +113,8 @@ def cmd_ruler(args) -> int:
     with open(os.path.join(args.out, "ruler_summary.json"), "w") as f:
         json.dump({"target": backend.name, "samples": args.samples,
                    "haystacks": {t: ALL_TASKS[t].haystack for t in tasks},
-                   "tasks": summary["tasks"], "per_length": summary["per_length"], "avg": summary["avg"]}, f, indent=2)
+                   "tasks": summary["tasks"], "per_length": summary["per_length"], "avg": summary["avg"],
+                   **_machines(wanted)}, f, indent=2)
     print(ruler.format_table(summary, lengths))
     return 0
 

@@ -107,6 +107,7 @@ class LLMEngine:
         if self.dca is not None:
             logger.info("Dual Chunk Attention: %s", self.dca.describe())
         compute, compute_name, why = resolve_compute_dtype(config.dtype, config.device)
+        self.compute_dtype = compute_name  # what --dtype auto resolved to, for reports
         if why:
             logger.info("Compute dtype auto: %s, since %s (--dtype fp32 or bf16 chooses)", compute_name, why)
         sparse = resolve_sparse(config.sparse, self.source.path, compute_name)

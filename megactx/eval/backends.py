@@ -34,6 +34,7 @@ Progress = Callable[[int, int], None]  # on_prefill(prompt tokens ready, prompt 
 class Backend(Protocol):
     name: str
     max_model_len: int | None  # prompt + generated tokens the target accepts (None: unknown)
+    machine: dict  # what every result row records of where it ran: {"cpu", "dtype"} in-process, {} for a server
 
     def render(self, user_text: str, answer_prefix: str = "") -> list[int]: ...
     def count(self, user_text: str, answer_prefix: str = "") -> int: ...
@@ -47,6 +48,8 @@ class InProcessBackend:
         self.llm, self.tokenizer = llm, llm.tokenizer
         from megactx.loader import default_model_path
         self.name = os.path.basename((llm.engine.config.model or default_model_path()).rstrip("/"))
+        from megactx.config.hardware import cpu_summary
+        self.machine = {"cpu": cpu_summary(), "dtype": llm.engine.compute_dtype}  # recorded with every row
         self.max_model_len = llm.engine.max_model_len
 
     def render(self, user_text: str, answer_prefix: str = "") -> list[int]:
@@ -87,6 +90,7 @@ class ServerBackend:
         self.model = model or entry["id"]
         self.max_model_len = entry.get("max_model_len")  # vLLM and megactx report it
         self.name = f"{self.model} at {self.base}"
+        self.machine: dict = {}  # the server's CPU is not known here
 
     def _get(self, path: str) -> dict:
         return self._check(self.client.get(self.base + path), path)

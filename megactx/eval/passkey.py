@@ -70,7 +70,8 @@ def run_passkey(backend: Backend, lengths: list[int], depths: list[int], trials:
             for depth in depths:
                 for trial in range(trials):
                     if not log.skip((length, depth, trial)):
-                        log.add(run_cell(backend, Cell(length, depth, trial), seed, guess, on_prefill))
+                        row = run_cell(backend, Cell(length, depth, trial), seed, guess, on_prefill)
+                        log.add({**row, **backend.machine})
     return log.rows
 
 
