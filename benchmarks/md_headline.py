@@ -83,6 +83,37 @@ def _prefix_cache_rows() -> list[str]:
     return rows
 
 
+def _beyond_128k_rows() -> list[str]:
+    """Passkey runs past 128K: results/passkey_eval_dca_sparse_linear_*, each with a run.json that gives the
+    command, the CPU, the dtype and the peak RSS of the run."""
+    rows = []
+    for folder in sorted(f for f in os.listdir(RESULTS) if f.startswith("passkey_eval_dca_sparse_linear")):
+        run = _load(f"{folder}/run.json")
+        cells = _jsonl(f"{folder}/passkey.jsonl")
+        for length in sorted({c["length"] for c in cells}):
+            mine = [c for c in cells if c["length"] == length]
+            uncached = max(c["ttft_s"] for c in mine)  # the first cell of a length computes its whole prompt
+            rows.append(f"| Passkey at {length // 1024}K | **{sum(c['correct'] for c in mine)}/{len(mine)}** depths; "
+                        f"TTFT {uncached / 60:.0f} min for a whole prompt (the other depths reuse its prefix); peak RSS "
+                        f"{run['peak_rss_gb']:.1f} GB | DCA + sparse, {run['settings']}, {run['dtype']} "
+                        f"| {_cpu(run['cpu'])} |")
+    return rows
+
+
+def _grammar_row() -> list[str]:
+    if not os.path.exists(os.path.join(RESULTS, "grammar_overhead.json")):
+        return []
+    g = _load("grammar_overhead.json")
+    rows = {(r["model"], r["library"]): r for r in g["rows"] if "error" not in r}
+    chosen = [r for (m, lib), r in rows.items() if lib == "llguidance" and "qwen" in m]
+    if not chosen:
+        return []
+    r = chosen[0]
+    return [f"| Structured output (JSON schema), cost per token | **{r['per_token_ms_mean']:.2f} ms** mean "
+            f"(p95 {r['per_token_ms_p95']:.2f} ms) on a {r['vocab'] // 1000}K-token vocabulary | llguidance, "
+            f"`benchmarks/grammar_overhead.py` | {_cpu(g['cpu'])} |"]
+
+
 def headline() -> list[str]:
     s128, s64 = _sparse_row(131072), _sparse_row(65536)
     dense64, sparse64 = _ttft_pair(65536)
@@ -126,7 +157,9 @@ def headline() -> list[str]:
         f"({prefill16k['megactx']:.0f} tok/s) | fp32, same GGUF file | not recorded |",
         f"| Server, 8 concurrent streams | {streams:.1f}x one stream's decode rate | SmolLM2-135M, "
         f"`--packed-weights auto` | not recorded |",
+        *_beyond_128k_rows(),
         *_prefix_cache_rows(),
+        *_grammar_row(),
         f"| RULER-11 at 4K | {ruler['avg']:.1f} (of 100), {ruler['samples']} samples a task | in range, fp32 | not recorded |",
         "",
         "## What each area measures", "",

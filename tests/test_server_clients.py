@@ -272,3 +272,20 @@ def test_constraints_refused_clearly(client):
     with pytest.raises(openai.BadRequestError, match="no tool support"):  # SmolLM2's template renders no tools
         client.chat.completions.create(**ask, tools=[{"type": "function", "function": {"name": "f"}}])
     alive(client)
+
+
+def test_unsupported_openai_fields_are_refused_by_name(server):
+    cases = [("/v1/chat/completions", {"functions": [{"name": "f"}]}, "use tools"),
+             ("/v1/chat/completions", {"modalities": ["text", "audio"]}, "text only"),
+             ("/v1/chat/completions", {"prediction": {"type": "content", "content": "x"}}, "prediction"),
+             ("/v1/completions", {"suffix": "end"}, "suffix"),
+             ("/v1/completions", {"best_of": 3}, "best_of")]
+    for path, extra, words in cases:
+        body = {"max_tokens": 2, **extra}
+        body.update({"messages": [{"role": "user", "content": "Hi"}]} if "chat" in path else {"prompt": "Hi"})
+        refused(http.post(server + path, json=body, headers=auth()), 400, words)
+    ok = {"user": "u1", "metadata": {"k": "v"}, "store": False, "modalities": ["text"], "best_of": 1}
+    r = http.post(server + "/v1/chat/completions", json={"max_tokens": 2, "messages": [{"role": "user",
+                                                                                         "content": "Hi"}], **ok},
+                  headers=auth())
+    assert r.status_code == 200, r.text

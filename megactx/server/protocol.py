@@ -89,6 +89,16 @@ class ResponseFormat(BaseModel):
         return self
 
 
+UNSUPPORTED = {  # field -> why, in the error message
+    "functions": "use tools (the legacy functions field is not read)",
+    "function_call": "use tool_choice (the legacy function_call field is not read)",
+    "audio": "this model takes and gives text only",
+    "prediction": "predicted outputs are not implemented",
+    "web_search_options": "there is no web search here",
+    "suffix": "insertion (fill in the middle) is not implemented; send the prompt only",
+}
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -145,6 +155,22 @@ class SamplingFields(BaseModel):
         if len(asked) > 1:
             raise RequestError(f"give one output constraint, not {' and '.join(g.source for g in asked)}")
         return asked[0] if asked else None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data):
+        """OpenAI fields this server cannot honour are refused by name, not ignored (bookkeeping fields such as
+        user, metadata, store and service_tier are accepted: they change nothing in the output)."""
+        if not isinstance(data, dict):
+            return data
+        for field, why in UNSUPPORTED.items():
+            if data.get(field) not in (None, False, [], {}):
+                raise ValueError(f"{field} is not supported by this server: {why}")
+        if any(m != "text" for m in data.get("modalities") or []):
+            raise ValueError("modalities: this model takes and gives text only")
+        if (data.get("best_of") or 1) > (data.get("n") or 1):
+            raise ValueError("best_of above n is not supported; ask for n completions and pick one")
+        return data
 
     @field_validator("stop")
     @classmethod
