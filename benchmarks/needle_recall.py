@@ -3,7 +3,8 @@
 For each needle task sample (RULER's and ours, megactx/eval/ruler_tasks.py) at a length, one greedy run with the
 given settings. The engine's sparse probe (megactx/attention/sparse/probe.py) records every plan; for the query
 block that holds the prompt's last row (the row whose output picks the first answer token), the script reports per
-layer the share of heads whose plan keeps at least half of the needle sentence's tokens. A dense run has no plans:
+layer the share of heads whose plan keeps at least half of the needle sentence's tokens (with --sparse-dense-tail
+0: the default tail computes those rows densely, and the row shows the answer only). A dense run has no plans:
 it reports the answer only. Rows are appended to --out as they finish (a rerun skips them).
 
   python benchmarks/needle_recall.py --model EVAL.gguf --tasks niah_single_2,niah_similar --lengths 49152 \
@@ -69,25 +70,30 @@ def main() -> None:
     ap.add_argument("--sparse-threshold", type=int, default=32768)
     ap.add_argument("--dca-original-max-position", type=int, default=None,
                     help="pretend a shorter trained length (a cheap stand-in for DCA far beyond it)")
+    ap.add_argument("--sparse-dense-tail", type=int, default=None, help="default: the engine's")
     ap.add_argument("--out", default="benchmarks/results/needle_recall.jsonl")
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     done = set()
     if os.path.exists(args.out):
         with open(args.out) as f:
-            done = {(r["task"], r["length"], r["index"], r["setting"], r["dtype"]) for r in map(json.loads, f)}
+            done = {(r["task"], r["length"], r["index"], r["setting"], r["dtype"], r.get("dense_tail"))
+                    for r in map(json.loads, f)}
     settings = dict(SETTINGS[args.setting])
     if settings["dca"] and args.dca_original_max_position:
         settings["dca_original_max_position"] = args.dca_original_max_position
+    if settings["sparse"] and args.sparse_dense_tail is not None:
+        settings["sparse_dense_tail"] = args.sparse_dense_tail
     llm = LLM(args.model, max_model_len=max(lengths) + 256, max_num_seqs=1, dtype=args.dtype,
               sparse_threshold=args.sparse_threshold, allow_long_context=not settings["dca"], **settings)
     backend = InProcessBackend(llm)
+    tail = llm.engine.config.sparse.dense_tail if settings["sparse"] else None
     sizes: dict = {}
     for length in lengths:
         for name in parse_tasks(args.tasks):
             task = ALL_TASKS[name]
             for index in range(args.samples):
-                if (name, length, index, args.setting, args.dtype) in done:
+                if (name, length, index, args.setting, args.dtype, tail) in done:
                     continue
                 sample, ids = build_sample(backend, task, length, index, 0, sizes)
                 text = backend._template(sample.text) + sample.answer_prefix
@@ -100,7 +106,7 @@ def main() -> None:
                 llm.engine.observe_sparse(None)
                 prediction = postprocess(answer.text)
                 row = {"task": name, "length": length, "index": index, "setting": args.setting, "dtype": args.dtype,
-                       "prompt_tokens": len(ids), "score": METRICS[task.metric]([prediction], [sample.outputs]),
+                       "dense_tail": tail, "prompt_tokens": len(ids), "score": METRICS[task.metric]([prediction], [sample.outputs]),
                        "prediction": prediction[:200], "outputs": sample.outputs, "ttft_s": round(answer.ttft_s, 1),
                        "needle_tokens": len(positions), "cpu": cpu_summary(),
                        "dca_original_max_position": args.dca_original_max_position,

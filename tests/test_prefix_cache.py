@@ -82,7 +82,8 @@ def test_sparse_prefill_of_the_rest_plans_against_the_cached_keys(dca_path, tmp_
     budgets = tmp_path / "sparse.json"
     heads = {str(h): ["vertical_and_slash", 4096, 4096, 0.9] for h in range(4)}
     budgets.write_text(json.dumps([heads, heads]))
-    sparse = dict(sparse_threshold=0, sparse_config=str(budgets), sparse_block_size=16, sparse_max_density=1.0)
+    sparse = dict(sparse_threshold=0, sparse_dense_tail=0, sparse_config=str(budgets), sparse_block_size=16,
+                  sparse_max_density=1.0)
     doc = token_ids(150, seed=7)
     llm = _engine(dca_path, **sparse)
     llm.generate(doc + token_ids(20, seed=8), PARAMS)

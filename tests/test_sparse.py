@@ -25,6 +25,7 @@ def _run_sparse_dca(q, k, v, dca, splits, budgets, block=16, max_density=1.0, pr
     t = q.shape[0]
     rotary = _rotary()
     settings.setdefault("estimate", "vertical-slash")
+    settings.setdefault("dense_tail", 0)
     cfg = SparseConfig(threshold=0, last_q=8, block_size=block, max_density=max_density, estimate_span=span,
                        **settings)
     patterns = SparsePatterns([{h: HeadPattern("vertical_and_slash", *budgets) for h in range(H)}])
@@ -36,7 +37,8 @@ def _run_sparse_dca(q, k, v, dca, splits, budgets, block=16, max_density=1.0, pr
     outs, c = [], 0
     for n in splits:
         pos = torch.arange(c, c + n)
-        meta = AttentionMetadata([SeqAttention(0, n, c, slice(0, c + n), sparse=True)], slice(c, c + n))
+        meta = AttentionMetadata([SeqAttention(0, n, c, slice(0, c + n), sparse=True, prompt_len=t)],
+                                 slice(c, c + n))
         key_pos = backend.begin_step(meta, pos, torch.full((n,), c + n))
         k_rot = apply_rotary(k[c:c + n], *rotary.cos_sin(key_pos))
         outs.append(backend(0, q[c:c + n], k_rot, v[c:c + n]))
@@ -73,6 +75,60 @@ def test_partial_budgets_inside_dca_equal_the_reference_under_the_plan():
     assert not bool(mask.all(-1).all())  # really sparse
     expected = reference_dual_chunk_attention(q, k, v, rotary, dca, D ** -0.5, mask=mask)
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_the_prompts_dense_tail_attends_to_every_key_inside_dca():
+    """The prompt's last dense_tail rows are computed densely, the rows before them by their plans: the output is
+    the DCA reference under the recorded plans' mask with the tail's rows unmasked, and no plan covers a tail row.
+    The tail starts inside the second chunk and spans a DCA piece boundary (pieces of 32 rows)."""
+    dca = DCAConfig(chunk_size=40, local_size=8, original_max_position=20, temperature="none")
+    t, tail = 150, 40
+    q, k, v = _qkv(t, seed=4)
+    out, plans, rotary = _run_sparse_dca(q, k, v, dca, [70, 80], (31, 50), block=16, dense_tail=tail)
+    assert max(q_start + len(plan[0]) * 16 for _, q_start, plan in plans) <= t - tail + 16  # plans end at the tail
+    mask = recorded_mask(plans, t)
+    mask[:, t - tail:] = True  # the tail: every key (causality and DCA's parts come from the reference)
+    assert not bool(mask[:, :t - tail].all(-1).all())  # the rows before it really are sparse
+    expected = reference_dual_chunk_attention(q, k, v, rotary, dca, D ** -0.5, mask=mask)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+    # the whole prompt in the tail: dense DCA exactly, no plan at all
+    out, plans, rotary = _run_sparse_dca(q, k, v, dca, [70, 80], (31, 50), block=16, dense_tail=t)
+    assert not plans
+    torch.testing.assert_close(out, reference_dual_chunk_attention(q, k, v, rotary, dca, D ** -0.5),
+                               atol=2e-5, rtol=1e-4)
+
+
+def test_the_prompts_dense_tail_in_the_engine_is_the_dense_rows(tiny_dir):
+    """Plain (non-DCA) backend in the engine: with the tail covering the second chunk, that chunk's rows match
+    dense attention (the logits of a dense engine), and the first chunk stays sparse."""
+    from megactx.config import EngineConfig
+    from megactx.engine.llm_engine import LLMEngine
+    ids = token_ids(400, seed=2)
+
+    def run(**kw):
+        e = LLMEngine(EngineConfig.from_kwargs(tiny_dir("qwen2"), dtype="fp32", max_num_batched_tokens=200, **kw))
+        probe = SparseProbe()
+        e.observe_sparse(probe)
+        return engine_logits(e, ids), probe
+
+    dense, _ = run(sparse=False)
+    sparse = dict(sparse_threshold=0, sparse_estimate="pooled", sparse_mass=0.3, sparse_block_size=32,
+                  sparse_max_density=1.0)
+    no_tail, _ = run(sparse_dense_tail=0, **sparse)
+    tail, probe = run(sparse_dense_tail=200, **sparse)
+    assert probe.calls and all(c.q_start < 200 for c in probe.calls)  # the first chunk: planned
+    assert (no_tail[200:] - dense[200:]).abs().max() > 1e-3  # the cut-off changes the second chunk without a tail
+    torch.testing.assert_close(tail[:200], no_tail[:200], atol=1e-5, rtol=1e-5)
+    # the tail's rows attend to every key, but the layers below read the first chunk's sparse keys and values
+    assert (tail[200:] - dense[200:]).abs().max() < (no_tail[200:] - dense[200:]).abs().max()
+
+
+def test_dense_tail_is_checked():
+    with pytest.raises(ConfigError, match="sparse-dense-tail"):
+        SparseConfig(dense_tail=-1)
+    cfg = SparseConfig(dense_tail=100)
+    assert cfg.sparse_end(0, 500, 500) == 400 and cfg.sparse_end(450, 500, 500) == 450
+    assert cfg.sparse_end(0, 300, 1000) == 300  # a chunk before the tail: all sparse
 
 
 def _plan_ranges(plans):
@@ -162,7 +218,7 @@ def test_engine_chunk_planned_in_parts_equals_smaller_chunks(tiny_dir, tmp_path)
 
     def run(chunk, span):
         e = LLMEngine(EngineConfig.from_kwargs(tiny_dir("qwen2"), max_num_batched_tokens=chunk, sparse_threshold=0,
-                                               sparse_config=str(cfg_file), sparse_block_size=16, sparse_last_q=8,
+                                               sparse_dense_tail=0, sparse_config=str(cfg_file), sparse_block_size=16, sparse_last_q=8,
                                                sparse_max_density=1.0, sparse_estimate_span=span))
         probe = SparseProbe(record_plans=True)
         e.observe_sparse(probe)

@@ -56,7 +56,7 @@ def test_the_engine_plans_with_it_and_checks_its_setting(tiny_dir, monkeypatch):
 
     def run(**kw):
         e = LLMEngine(EngineConfig.from_kwargs(path, max_num_batched_tokens=200, sparse_threshold=0,
-                                               sparse_estimate="pooled", sparse_block_size=32,
+                                               sparse_dense_tail=0, sparse_estimate="pooled", sparse_block_size=32,
                                                sparse_max_density=1.0, sparse_mass=0.5, **kw))
         probe = SparseProbe()
         e.observe_sparse(probe)

@@ -126,7 +126,8 @@ def test_engine_pooled_keeping_everything_equals_dense_and_a_cutoff_computes_les
     ids = token_ids(400)
 
     def run(**kw):
-        e = LLMEngine(EngineConfig.from_kwargs(path, dtype="fp32", max_num_batched_tokens=200, **kw))
+        e = LLMEngine(EngineConfig.from_kwargs(path, dtype="fp32", max_num_batched_tokens=200, sparse_dense_tail=0,
+                                               **kw))
         probe = SparseProbe()
         e.observe_sparse(probe)
         return engine_logits(e, ids), e, probe

@@ -61,7 +61,7 @@ def test_refine_recall_is_one_for_full_budgets_and_raises_the_others(tiny_dir, t
 
     def make(config):
         return LLM(path, max_model_len=512, sparse=True, sparse_threshold=0, sparse_config=config,
-                   sparse_block_size=32, max_num_batched_tokens=128, sparse_max_density=1.0,
+                   sparse_dense_tail=0, sparse_block_size=32, max_num_batched_tokens=128, sparse_max_density=1.0,
                    sparse_estimate_span=64)  # each 128-token chunk planned in two parts
     run_refine(make, token_ids(400), str(start), out, threshold=0.999, step=2048, passes=1)
     data = json.load(open(out))

@@ -28,6 +28,7 @@ class SeqAttention:
     num_computed: int  # c: tokens already in the cache before this step
     key_slots: torch.Tensor | slice  # cache slots of positions [0, c + n): a slice when contiguous
     sparse: bool = False  # a prefill chunk of a prompt long enough for sparse prefill
+    prompt_len: int = 0  # the sequence's prompt tokens (sparse prefill keeps the prompt's last rows dense)
 
 
 @dataclass(slots=True)
@@ -114,10 +115,13 @@ class DenseAttentionBackend:
         # q: [n, H, D], k_new/v_new: [Hkv, n, D] -> [n, H, D]
         if s.sparse and s.num_new > 1:
             c, outs = s.num_computed, []
-            for lo, hi in self.sparse.cfg.parts(c, c + s.num_new):  # each part planned from its own last queries
+            end = self.sparse.cfg.sparse_end(c, c + s.num_new, s.prompt_len)
+            for lo, hi in self.sparse.cfg.parts(c, end) if end > c else ():  # each planned from its own last queries
                 qp = q[lo - c:hi - c]
                 r = min(self.sparse.cfg.last_q, hi - lo)
                 outs.append(self.sparse_rows(layer, s, lo, hi, [qp], [(0, hi, qp)], [(0, hi, qp[-r:])]))
+            if end < c + s.num_new:  # the prompt's dense tail
+                outs.append(self.dense_rows(layer, s, end, c + s.num_new, [q[end - c:]])[0])
             return outs[0] if len(outs) == 1 else torch.cat(outs)
         if s.num_new == 1:
             k, v = self.cache.read(layer, s.key_slots, q.dtype)

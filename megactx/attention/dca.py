@@ -88,14 +88,19 @@ class DualChunkAttentionBackend(DenseAttentionBackend):
         # queries: 3 x [n, H, D] for absolute positions [c, c + n), q_raw: [n, H, D] not rotated;
         # split where p crosses a multiple of L
         L, c, n = self.cfg.chunk_len, s.num_computed, s.num_new
+        sparse_end = self.sparse.cfg.sparse_end(c, c + n, s.prompt_len) if s.sparse else c
         pieces, start = [], c
         while start < c + n:
             end = min(c + n, (start // L + 1) * L)
             rows = slice(start - c, end - c)
             if s.sparse and end - start > 1:
-                for lo, hi in self.sparse.cfg.parts(start, end):  # each part planned from its own last queries
+                mid = max(start, min(end, sparse_end))
+                for lo, hi in self.sparse.cfg.parts(start, mid) if mid > start else ():  # each from its own queries
                     part = slice(lo - c, hi - c)
                     pieces.append(self.sparse_piece(layer, s, lo, hi, [x[part] for x in queries], q_raw[part]))
+                if mid < end:  # the prompt's dense tail
+                    tail = slice(mid - c, end - c)
+                    pieces.append(self.dense_rows(layer, s, mid, end, [x[tail] for x in queries])[0])
             else:
                 pieces.append(self.attend_piece(layer, s, start, end, [x[rows] for x in queries],
                                                 k_new[:, rows], v_new[:, rows]))

@@ -106,6 +106,9 @@ class SparseConfig:
         None, "pooled: score 1,024-key super-groups first and refine only this many of them per query block (plus "
               "the sinks' and the local ones) into 64-key groups: an estimate 10x cheaper at 1M tokens (default: "
               "every 64-key group scored)", type=int)
+    dense_tail: int = setting(256, "the prompt's last this many tokens (where a long prompt asks its question) "
+                                   "attend to every key, not to a sparse plan: the question's rows never miss the "
+                                   "text they ask about (0: every row sparse)")
     max_density: float = setting(0.6, "a prefill chunk whose plan computes more than this share of the causal pairs "
                                       "is computed densely, where sparse would be slower (1: always sparse)")
     # set from Python (LLM(..., sparse_last_q=...)), not flags: tuning knobs of the estimate and the kernel
@@ -129,6 +132,8 @@ class SparseConfig:
             raise ConfigError(f"--sparse-max-keys must be at least 64 (one key group), got {self.max_keys}")
         if self.coarse_refine is not None and self.coarse_refine < 0:
             raise ConfigError(f"--sparse-coarse-refine must be >= 0, got {self.coarse_refine}")
+        if self.dense_tail < 0:
+            raise ConfigError(f"--sparse-dense-tail must be >= 0 (0: every row sparse), got {self.dense_tail}")
         if self.estimate_span < 0:
             raise ConfigError(f"sparse_estimate_span must be >= 0 (0: one estimate per prefill chunk), "
                               f"got {self.estimate_span}")
@@ -154,6 +159,11 @@ class SparseConfig:
         cut = f", mass cut-off {self.mass}" if self.mass is not None else ""
         return (f"threshold {self.threshold} tokens, last_q {self.last_q}, {span}, {budgets}{cut}, "
                 f"{self.block_size}-row blocks, dense above density {self.max_density}")
+
+    def sparse_end(self, a: int, b: int, prompt_len: int) -> int:
+        """Rows [a, b) of a prompt of prompt_len tokens -> where its sparse rows end: the rows from there to b are
+        the prompt's dense tail."""
+        return max(a, min(b, prompt_len - self.dense_tail))
 
     def parts(self, a: int, b: int) -> list[tuple[int, int]]:
         """Rows [a, b) of one prefill piece -> the row ranges planned from one estimate each: as few as the span

@@ -131,7 +131,7 @@ class ModelRunner:
                 slot_parts.append(key_slots[c:].cpu())
             sparse = self.backend.sparse is not None and c < seq.num_prompt_tokens and \
                 self.backend.sparse.applies(seq.num_prompt_tokens, n)
-            seqs.append(SeqAttention(row, n, c, key_slots, sparse))
+            seqs.append(SeqAttention(row, n, c, key_slots, sparse, seq.num_prompt_tokens))
             row += n
             if ch.completes:
                 last_rows.append(row - 1)
