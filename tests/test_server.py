@@ -21,10 +21,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(*extra: str) -> tuple[subprocess.Popen, str]:
+def start_server(*extra: str, max_body_bytes: int = 1_000_000) -> tuple[subprocess.Popen, str]:
     """`megactx serve` on a free loopback port, once /health answers."""
     port = free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", MEGACTX_MAX_BODY_BYTES="1000000")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", MEGACTX_MAX_BODY_BYTES=str(max_body_bytes))
     proc = subprocess.Popen([sys.executable, "-m", "megactx.commands", "serve", "--port", str(port), "--api-key", KEY,
                              "--max-model-len", "4096", "--max-num-batched-tokens", "512", "--max-num-seqs", "8", "--dtype", "fp32",
                              *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

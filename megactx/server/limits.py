@@ -5,12 +5,35 @@
 - The request headers together may take at most MAX_HEADER_BYTES (nginx's default for large headers is 8 KiB x 4;
   a 100 KB header has no use here).
 Both answer with an OpenAI-shaped error (413, 431) and never call the app.
+
+After a request with a large body has been answered, the heap's free memory is given back to the system
+(glibc's malloc_trim): tokenizing a 16 MiB text leaves about 1 GB of freed but resident heap behind otherwise.
 """
 from __future__ import annotations
 
+import asyncio
+import ctypes
+import ctypes.util
+import functools
 import json
 
 MAX_HEADER_BYTES = 32 * 1024
+RELEASE_AFTER_BYTES = 1 << 20  # a body this large (text of ~250K tokens) leaves enough freed heap to give back
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to give back this way
+        return None
+
+
+def release_free_memory() -> None:
+    """Return the heap's free pages to the system (a no-op where the C library has no malloc_trim)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _error(status: int, message: str) -> bytes:
@@ -55,7 +78,12 @@ class RequestLimits:
                 sent = True
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()  # after the body: the disconnect, when it comes
-        return await self.app(scope, replay, send)
+        try:
+            return await self.app(scope, replay, send)
+        finally:
+            if size >= RELEASE_AFTER_BYTES:
+                del body
+                await asyncio.to_thread(release_free_memory)
 
     @staticmethod
     async def _refuse(send, status: int, message: str) -> None:
