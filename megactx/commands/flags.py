@@ -15,7 +15,7 @@ from megactx.config import EngineConfig, ServerConfig
 from megactx.config.engine import GROUPS, flat_fields
 from megactx.errors import MegactxError
 
-ENGINE_CLASSES = (EngineConfig, GROUPS["cache"], GROUPS["scheduler"])
+ENGINE_CLASSES = (EngineConfig, GROUPS["cache"], GROUPS["scheduler"], GROUPS["parallel"])
 LONG_CONTEXT_CLASSES = (GROUPS["dca"], GROUPS["sparse"])
 
 

@@ -76,6 +76,30 @@ class SchedulerConfig:
 
 
 @dataclass(slots=True)
+class ParallelConfig:
+    prefix: ClassVar[str] = ""
+    title: ClassVar[str] = "Parallelism (torch.distributed)"
+
+    tensor_parallel_size: int = setting(1, "processes that split every layer's heads, features and vocabulary "
+                                           "(Megatron-style); on one machine the engine starts the others itself")
+    dist_host: str = setting("127.0.0.1", "address of rank 0 for the ranks' rendezvous")
+    dist_port: int = setting(0, "port of the rendezvous on rank 0 (0: a free one, on one machine)")
+    dist_timeout: float = setting(120.0, "seconds a rank waits for the others (start-up, every step) before the "
+                                         "engine ends with an error", type=float)
+    rank: int = setting(0, "this process's rank (set for the processes the engine starts)", cli=False)
+
+    def __post_init__(self):
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
+        if not 0 <= self.rank < self.tensor_parallel_size:
+            raise ConfigError(f"rank {self.rank} is outside the tensor-parallel group of {self.tensor_parallel_size}")
+        if not 0 <= self.dist_port < 65536:
+            raise ConfigError(f"--dist-port must be a port number (0-65535), got {self.dist_port}")
+        if self.dist_timeout <= 0:
+            raise ConfigError(f"--dist-timeout must be positive, got {self.dist_timeout}")
+
+
+@dataclass(slots=True)
 class EngineConfig:
     prefix: ClassVar[str] = ""
     title: ClassVar[str] = "Model and compute"
@@ -97,6 +121,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     dca: DCAConfig = field(default_factory=DCAConfig)
     sparse: SparseConfig = field(default_factory=SparseConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self):
         parse_dtype(self.dtype)
@@ -105,6 +130,9 @@ class EngineConfig:
             raise ConfigError(f"packed_weights must be auto, on or off, got {self.packed_weights!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError(f"num_threads must be >= 1, got {self.num_threads}")
+        if self.parallel.tensor_parallel_size > 1 and self.cache.kv_cache_dir is not None:
+            raise ConfigError("--kv-cache-dir with --tensor-parallel-size above 1 is not supported yet (each rank "
+                              "holds only its heads' keys and values); drop one of them")
 
     @classmethod
     def from_kwargs(cls, model: str | None = None, **kwargs) -> "EngineConfig":
@@ -119,7 +147,8 @@ class EngineConfig:
         return cls(**{**own, "model": model}, **groups)
 
 
-GROUPS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "dca": DCAConfig, "sparse": SparseConfig}
+GROUPS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "dca": DCAConfig, "sparse": SparseConfig,
+          "parallel": ParallelConfig}
 
 
 def flat_fields(cls) -> dict:

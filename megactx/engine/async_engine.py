@@ -3,7 +3,8 @@
 The engine thread owns the engine: requests to add and abort arrive through a queue and are applied between
 steps, so a long prefill chunk never blocks the event loop. Each request's outputs go to its own asyncio.Queue.
 An exception inside a step fails the requests that were running (the caller sees EngineError) and the loop
-goes on serving the others.
+goes on serving the others, unless the engine cannot go on (a tensor-parallel rank was lost): then every request
+fails and on_fatal(message) is called, once.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import threading
 from dataclasses import dataclass
 from typing import AsyncIterator
 
+from megactx.engine.distributed import DistributedError
 from megactx.engine.llm_engine import LLMEngine
 from megactx.outputs import RequestOutput
 from megactx.sampling import SamplingParams
@@ -35,8 +37,8 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
-        self.engine = engine
+    def __init__(self, engine: LLMEngine, on_fatal=None):
+        self.engine, self.on_fatal = engine, on_fatal
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, _Stream] = {}
         self._thread = threading.Thread(target=self._run, name="megactx-engine", daemon=True)
@@ -91,6 +93,13 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.engine.step()
+            except DistributedError as e:  # nothing more can be computed: fail everything, stop
+                logger.error("%s", e)
+                for rid in list(self._streams):
+                    self._fail(rid, EngineError(str(e)))
+                if self.on_fatal is not None:
+                    self.on_fatal(str(e))
+                return
             except Exception as e:  # noqa: BLE001 -- fail the running requests, keep serving
                 logger.exception("engine step failed")
                 for seq in list(self.engine.scheduler.running):

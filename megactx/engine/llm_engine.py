@@ -19,6 +19,7 @@ from megactx.config.hardware import resolve_compute_dtype
 from megactx.engine.cache_salt import cache_salt
 from megactx.engine.detokenizer import IncrementalDetokenizer
 from megactx.engine.disk_cache import DiskKVCache
+from megactx.engine.distributed import MirroredRunner, serve_steps, start_group
 from megactx.engine.guided import Guide
 from megactx.engine.kv_cache import BlockAllocator
 from megactx.engine.model_runner import ModelRunner
@@ -26,6 +27,7 @@ from megactx.engine.prompt_logprobs import score_prompt_tokens
 from megactx.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from megactx.engine.sequence import Sequence
 from megactx.errors import ConfigError, RequestError
+from megactx.layers.parallel import SINGLE, TensorParallel
 from megactx.loader import open_model
 from megactx.loader.tokenizer import load_tokenizer
 from megactx.outputs import CompletionOutput, RequestOutput, Usage
@@ -94,6 +96,13 @@ class LLMEngine:
         torch.manual_seed(config.seed)
         self.source = open_model(config.model)
         self.model_config = mc = self.source.config
+        self.tp, self.workers = SINGLE, []
+        if config.parallel.tensor_parallel_size > 1:  # before loading: each rank loads only its shard
+            size = config.parallel.tensor_parallel_size
+            for total, what in ((mc.num_attention_heads, "attention heads"), (mc.num_key_value_heads, "KV heads"),
+                                (mc.intermediate_size, "intermediate_size")):
+                TensorParallel(size).split(total, what)  # refused before any process starts
+            self.tp, self.workers = start_group(config, run_worker)
         self.tokenizer = load_tokenizer(config.tokenizer or self.source.path, mc.eos_token_ids)
         sc, cc = config.scheduler, config.cache
         self.dca = config.dca.resolve(mc)
@@ -132,7 +141,9 @@ class LLMEngine:
                     log_fmt_bytes(num_blocks * cc.block_size * per_token), dtype)
         self.runner = ModelRunner(self.source, compute_name, config.device, num_blocks, cc.block_size,
                                   str(dtype).removeprefix("torch."), config.weight_dtype, self.dca, sparse,
-                                  config.packed_weights, sc.max_num_seqs)
+                                  config.packed_weights, sc.max_num_seqs, self.tp)
+        if self.tp.size > 1 and self.tp.rank == 0:
+            self.runner = MirroredRunner(self.runner, self.workers)
         self.source.iter_weights = None  # drop the file mapping (a GGUF's pages would stay in RSS)
         settings = {
             "dtype": str(self.runner.dtype), "weights": str(self.runner.weight_dtype), "kv": str(self.runner.kv_dtype),
@@ -239,6 +250,11 @@ class LLMEngine:
                 seq.num_computed_tokens += n
         finally:
             self.allocator.release(seq)
+
+    def close(self) -> None:
+        """Stop the other ranks of a tensor-parallel engine (a one-process engine holds nothing to stop)."""
+        if isinstance(self.runner, MirroredRunner):
+            self.runner.close()
 
     # ---- the loop -------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -367,3 +383,18 @@ class LLMEngine:
                    "prefill_mark": req.seqs[0].prefill_mark}
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, usage, metrics,
                              req.seqs[0].prompt_logprobs)
+
+
+def run_worker(config: EngineConfig) -> None:
+    """A tensor-parallel rank above 0 (a process rank 0 started, or one torchrun started): the same engine set-up
+    as rank 0's, holding its shard, then every step rank 0 sends until it stops."""
+    logging.basicConfig(level=logging.WARNING,
+                        format=f"rank {config.parallel.rank} %(levelname)s %(name)s: %(message)s")
+    engine = LLMEngine(config)
+    try:
+        serve_steps(engine.runner)
+    except Exception as e:  # rank 0 went away: nothing left to compute for
+        logger.warning("leaving the tensor-parallel group: %s", e)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

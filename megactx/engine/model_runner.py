@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -13,6 +14,7 @@ from megactx.config import DCAConfig, ModelConfig, SparseConfig, parse_dtype
 from megactx.config.hardware import cpu_has_native
 from megactx.engine.scheduler import ScheduledChunk
 from megactx.layers.linear import packing_available
+from megactx.layers.parallel import SINGLE, TensorParallel
 from megactx.layers.rotary import RotaryEmbedding
 from megactx.loader import ModelSource
 from megactx.models.decoder import DecoderLM
@@ -36,10 +38,10 @@ def pack_weights(model: DecoderLM, mode: str, max_num_seqs: int, dtype: torch.dt
 
 
 def build_model(source: ModelSource, dtype: torch.dtype, device: torch.device,
-                weight_dtype: torch.dtype | None = None) -> DecoderLM:
+                weight_dtype: torch.dtype | None = None, tp: TensorParallel = SINGLE) -> DecoderLM:
     rotary = RotaryEmbedding(source.config, device)
     with torch.device("meta"):  # no random init: every parameter is overwritten by load_weights
-        model = DecoderLM(source.config, rotary)
+        model = DecoderLM(source.config, rotary, tp)
     model = model.to_empty(device=device).to(dtype)
     if weight_dtype is not None and weight_dtype != dtype:
         # before loading, so each tensor is converted as it is copied in: the model is never held in fp32
@@ -68,17 +70,35 @@ def warn_if_emulated(dtype: torch.dtype, device: torch.device) -> bool:
     return True
 
 
+@dataclass(slots=True)
+class ChunkInput:
+    """What the model reads of one scheduled chunk; plain data, so the ranks of a tensor-parallel group can be
+    sent it (a Sequence also holds its request's sampling state)."""
+    token_ids: list[int]  # the tokens at positions [start, start + len(token_ids))
+    start: int  # tokens of the sequence already in the cache
+    block_table: list[int]  # the KV blocks of positions [0, start + len(token_ids))
+    num_prompt_tokens: int
+    completes: bool  # the chunk reaches the end of the sequence: its last row's logits are wanted
+
+    @classmethod
+    def of(cls, ch: ScheduledChunk, block_size: int) -> "ChunkInput":
+        seq, c, n = ch.seq, ch.seq.num_computed_tokens, ch.num_tokens
+        return cls(seq.token_ids[c:c + n], c, seq.block_table[:-(-(c + n) // block_size)], seq.num_prompt_tokens,
+                   ch.completes)
+
+
 class ModelRunner:
     def __init__(self, source: ModelSource, dtype: str, device: str, num_blocks: int, block_size: int,
                  kv_dtype: str, weight_dtype: str = "auto", dca: DCAConfig | None = None,
                  sparse: tuple[SparseConfig, SparsePatterns] | None = None, packed_weights: str = "off",
-                 max_num_seqs: int = 1):
+                 max_num_seqs: int = 1, tp: TensorParallel = SINGLE):
         self.config: ModelConfig = source.config
         self.device = torch.device(device)
         self.dtype = parse_dtype(dtype) or torch.float32
         warn_if_emulated(self.dtype, self.device)
         self.weight_dtype = resolve_weight_dtype(weight_dtype, source, self.dtype, self.device)
-        self.model = build_model(source, self.dtype, self.device, self.weight_dtype)
+        self.tp = tp
+        self.model = build_model(source, self.dtype, self.device, self.weight_dtype, tp)
         packed = pack_weights(self.model, packed_weights, max_num_seqs, self.dtype, self.device)
         if packed:
             logger.info("Packed weights for batched decoding: %.0f MiB", packed / 2**20)
@@ -86,12 +106,14 @@ class ModelRunner:
         self.block_size = block_size
         self.kv_dtype = torch.int8 if kv_dtype == "int8" else parse_dtype(kv_dtype) or self.dtype
         self.dca = dca
-        cache = KVCacheTensors(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, num_blocks * block_size,
+        first_head, num_heads = tp.split(c.num_attention_heads, "attention heads")  # this rank's heads
+        num_kv_heads = tp.split(c.num_key_value_heads, "KV heads")[1]
+        cache = KVCacheTensors(c.num_hidden_layers, num_kv_heads, c.head_dim, num_blocks * block_size,
                                self.kv_dtype, self.device)
-        heads = (c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+        heads = (num_heads, num_kv_heads, c.head_dim)
         prefill = None
         if sparse is not None:
-            prefill = SparsePrefill(*sparse, c.num_hidden_layers, c.num_attention_heads, c.head_dim ** -0.5)
+            prefill = SparsePrefill(*sparse, c.num_hidden_layers, num_heads, c.head_dim ** -0.5, first_head)
         if dca is None:
             self.backend = DenseAttentionBackend(*heads, cache, prefill)
         else:
@@ -110,15 +132,15 @@ class ModelRunner:
             for layer, t in enumerate(per_layer):
                 t[:, s] = tensors[name][layer]
 
-    def prepare(self, chunks: list[ScheduledChunk]):
+    def prepare(self, chunks: list[ChunkInput]):
         ids, positions, slot_parts, seqs, last_rows = [], [], [], [], []
         row = 0
         bs = self.block_size
         for ch in chunks:
-            seq, c, n = ch.seq, ch.seq.num_computed_tokens, ch.num_tokens
-            ids.extend(seq.token_ids[c:c + n])
+            c, n = ch.start, len(ch.token_ids)
+            ids.extend(ch.token_ids)
             positions.append(torch.arange(c, c + n))
-            blocks = seq.block_table
+            blocks = ch.block_table
             n_blocks = -(-(c + n) // bs)
             if _consecutive(blocks, n_blocks):  # one slice of the cache
                 start = blocks[0] * bs
@@ -129,9 +151,9 @@ class ModelRunner:
                 pos = torch.arange(c + n)
                 key_slots = (table[pos // bs] * bs + pos % bs).to(self.device)
                 slot_parts.append(key_slots[c:].cpu())
-            sparse = self.backend.sparse is not None and c < seq.num_prompt_tokens and \
-                self.backend.sparse.applies(seq.num_prompt_tokens, n)
-            seqs.append(SeqAttention(row, n, c, key_slots, sparse, seq.num_prompt_tokens))
+            sparse = self.backend.sparse is not None and c < ch.num_prompt_tokens and \
+                self.backend.sparse.applies(ch.num_prompt_tokens, n)
+            seqs.append(SeqAttention(row, n, c, key_slots, sparse, ch.num_prompt_tokens))
             row += n
             if ch.completes:
                 last_rows.append(row - 1)
@@ -148,13 +170,16 @@ class ModelRunner:
         # hidden: [n, hidden] rows of forward() -> logits [n, vocab] on the CPU
         return self.model.compute_logits(hidden).cpu()
 
-    @torch.inference_mode()
     def forward(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor]:
         """Compute the chunks (the KV cache is written) -> final hidden states [T, hidden] of every computed token
         and the rows of the chunks that complete their sequence."""
+        return self.forward_inputs([ChunkInput.of(ch, self.block_size) for ch in chunks])
+
+    @torch.inference_mode()
+    def forward_inputs(self, chunks: list[ChunkInput]) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids, positions, meta, last_rows = self.prepare(chunks)
-        seq_len = max(ch.seq.num_computed_tokens + ch.num_tokens for ch in chunks)
-        totals = torch.cat([torch.full((ch.num_tokens,), ch.seq.num_computed_tokens + ch.num_tokens)
+        seq_len = max(ch.start + len(ch.token_ids) for ch in chunks)
+        totals = torch.cat([torch.full((len(ch.token_ids),), ch.start + len(ch.token_ids))
                             for ch in chunks]).to(self.device)
         positions = self.backend.begin_step(meta, positions, totals)  # DCA: keys are rotated (and cached) at p % L
         return self.model(input_ids, positions, self.backend, seq_len=seq_len), last_rows

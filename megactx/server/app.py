@@ -72,8 +72,19 @@ class ServerState:
         if self.served_name is None:
             self.served_name = os.path.basename(engine.source.path.rstrip("/")).removesuffix(".gguf")
         self.metrics.bind(engine)
-        self.engine = AsyncEngine(engine)
+        self.engine = AsyncEngine(engine, on_fatal=self.fatal)
         logger.info("model %s ready", self.served_name)
+
+    def close(self) -> None:
+        """Stop the engine's other ranks, if it has any."""
+        if self.engine is not None:
+            self.engine.engine.close()
+
+    def fatal(self, message: str) -> None:
+        """The engine cannot go on (a tensor-parallel rank was lost): answer 503 with why, and end the server."""
+        self.load_error, self.engine = message, None
+        if self.on_fatal is not None:
+            self.on_fatal()
 
     def ready(self) -> AsyncEngine:
         if self.engine is None:

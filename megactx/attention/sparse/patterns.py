@@ -42,8 +42,9 @@ class SparsePatterns:
             return self.layers[layer].get(head, DEFAULT_HEAD)
         return DEFAULT_HEAD
 
-    def layer_patterns(self, layer: int, num_heads: int) -> list[HeadPattern]:
-        return [self.head(layer, h) for h in range(num_heads)]
+    def layer_patterns(self, layer: int, num_heads: int, first_head: int = 0) -> list[HeadPattern]:
+        """Heads [first_head, first_head + num_heads) of a layer (a tensor-parallel rank's heads)."""
+        return [self.head(layer, h) for h in range(first_head, first_head + num_heads)]
 
 
 def parse_layers(data, where: str) -> list[dict[int, HeadPattern]]:

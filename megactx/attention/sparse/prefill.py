@@ -25,9 +25,11 @@ DCA_PART_COLUMNS = 8  # evenly spaced columns every DCA part keeps, so that no p
 class SparsePrefill:
     """cfg: resolved settings (megactx.attention.sparse.patterns.resolve_sparse); patterns: each head's."""
 
-    def __init__(self, cfg: SparseConfig, patterns: SparsePatterns, num_layers: int, num_heads: int, scale: float):
+    def __init__(self, cfg: SparseConfig, patterns: SparsePatterns, num_layers: int, num_heads: int, scale: float,
+                 first_head: int = 0):
+        """num_heads: the heads this process computes, from first_head (tensor parallelism: its share)."""
         self.cfg, self.scale = cfg, scale
-        self.patterns = [patterns.layer_patterns(li, num_heads) for li in range(num_layers)]
+        self.patterns = [patterns.layer_patterns(li, num_heads, first_head) for li in range(num_layers)]
         self.workspace = Workspace()  # the estimate's probabilities, reused across layers and chunks
         self.probe: SparseProbe | None = None
 
