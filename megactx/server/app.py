@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP server (FastAPI + uvicorn).
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}], GET|HEAD /health (503 while
-the model loads), GET /version, POST /tokenize, POST /detokenize, GET /metrics (Prometheus). Errors are
+the model loads), GET /version, POST /tokenize, POST /detokenize, GET /metrics (Prometheus); the chat page at /
+and POST /extract for its attachments (web.py). Errors are
 OpenAI-style JSON bodies. Every response carries X-Request-Id (the client's, when it sent one).
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ from megactx.server.protocol import (ChatCompletionRequest, CompletionRequest, D
 from megactx.server.responses import ResponseBuilder, error_body
 from megactx.server.streaming import collect, stream
 from megactx.server.tool_calls import tool_choice_constraint
+from megactx.server.web import add_web_routes, is_open
 
 logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = int(os.environ.get("MEGACTX_MAX_BODY_BYTES", 64 * 2**20))  # a 1M-token prompt is ~4 MB of text
@@ -117,7 +119,8 @@ def create_app(config: EngineConfig, served_name: str | None = None, api_key: st
     async def guard(request: Request, call_next):
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         open_paths = ("/health", "/metrics", "/version")
-        if state.api_key and request.url.path not in open_paths and request.method != "OPTIONS":
+        path = request.url.path
+        if state.api_key and path not in open_paths and not is_open(path) and request.method != "OPTIONS":
             if request.headers.get("authorization", "") != f"Bearer {state.api_key}":
                 response = JSONResponse(error_body("invalid or missing API key; send 'Authorization: Bearer <key>'",
                                                    401, "authentication_error"), status_code=401)
@@ -148,6 +151,8 @@ def create_app(config: EngineConfig, served_name: str | None = None, api_key: st
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_, e: StarletteHTTPException):
         return JSONResponse(error_body(str(e.detail), e.status_code), status_code=e.status_code)
+
+    add_web_routes(app, ApiError)
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
