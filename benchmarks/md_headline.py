@@ -114,6 +114,30 @@ def _grammar_row() -> list[str]:
             f"`benchmarks/grammar_overhead.py` | {_cpu(g['cpu'])} |"]
 
 
+def _clients_row() -> list[str]:
+    """benchmarks/lm_eval_agreement.py: lm-eval through the server against lm-eval's transformers model."""
+    if not os.path.exists(os.path.join(RESULTS, "lm_eval_agreement.json")):
+        return []
+    r = _load("lm_eval_agreement.json")
+    served, local = r["megactx_local_completions"], r["transformers_hf"]
+    return [f"| lm-eval multiple choice through the server | acc **{served['acc']:.3f}** against "
+            f"{local['acc']:.3f} with transformers; every choice's log-likelihood within "
+            f"{r['max_abs_loglikelihood_diff']:g} | {r['documents']} questions, SmolLM2-135M, "
+            f"`benchmarks/lm_eval_agreement.py` | {_cpu(r['cpu'])} |"]
+
+
+def _tensor_parallel_row() -> list[str]:
+    """benchmarks/tensor_parallel.py: 2 ranks of 1 thread against 1 process of 2 threads, the longest prompt."""
+    if not os.path.exists(os.path.join(RESULTS, "tensor_parallel.json")):
+        return []
+    t = _load("tensor_parallel.json")
+    length = max(r["length"] for r in t["measured"])
+    one, two = (next(r for r in t["measured"] if r["length"] == length and r["tensor_parallel"] == n) for n in (1, 2))
+    return [f"| Tensor parallel, 2 ranks on 2 cores, {length // 1024}K prompt | TTFT {two['ttft_s']:.0f} s against "
+            f"{one['ttft_s']:.0f} s in one process; {two['comm_ms_per_prefill_chunk']:.0f} ms a 4K chunk in "
+            f"collectives | gloo, fp32, `benchmarks/tensor_parallel.py` | {_cpu(t['cpu'])} |"]
+
+
 def headline() -> list[str]:
     s128, s64 = _sparse_row(131072), _sparse_row(65536)
     dense64, sparse64 = _ttft_pair(65536)
@@ -160,6 +184,8 @@ def headline() -> list[str]:
         *_beyond_128k_rows(),
         *_prefix_cache_rows(),
         *_grammar_row(),
+        *_clients_row(),
+        *_tensor_parallel_row(),
         f"| RULER-11 at 4K | {ruler['avg']:.1f} (of 100), {ruler['samples']} samples a task | in range, fp32 | not recorded |",
         "",
         "## What each area measures", "",
