@@ -96,6 +96,29 @@ def test_attached_text_and_pdf_reach_the_model(page, tmp_path):
     assert int(reply.locator(".meta").inner_text().split("prompt ")[1].split(" ")[0].replace(",", "")) > 40
 
 
+def test_a_folder_and_a_repository_zip_attach_as_files_under_their_paths(page, tmp_path):
+    import zipfile
+    repo = tmp_path / "repo"
+    (repo / "src").mkdir(parents=True)
+    (repo / "src" / "app.py").write_text("PORT = 8123\n")
+    (repo / "node_modules").mkdir()
+    (repo / "node_modules" / "dep.js").write_text("ignored\n")
+    (repo / "logo.bin").write_bytes(bytes(range(256)))
+    page.set_input_files("#folder", str(repo))
+    expect(page.locator("#attachments")).to_contain_text("repo/src/app.py")
+    expect(page.locator("#notice")).to_contain_text("Skipped 2")  # the binary and node_modules
+    with zipfile.ZipFile(tmp_path / "lib.zip", "w") as z:
+        z.writestr("lib/util.py", "def helper():\n    return 42\n")
+        z.writestr("lib/.git/HEAD", "ref\n")
+    page.set_input_files("#files", str(tmp_path / "lib.zip"))
+    expect(page.locator("#attachments")).to_contain_text("lib.zip")
+    with page.expect_request(lambda r: "chat/completions" in r.url) as sent:
+        ask(page, "What does helper return?")
+    body = sent.value.post_data
+    assert "### repo/src/app.py" in body and "PORT = 8123" in body and "### lib/util.py" in body
+    assert "dep.js" not in body and ".git" not in body
+
+
 def test_long_prefill_shows_progress_and_a_follow_up_comes_from_the_cache(page, tmp_path):
     doc = tmp_path / "story.txt"
     doc.write_text(" ".join(f"Line {i}: the river carried stones past the old mill." for i in range(150)))
