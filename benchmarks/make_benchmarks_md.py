@@ -10,6 +10,7 @@ import re
 import textwrap
 
 from md_headline import headline
+from md_parallel import parallel_section, sizing_table
 from md_sparse import END_TO_END, sparse_section
 from sparse_gaps import SPARSE_GAPS
 
@@ -324,6 +325,7 @@ def main() -> None:
                   "same GGUF file, in the row's dtype (`--dtypes fp32,bf16` runs both engines in each); llama.cpp: llama-cpp-python 0.3.36 built from source (AVX512, VNNI, BF16; "
                   "`pip install -e '.[compare]'`), its defaults, 2 threads.", ""] + ttft
     lines += grammar_section()
+    lines += parallel_section()
     lines += ["## Known gaps (measured above)", "",
               "- Prefill of the 0.5B model at 1K tokens is at transformers' speed within noise (0.96x, 0.97x and 1.16x in "
               "three runs): 2.56 of 3.33 s is fp32 GEMM at ~290 GFLOP/s in both engines. Ahead from 4K on.",
@@ -347,7 +349,7 @@ def main() -> None:
     with open(os.path.join(HERE, "STUDIES.md"), "w") as f:
         f.write("\n".join(readable(lines)) + "\n")
     with open(os.path.join(ROOT, "BENCHMARKS.md"), "w") as f:
-        f.write("\n".join(readable(headline())) + "\n")
+        f.write("\n".join(readable(headline() + [""] + sizing_table())).rstrip() + "\n")
 
 
 # result keys (folder and file names) -> headings in words
