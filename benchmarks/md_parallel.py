@@ -25,7 +25,8 @@ def sizing_table() -> list[str]:
     for r in t["on_paper"]:
         whole = f"{r['whole_prompt_1M_bytes'] / 1e9:.0f} GB, {256 * r['10 Gb/s'] / 60:.0f} min on 10 Gb/s" \
             if "whole_prompt_1M_bytes" in r else ""
-        out.append(f"| {r['model']} | {r['per']} ({r['tokens']} token{'s' if r['tokens'] > 1 else ''}) | {r['bytes_sent_per_rank'] / 1e6:.2f} MB | "
+        tokens = f"{r['tokens']} token{'s' if r['tokens'] > 1 else ''}"
+        out.append(f"| {r['model']} | {r['per']} ({tokens}) | {r['bytes_sent_per_rank'] / 1e6:.2f} MB | "
                    f"{1000 * r['10 Gb/s']:.1f} ms | {1000 * r['100 Gb/s']:.1f} ms | {whole} |")
     return out + [""]
 
