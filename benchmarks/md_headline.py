@@ -88,6 +88,8 @@ def _beyond_128k_rows() -> list[str]:
     command, the CPU, the dtype and the peak RSS of the run."""
     rows = []
     for folder in sorted(f for f in os.listdir(RESULTS) if f.startswith("passkey_eval_dca_sparse_linear")):
+        if not os.path.exists(os.path.join(RESULTS, folder, "run.json")):
+            continue  # a run still going: its record comes when it ends
         run = _load(f"{folder}/run.json")
         cells = _jsonl(f"{folder}/passkey.jsonl")
         for length in sorted({c["length"] for c in cells}):
