@@ -135,7 +135,7 @@ def _tensor_parallel_row() -> list[str]:
     t = _load("tensor_parallel.json")
     length = max(r["length"] for r in t["measured"])
     one, two = (next(r for r in t["measured"] if r["length"] == length and r["tensor_parallel"] == n) for n in (1, 2))
-    return [f"| Tensor parallel, 2 ranks on 2 cores, {length // 1024}K prompt | TTFT {two['ttft_s']:.0f} s against "
+    return [f"| Tensor parallel, 2 ranks on 2 cores, {length:,}-token prompt | TTFT {two['ttft_s']:.0f} s against "
             f"{one['ttft_s']:.0f} s in one process; {two['comm_ms_per_prefill_chunk']:.0f} ms a 4K chunk in "
             f"collectives | gloo, fp32, `benchmarks/tensor_parallel.py` | {_cpu(t['cpu'])} |"]
 
