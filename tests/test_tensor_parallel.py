@@ -5,6 +5,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
+from megactx.attention.sparse.probe import SparseProbe
 from megactx.config import EngineConfig
 from megactx.engine.llm_engine import LLMEngine
 from megactx.errors import ConfigError
@@ -26,14 +27,26 @@ def greedy(e: LLMEngine, ids: list[int], n: int = 8) -> list[int]:
     return out[0].outputs[0].token_ids
 
 
+SPARSE = {"sparse_threshold": 0, "sparse_mass": 0.5, "sparse_block_size": 16, "sparse_dense_tail": 0,
+          "sparse_max_density": 1.0}
+
+
 @pytest.mark.parametrize("arch,settings", [("llama", {}), ("qwen2", {}),
                                            ("qwen2", {"dca": True, "dca_chunk_size": 96, "dca_local_size": 16,
-                                                      "max_model_len": 400})])
+                                                      "max_model_len": 400}),
+                                           # each rank plans its own heads: the plans, and so the result, of one
+                                           # process
+                                           ("qwen2", {"dca": True, "dca_chunk_size": 96, "dca_local_size": 16,
+                                                      "max_model_len": 400, **SPARSE})])
 def test_two_ranks_give_the_logits_and_tokens_of_one_process(tiny_dir, arch, settings):
     path = tiny_dir(arch, tie=arch == "llama")
     ids = token_ids(300 if settings else 150, seed=3)
     one = engine(path, 1, **settings)
+    probe = SparseProbe()
+    one.observe_sparse(probe)
     want, want_tokens = engine_logits(one, ids), greedy(one, ids)
+    if "sparse_threshold" in settings:
+        assert probe.calls and min(c.density for c in probe.calls) < 0.9  # really sparse
     two = engine(path, 2, **settings)
     try:
         assert two.runner.local.model.model.layers[0].self_attn.num_heads == 2  # half of the 4 heads here
