@@ -96,9 +96,8 @@ def _beyond_128k_rows() -> list[str]:
             mine = [c for c in cells if c["length"] == length]
             uncached = mine[0]["ttft_s"]  # the first cell of a length computes its whole prompt
             rows.append(f"| Passkey at {length // 1024}K | **{sum(c['correct'] for c in mine)}/{len(mine)}** depths; "
-                        f"TTFT {uncached / 60:.0f} min for a whole prompt (the other depths reuse its prefix); peak RSS "
-                        f"{run['peak_rss_gb']:.1f} GB | DCA + sparse, {run['settings']}, {run['dtype']} "
-                        f"| {_cpu(run['cpu'])} |")
+                        f"TTFT {uncached / 60:.0f} min a whole prompt; peak RSS {run['peak_rss_gb']:.1f} GB "
+                        f"| DCA, sparse {run['settings']}, {run['dtype']} | {_cpu(run['cpu'])} |")
     return rows
 
 
@@ -122,10 +121,9 @@ def _clients_row() -> list[str]:
         return []
     r = _load("lm_eval_agreement.json")
     served, local = r["megactx_local_completions"], r["transformers_hf"]
-    return [f"| lm-eval multiple choice through the server | acc **{served['acc']:.3f}** against "
-            f"{local['acc']:.3f} with transformers; every choice's log-likelihood within "
-            f"{r['max_abs_loglikelihood_diff']:g} | {r['documents']} questions, SmolLM2-135M, "
-            f"`benchmarks/lm_eval_agreement.py` | {_cpu(r['cpu'])} |"]
+    return [f"| lm-eval multiple choice via the server | acc **{served['acc']:.3f}** vs {local['acc']:.3f} "
+            f"(transformers); log-likelihoods within {r['max_abs_loglikelihood_diff']:g} | {r['documents']} "
+            f"questions, SmolLM2 | {_cpu(r['cpu'])} |"]
 
 
 def _tensor_parallel_row() -> list[str]:
@@ -135,9 +133,9 @@ def _tensor_parallel_row() -> list[str]:
     t = _load("tensor_parallel.json")
     length = max(r["length"] for r in t["measured"])
     one, two = (next(r for r in t["measured"] if r["length"] == length and r["tensor_parallel"] == n) for n in (1, 2))
-    return [f"| Tensor parallel, 2 ranks on 2 cores, {length:,}-token prompt | TTFT {two['ttft_s']:.0f} s against "
-            f"{one['ttft_s']:.0f} s in one process; {two['comm_ms_per_prefill_chunk']:.0f} ms a 4K chunk in "
-            f"collectives | gloo, fp32, `benchmarks/tensor_parallel.py` | {_cpu(t['cpu'])} |"]
+    return [f"| Tensor parallel, 2 ranks, {length:,} tokens | TTFT {two['ttft_s']:.0f} s vs {one['ttft_s']:.0f} s "
+            f"in one process; {two['comm_ms_per_prefill_chunk'] / 1000:.1f} s a 4K chunk in collectives | gloo, "
+            f"fp32 | {_cpu(t['cpu'])} |"]
 
 
 def headline() -> list[str]:
