@@ -68,7 +68,6 @@ def start_group(config, worker_main) -> tuple[TensorParallel, list]:
     config: the EngineConfig."""
     p = config.parallel
     workers = []
-    init = "env://" if launched_by_torchrun() else f"tcp://{p.dist_host}:{p.dist_port}"
     if p.rank == 0 and p.dist_port == 0 and not launched_by_torchrun():  # one machine: the other ranks are ours to start
         port = _free_port(p.dist_host)
         config = dataclasses.replace(config, parallel=dataclasses.replace(p, dist_port=port))
@@ -81,8 +80,7 @@ def start_group(config, worker_main) -> tuple[TensorParallel, list]:
             workers.append(proc)
     backend = "nccl" if torch.device(config.device).type == "cuda" else "gloo"
     try:
-        if init != "env://":
-            init = f"tcp://{p.dist_host}:{p.dist_port}"
+        init = "env://" if launched_by_torchrun() else f"tcp://{p.dist_host}:{p.dist_port}"
         dist.init_process_group(backend, init_method=init, rank=p.rank,
                                 world_size=p.tensor_parallel_size, timeout=timedelta(seconds=p.dist_timeout))
     except Exception as e:  # torch raises RuntimeError or DistStoreError
