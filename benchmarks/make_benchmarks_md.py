@@ -73,7 +73,7 @@ PASSKEY_RUNS = {  # what each results folder was run with (the folder name is th
     "eval_dca-none_sparse_mass": "DCA without temperature, sparse prefill with the mass cut-off (`--dca "
                                  "--dca-temperature none --sparse-mass 0.95 --max-model-len 65600 (131200 at 128K) "
                                  "--max-num-batched-tokens 16384`)",
-    "eval_dca_sparse_searched": "DCA (temperature none, the default) with sparse prefill on the searched budgets "
+    "eval_dca_sparse_searched": "DCA (temperature none, then the default) with sparse prefill on the searched budgets "
                                 "(`--dca --sparse-config benchmarks/results/sparse_config_qwen2.5-coder-0.5b-instruct.json "
                                 "--max-model-len 131200 --max-num-batched-tokens 16384`)",
     "eval_dca-none_sparse_mass_span8k": "DCA (temperature none) with the mass cut-off and 16K chunks planned in 8K "
@@ -300,13 +300,15 @@ def main() -> None:
                   "at twice its trained 32K (rope_theta 1e6): there its worst bucket is 1.05x the window's, DCA's 1.02x, "
                   "and a 64K passkey is retrieved either way. The 0.5B model shows that DCA costs nothing in accuracy "
                   "where plain RoPE still works; SmolLM2 shows what it saves where plain RoPE fails.", "",
-                  "The temperature: on both models `none` gave the lowest perplexity (the 0.5B model "
+                  "The temperature: at 2x and 4x the trained length `none` gave the lowest perplexity (the 0.5B model "
                   "1.017x the window's worst bucket, `position` 1.020x; SmolLM2 1.11x vs 1.18x, `total` worse still) "
-                  "and the passkey was retrieved with `none` at 64K (depths 10, 50, 90) and 128K (depth 50) as with `position` "
-                  "(Passkey above), so "
-                  "`none` is the "
-                  "default under `--dca`. A model whose config declares `dual_chunk_attention_config` (Qwen2.5-1M) "
-                  "keeps `position`: its recipe applies a temperature, and it was not measured here.", ""] + ppl + cost
+                  "and the passkey was retrieved with `none` at 64K (depths 10, 50, 90) and 128K as with `position`, "
+                  "and at 256K, so `none` was the default under `--dca` until the first 1M-token run. At 1M tokens, 32x "
+                  "the 0.5B model's 32K, `none` lost the question: the answer continued the filler "
+                  "(results/passkey_eval_dca-none_sparse_linear_bf16_1m, run.json), while the same prompt read back "
+                  "from the disk cache, with `position` applied to the question's rows, answered with the key. "
+                  "`position`, Qwen2.5-1M's recipe, is now the default: it changes nothing below the trained "
+                  "length.", ""] + ppl + cost
     sparse = sparse_section()
     if sparse:
         lines += ["## Sparse prefill (evaluation model, DCA)", "",
@@ -343,7 +345,7 @@ def main() -> None:
               "temperature) to one layer; the whole 0.5B model at 16K decoded with DCA at 0.73x dense's time and the "
               "whole SmolLM2 model at 0.90x, so the set-up does not show in a real model.",
               "- DCA perplexity on SmolLM2 at 32K with the default local size (chunk / 16 = 512): worst bucket 1.11x "
-              "the 8K sliding window's with the default temperature `none` (1.18x with `position`), just above the "
+              "the 8K sliding window's with temperature `none` (1.18x with `position`, the default), just above the "
               "1.1x target; with `--dca-local-size 2048` 1.07x. The 0.5B model at 64K: 1.017x (`none`), 1.020x "
               "(`position`).", ""]
     with open(os.path.join(HERE, "STUDIES.md"), "w") as f:

@@ -100,7 +100,7 @@ def test_settings_resolution_and_errors(tiny_dir):
     d = DCAConfig(enabled=True).resolve(mc)
     trained = mc.trained_context_length
     assert (d.chunk_size, d.local_size, d.original_max_position) == (trained, trained // 16, trained)
-    assert d.temperature == "none"  # --dca on a model not made for it: no temperature unless asked
+    assert d.temperature == "position"  # Qwen2.5-1M's recipe, also for a model not made for DCA
     assert DCAConfig(enabled=True, temperature="total").resolve(mc).temperature == "total"
     mc.dual_chunk_attention_config = {"chunk_size": 64, "local_size": 8, "original_max_position_embeddings": 32}
     d = DCAConfig(local_size=4).resolve(mc)

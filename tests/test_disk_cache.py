@@ -70,10 +70,14 @@ def test_a_restarted_engine_reuses_the_blocks_on_disk(path, fresh, tmp_path):
     _same(out, reference)
 
 
-def test_blocks_of_other_settings_are_never_used(path, fresh, tmp_path):
+@pytest.mark.parametrize("other", [
+    {"dca_chunk_size": 64},  # keys rotated at p % 56
+    {"dca_temperature": "none"},  # the queries change, so do the keys of every layer above the first
+])
+def test_blocks_of_other_settings_are_never_used(path, fresh, tmp_path, other):
     doc, question, _ = fresh
     _engine(path, tmp_path).generate(question, PARAMS)
-    other = _engine(path, tmp_path, dca_chunk_size=64)  # keys rotated at p % 56: a different salt
+    other = _engine(path, tmp_path, **other)
     assert other.generate(question, PARAMS)[0].usage.cached_tokens == 0
     assert len(os.listdir(tmp_path)) == 2  # one directory per salt
 

@@ -36,7 +36,8 @@ class DCAConfig:
     temperature: str | None = setting(
         None, "YaRN-style attention temperature, factor max(1, 0.1 ln(x / trained) + 1) squared on the logits, "
               "x the query's position + 1 (position), the sequence's length (total), or off (none). Default: "
-              "position for a model whose config declares dual_chunk_attention_config, none with --dca",
+              "position (no change below the trained length; at 1M tokens, 32x the 0.5B model's, the passkey "
+              "needs it)",
         choices=TEMPERATURES)
     allow_long_context: bool = setting(False, "allow --max-model-len beyond the trained length with plain RoPE "
                                               "(ablations)", name="allow_long_context")
@@ -55,9 +56,9 @@ class DCAConfig:
     def resolve(self, model_config) -> DCAConfig | None:
         """The settings in effect, every field filled, or None when DCA is off. The model's
         dual_chunk_attention_config turns it on; `enabled` turns it on for any RoPE model with defaults from the
-        trained length; explicit values override either. Default temperature: "position" for a model that
-        declares the block (Qwen2.5-1M's recipe applies one), "none" under --dca (as good or better in
-        perplexity on the models measured, passkey retrieved: BENCHMARKS.md)."""
+        trained length; explicit values override either. Default temperature: "position", Qwen2.5-1M's recipe.
+        "none" gives slightly lower perplexity at 2-4x the trained length (benchmarks/STUDIES.md) but at 32x
+        (1M tokens on the 0.5B evaluation model) the question's attention drowns in the filler without it."""
         block = model_config.dual_chunk_attention_config or {}
         if not block and not self.enabled:
             return None
@@ -66,7 +67,7 @@ class DCAConfig:
         local = int(self.local_size or block.get("local_size") or max(1, chunk // 16))
         original = int(self.original_max_position or block.get("original_max_position_embeddings") or trained)
         return replace(self, enabled=True, chunk_size=chunk, local_size=local, original_max_position=original,
-                       temperature=self.temperature or ("position" if block else "none"))
+                       temperature=self.temperature or "position")
 
     @property
     def chunk_len(self) -> int:

@@ -2,9 +2,10 @@
 
 Two engines may share cached blocks (in memory or on disk) only when every one of these agrees: the model's files
 (their sizes and a sample of their bytes: a cheap fingerprint that survives a copy), the compute, weight and KV
-dtypes, the block size, the rope settings, DCA's chunk length (keys are rotated at p % L) and the sparse prefill
-settings (a sparse prefill's keys in later layers differ slightly from a dense one's). The DCA temperature is not
-in it: it scales the queries, never a cached key.
+dtypes, the block size, the rope settings, every DCA setting and the sparse prefill settings. The keys of the first
+layer depend only on the tokens, the weights and the rope (DCA: keys rotated at p % L), but every later layer's
+keys depend on the attention outputs of the layers below: on DCA's query positions and temperature, and on which
+pairs a sparse prefill computed (its dense tail included).
 """
 from __future__ import annotations
 

@@ -147,8 +147,8 @@ class LLMEngine:
         self.source.iter_weights = None  # drop the file mapping (a GGUF's pages would stay in RSS)
         settings = {
             "dtype": str(self.runner.dtype), "weights": str(self.runner.weight_dtype), "kv": str(self.runner.kv_dtype),
-            "block": cc.block_size, "dca": self.dca.chunk_len if self.dca else None,
-            "sparse": self.sparse.describe() if self.sparse else None}
+            "block": cc.block_size, "dca": self.dca.describe() if self.dca else None,
+            "sparse": f"{self.sparse.describe()}, dense tail {self.sparse.dense_tail}" if self.sparse else None}
         salt = cache_salt(self.source.path, mc, settings)
         self.allocator = BlockAllocator(num_blocks, cc.block_size, caching=cc.prefix_caching, salt=salt)
         self.disk = None
