@@ -95,9 +95,10 @@ def _beyond_128k_rows() -> list[str]:
         for length in sorted({c["length"] for c in cells}):
             mine = [c for c in cells if c["length"] == length]
             uncached = mine[0]["ttft_s"]  # the first cell of a length computes its whole prompt
-            rows.append(f"| Passkey at {length // 1024}K | **{sum(c['correct'] for c in mine)}/{len(mine)}** depths; "
+            label = f"{length >> 20}M" if length % (1 << 20) == 0 else f"{length // 1024}K"
+            rows.append(f"| Passkey at {label} | **{sum(c['correct'] for c in mine)}/{len(mine)}** depths; "
                         f"TTFT {uncached / 60:.0f} min a whole prompt; peak RSS {run['peak_rss_gb']:.1f} GB "
-                        f"| DCA, sparse {run['settings']}, {run['dtype']} | {_cpu(run['cpu'])} |")
+                        f"| DCA, {run['settings']}, {run['dtype']} | {_cpu(run['cpu'])} |")
     return rows
 
 
@@ -126,16 +127,19 @@ def _clients_row() -> list[str]:
             f"questions, SmolLM2 | {_cpu(r['cpu'])} |"]
 
 
-def _tensor_parallel_row() -> list[str]:
+def _parallel_rows() -> list[str]:
     """benchmarks/tensor_parallel.py: 2 ranks of 1 thread against 1 process of 2 threads, the longest prompt."""
-    if not os.path.exists(os.path.join(RESULTS, "tensor_parallel.json")):
-        return []
-    t = _load("tensor_parallel.json")
-    length = max(r["length"] for r in t["measured"])
-    one, two = (next(r for r in t["measured"] if r["length"] == length and r["tensor_parallel"] == n) for n in (1, 2))
-    return [f"| Tensor parallel, 2 ranks, {length:,} tokens | TTFT {two['ttft_s']:.0f} s vs {one['ttft_s']:.0f} s "
-            f"in one process; {two['comm_ms_per_prefill_chunk'] / 1000:.1f} s a 4K chunk in collectives | gloo, "
-            f"fp32 | {_cpu(t['cpu'])} |"]
+    rows = []
+    for kind in ("tensor", "context"):
+        if not os.path.exists(os.path.join(RESULTS, f"{kind}_parallel.json")):
+            continue
+        t = _load(f"{kind}_parallel.json")
+        length = max(r["length"] for r in t["measured"])
+        one, two = (next(r for r in t["measured"] if r["length"] == length and r["ranks"] == n) for n in (1, 2))
+        rows.append(f"| {kind.capitalize()} parallel, 2 ranks, {length:,} tokens | TTFT {two['ttft_s']:.0f} s vs "
+                    f"{one['ttft_s']:.0f} s in one process; {two['comm_ms_per_prefill_chunk'] / 1000:.1f} s a 4K "
+                    f"chunk in collectives | gloo, fp32 | {_cpu(t['cpu'])} |")
+    return rows
 
 
 def headline() -> list[str]:
@@ -185,7 +189,7 @@ def headline() -> list[str]:
         *_prefix_cache_rows(),
         *_grammar_row(),
         *_clients_row(),
-        *_tensor_parallel_row(),
+        *_parallel_rows(),
         f"| RULER-11 at 4K | {ruler['avg']:.1f} (of 100), {ruler['samples']} samples a task | in range, fp32 | not recorded |",
         "",
         "## What each area measures", "",

@@ -1,5 +1,6 @@
-"""`megactx serve --tensor-parallel-size 2` on one machine: the server starts its second rank itself, answers as
-one process does (greedy), and ends with exit code 2 and the reason when that rank dies, instead of hanging."""
+"""`megactx serve --tensor-parallel-size 2` (or --context-parallel-size 2) on one machine: the server starts its
+second rank itself, answers as one process does (greedy), and ends with exit code 2 and the reason when that rank
+dies, instead of hanging."""
 import os
 import signal
 import time
@@ -21,9 +22,11 @@ def cmdline(pid: int) -> str:
         return f.read().replace(b"\0", b" ").decode()
 
 
-def test_two_ranks_serve_like_one_and_a_lost_rank_ends_the_server(tiny_dir):
+@pytest.mark.parametrize("flags,kind", [(["--tensor-parallel-size", "2"], "tensor-parallel"),
+                                        (["--context-parallel-size", "2", "--no-sparse"], "context-parallel")])
+def test_two_ranks_serve_like_one_and_a_lost_rank_ends_the_server(tiny_dir, flags, kind):
     path = tiny_dir("qwen2")
-    proc, base = start_server("--model", path, "--tensor-parallel-size", "2", "--threads", "1",
+    proc, base = start_server("--model", path, *flags, "--threads", "1",
                               "--served-model-name", "m", "--max-model-len", "512", "--dist-timeout", "20")
     try:
         client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0)
@@ -38,7 +41,7 @@ def test_two_ranks_serve_like_one_and_a_lost_rank_ends_the_server(tiny_dir):
         with pytest.raises(openai.APIError):
             client.completions.create(model="m", prompt="Hello", max_tokens=4, temperature=0)
         assert proc.wait(timeout=60) == 2 and time.monotonic() - start < 60
-        assert "tensor-parallel group lost" in proc.stdout.read()
+        assert f"{kind} group lost" in proc.stdout.read()
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -9,22 +9,13 @@ from megactx.attention.sparse.probe import SparseProbe
 from megactx.config import EngineConfig
 from megactx.engine.llm_engine import LLMEngine
 from megactx.errors import ConfigError
-from megactx.sampling import SamplingParams
 from conftest import write_gguf
-from helpers import engine_logits, token_ids
+from helpers import engine_logits, greedy, token_ids
 
 
 def engine(path: str, tp: int, **kw) -> LLMEngine:
     return LLMEngine(EngineConfig.from_kwargs(path, dtype="fp32", weight_dtype="fp32", num_threads=1,
                                               max_num_batched_tokens=64, tensor_parallel_size=tp, **kw))
-
-
-def greedy(e: LLMEngine, ids: list[int], n: int = 8) -> list[int]:
-    e.add_request(ids, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
-    out = []
-    while e.has_unfinished():
-        out = [o for o in e.step() if o.finished] or out
-    return out[0].outputs[0].token_ids
 
 
 SPARSE = {"sparse_threshold": 0, "sparse_mass": 0.5, "sparse_block_size": 16, "sparse_dense_tail": 0,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megactx.attention.context_parallel import ContextParallel
 from megactx.attention.dense import attention
 from megactx.attention.kv_quant import SCALE_DTYPE, num_groups, quantize
 from megactx.attention.merge import merge_attention
@@ -83,14 +84,16 @@ class KVCacheTensors:
 
 
 class DenseAttentionBackend:
-    """Plain causal attention over the cache; with `sparse`, prefill chunks of long prompts run sparse."""
+    """Plain causal attention over the cache; with `sparse`, prefill chunks of long prompts run sparse. With `cp`
+    (context parallelism, context_parallel.py) the layers give this rank's rows only, and each row's attention
+    is merged from every rank's keys."""
     rotates_queries = False  # the model rotates queries and keys alike
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, cache: KVCacheTensors,
-                 sparse: SparsePrefill | None = None):
+                 sparse: SparsePrefill | None = None, cp: ContextParallel | None = None):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5
-        self.cache, self.sparse = cache, sparse
+        self.cache, self.sparse, self.cp = cache, sparse, cp
         self.meta: AttentionMetadata | None = None
 
     def begin_step(self, meta: AttentionMetadata, positions: torch.Tensor, totals: torch.Tensor) -> torch.Tensor:
@@ -98,10 +101,24 @@ class DenseAttentionBackend:
         [T] the length of each one's sequence after the step. -> the positions the keys are rotated (and cached)
         at: their own here."""
         self.meta = meta
+        self.split_rows(positions)
         return positions
+
+    def split_rows(self, positions: torch.Tensor) -> None:
+        """Context parallelism: the step's rows this rank computes (own: their indices) and their cache slots."""
+        if self.cp is None:
+            return
+        self.owners = self.cp.owners(positions)
+        self.own = (self.owners == self.cp.rank).nonzero()[:, 0]
+        slots = self.meta.slot_mapping
+        if isinstance(slots, slice):
+            slots = torch.arange(slots.start, slots.stop, device=positions.device)
+        self.own_slots = slots[self.own.to(slots.device)]
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [T, H, D], k/v: [T, Hkv, D] -> out [T, H, D]
+        if self.cp is not None:
+            return self.call_context_parallel(layer, q, k, v)
         meta = self.meta
         self.cache.write(layer, meta.slot_mapping, k, v)
         outs = []
@@ -167,6 +184,68 @@ class DenseAttentionBackend:
 
     def keys(self, layer: int, s: SeqAttention, dtype: torch.dtype) -> KeySource:
         return self.cache.source(layer, s.key_slots, dtype)
+
+    # ---- context parallelism -----------------------------------------------------------------------------
+    def call_context_parallel(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q: [T_r, H, D], k/v: [T_r, Hkv, D] of this rank's rows -> out [T_r, H, D]
+        self.cache.write(layer, self.own_slots, k, v)
+        queries = self.step_queries(self.cp.gather_rows(q, self.owners))  # every row's
+        outs, lses = [], []
+        for s in self.meta.seqs:
+            rows = slice(s.q_start, s.q_start + s.num_new)
+            out, lse = self.owned_sequence(layer, s, [x[rows] for x in queries])
+            outs.append(out)
+            lses.append(lse)
+        if len(outs) > 1:
+            outs, lses = [torch.cat(outs)], [torch.cat(lses)]
+        return self.cp.combine(outs[0], lses[0], self.own)
+
+    def step_queries(self, q: torch.Tensor) -> list[torch.Tensor]:
+        """The step's queries [T, H, D] as the attention reads them (DCA: three rotations)."""
+        return [q]
+
+    def owned_sequence(self, layer: int, s: SeqAttention,
+                       queries: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sequence's rows over the keys this rank holds -> out [n, H, D] fp32, lse [n, H]."""
+        c = s.num_computed
+        return self.attend_owned(layer, s, queries[0], c, 0, c + s.num_new)
+
+    def attend_owned(self, layer: int, s: SeqAttention, q: torch.Tensor, a: int, lo: int,
+                     hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows at positions [a, a + n) over this rank's keys in [lo, hi) (hi <= a + n), each row seeing the keys
+        at or before its position -> out [n, H, D] fp32, lse [n, H] (-inf where a row sees none of them)."""
+        n = q.shape[0]
+        before, pieces = [], []  # spans every row sees whole; (rows, out, lse)
+        for x, y in self.cp.own_spans(lo, hi):
+            if x < a:
+                before.append((x, min(y, a)))
+            for u in ((max(x, a),) if y > a else ()):  # keys among the rows' own positions
+                k, v = self.cache.read(layer, span_slots(s.key_slots, [(u, y)]), q.dtype)
+                pieces.append((slice(u - a, y - a), *attention(q[u - a:y - a], k, v, self.scale, causal=True)))
+                if y - a < n:
+                    pieces.append((slice(y - a, n), *attention(q[y - a:], k, v, self.scale, causal=False)))
+        if before:
+            k, v = self.cache.read(layer, span_slots(s.key_slots, before), q.dtype)
+            pieces.append((slice(0, n), *attention(q, k, v, self.scale, causal=False)))
+        outs, lses = [], []
+        for rows, out, lse in pieces:
+            if rows != slice(0, n):
+                out = torch.zeros_like(q).index_copy_(0, torch.arange(rows.start, rows.stop), out)
+                lse = torch.full((n, q.shape[1]), float("-inf")).index_copy_(
+                    0, torch.arange(rows.start, rows.stop), lse)
+            outs.append(out)
+            lses.append(lse)
+        if not outs:
+            return torch.zeros(q.shape), torch.full((n, q.shape[1]), float("-inf"))
+        return merge_attention(outs, lses, out_dtype=torch.float32)
+
+
+def span_slots(slots: torch.Tensor | slice, spans: list[tuple[int, int]]) -> torch.Tensor | slice:
+    """The cache slots of positions in the spans [(lo, hi), ...], in order: a slice for one span of a slice."""
+    if len(spans) == 1 and isinstance(slots, slice):
+        return slice(slots.start + spans[0][0], slots.start + spans[0][1])
+    pos = torch.cat([torch.arange(lo, hi) for lo, hi in spans])
+    return pos + slots.start if isinstance(slots, slice) else slots[pos.to(slots.device)]
 
 
 def _prefix(slots: torch.Tensor | slice, n: int) -> torch.Tensor | slice:

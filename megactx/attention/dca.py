@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from megactx.attention.backend import DenseAttentionBackend, KVCacheTensors, SeqAttention
+from megactx.attention.context_parallel import ContextParallel
 from megactx.attention.dense import attention
 from megactx.attention.merge import merge_attention
 from megactx.attention.sparse.prefill import SparsePrefill
@@ -57,13 +58,14 @@ class DualChunkAttentionBackend(DenseAttentionBackend):
     rotates_queries = True
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, cache: KVCacheTensors, cfg: DCAConfig,
-                 rotary, sparse: SparsePrefill | None = None):
-        super().__init__(num_heads, num_kv_heads, head_dim, cache, sparse)
+                 rotary, sparse: SparsePrefill | None = None, cp: ContextParallel | None = None):
+        super().__init__(num_heads, num_kv_heads, head_dim, cache, sparse, cp)
         self.cfg, self.rotary = cfg, rotary
 
     def begin_step(self, meta, positions: torch.Tensor, totals: torch.Tensor) -> torch.Tensor:
         """Also, once per step: cos/sin of the three query positions and the temperature of every row."""
         self.meta = meta
+        self.split_rows(positions)
         intra, succ, inter = query_positions(positions, self.cfg)
         self.tables = [self.rotary.cos_sin(p) for p in (intra, succ, inter)]
         self.q_scale = temperature_scale(positions, totals, self.cfg)
@@ -71,11 +73,11 @@ class DualChunkAttentionBackend(DenseAttentionBackend):
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [T, H, D] not rotated, k: [T, Hkv, D] rotated at p % L, v: [T, Hkv, D] -> [T, H, D]
+        if self.cp is not None:
+            return self.call_context_parallel(layer, q, k, v)
         meta = self.meta
         self.cache.write(layer, meta.slot_mapping, k, v)
-        if self.q_scale is not None:
-            q = q * self.q_scale[:, None, None].to(q.dtype)  # the fp32 factors would promote a bf16 model
-        queries = [apply_rotary(q, cos, sin) for cos, sin in self.tables]  # 3 x [T, H, D]
+        *queries, q = self.step_queries(q)  # 3 x [T, H, D] and the unrotated queries, temperature applied
         outs = []
         for s in meta.seqs:
             rows = slice(s.q_start, s.q_start + s.num_new)
@@ -106,6 +108,31 @@ class DualChunkAttentionBackend(DenseAttentionBackend):
                                                 k_new[:, rows], v_new[:, rows]))
             start = end
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def step_queries(self, q: torch.Tensor) -> list[torch.Tensor]:
+        """[T, H, D] not rotated -> the intra, successive and inter rotations and the unrotated queries, each
+        with the temperature."""
+        if self.q_scale is not None:
+            q = q * self.q_scale[:, None, None].to(q.dtype)  # the fp32 factors would promote a bf16 model
+        return [apply_rotary(q, cos, sin) for cos, sin in self.tables] + [q]
+
+    def owned_sequence(self, layer: int, s: SeqAttention,
+                       queries: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context parallelism: the rows over this rank's keys, each DCA part with its rotation."""
+        L, c, n = self.cfg.chunk_len, s.num_computed, s.num_new
+        outs, lses, start = [], [], c
+        while start < c + n:  # pieces split where p crosses a multiple of L, as attend_dca
+            end = min(c + n, (start // L + 1) * L)
+            cur = (start // L) * L
+            prev = max(cur - L, 0)
+            rows = slice(start - c, end - c)
+            parts = [self.attend_owned(layer, s, q[rows], start, lo, hi)
+                     for q, (lo, hi) in zip(queries, ((cur, end), (prev, cur), (0, prev))) if hi > lo]
+            out, lse = merge_attention([p[0] for p in parts], [p[1] for p in parts], out_dtype=torch.float32)
+            outs.append(out)
+            lses.append(lse)
+            start = end
+        return (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs), torch.cat(lses))
 
     def attend_piece(self, layer: int, s: SeqAttention, a: int, b: int, queries: list[torch.Tensor],
                      k_own: torch.Tensor, v_own: torch.Tensor) -> torch.Tensor:

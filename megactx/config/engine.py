@@ -82,6 +82,10 @@ class ParallelConfig:
 
     tensor_parallel_size: int = setting(1, "processes that split every layer's heads, features and vocabulary "
                                            "(Megatron-style); on one machine the engine starts the others itself")
+    context_parallel_size: int = setting(1, "processes that split a long prompt's tokens and its KV cache by "
+                                            "position (stripes of max-num-batched-tokens / N tokens), attention "
+                                            "merged by log-sum-exp; on one machine the engine starts the others "
+                                            "itself")
     dist_host: str = setting("127.0.0.1", "address of rank 0 for the ranks' rendezvous")
     dist_port: int = setting(0, "port of the rendezvous on rank 0 (0: a free one, on one machine)")
     dist_timeout: float = setting(120.0, "seconds a rank waits for the others (start-up, every step) before the "
@@ -91,12 +95,26 @@ class ParallelConfig:
     def __post_init__(self):
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
-        if not 0 <= self.rank < self.tensor_parallel_size:
-            raise ConfigError(f"rank {self.rank} is outside the tensor-parallel group of {self.tensor_parallel_size}")
+        if self.context_parallel_size < 1:
+            raise ConfigError(f"--context-parallel-size must be >= 1, got {self.context_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.context_parallel_size > 1:
+            raise ConfigError("--tensor-parallel-size and --context-parallel-size above 1 together are not "
+                              "supported yet; choose one of them")
+        if not 0 <= self.rank < self.world_size:
+            raise ConfigError(f"rank {self.rank} is outside the group of {self.world_size} processes")
         if not 0 <= self.dist_port < 65536:
             raise ConfigError(f"--dist-port must be a port number (0-65535), got {self.dist_port}")
         if self.dist_timeout <= 0:
             raise ConfigError(f"--dist-timeout must be positive, got {self.dist_timeout}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.context_parallel_size
+
+    @property
+    def kind(self) -> str:
+        """How the group splits the work, for messages."""
+        return "context-parallel" if self.context_parallel_size > 1 else "tensor-parallel"
 
 
 @dataclass(slots=True)
@@ -130,9 +148,10 @@ class EngineConfig:
             raise ConfigError(f"packed_weights must be auto, on or off, got {self.packed_weights!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError(f"num_threads must be >= 1, got {self.num_threads}")
-        if self.parallel.tensor_parallel_size > 1 and self.cache.kv_cache_dir is not None:
-            raise ConfigError("--kv-cache-dir with --tensor-parallel-size above 1 is not supported yet (each rank "
-                              "holds only its heads' keys and values); drop one of them")
+        if self.parallel.world_size > 1 and self.cache.kv_cache_dir is not None:
+            flag = "--tensor-parallel-size" if self.parallel.tensor_parallel_size > 1 else "--context-parallel-size"
+            raise ConfigError(f"--kv-cache-dir with {flag} above 1 is not supported yet (each rank holds only its "
+                              "part of the keys and values); drop one of them")
 
     @classmethod
     def from_kwargs(cls, model: str | None = None, **kwargs) -> "EngineConfig":

@@ -28,7 +28,6 @@ import torch.distributed as dist
 
 from megactx.engine.model_runner import ChunkInput, ModelRunner
 from megactx.errors import ConfigError, MegactxError
-from megactx.layers.parallel import TensorParallel
 
 logger = logging.getLogger(__name__)
 
@@ -50,22 +49,23 @@ def launched_by_torchrun() -> bool:
 def with_launcher_rank(config):
     """The EngineConfig with the rank torchrun gave this process (unchanged outside torchrun); a world size
     other than --tensor-parallel-size is refused."""
-    if not launched_by_torchrun() or config.parallel.tensor_parallel_size == 1:
+    p = config.parallel
+    if not launched_by_torchrun() or p.world_size == 1:
         return config
     world = int(os.environ["WORLD_SIZE"])
-    if world != config.parallel.tensor_parallel_size:
-        raise ConfigError(f"torchrun started {world} processes but --tensor-parallel-size is "
-                          f"{config.parallel.tensor_parallel_size}; give torchrun --nproc-per-node x --nnodes = "
-                          f"the tensor-parallel size")
+    if world != p.world_size:
+        flag = "--context-parallel-size" if p.context_parallel_size > 1 else "--tensor-parallel-size"
+        raise ConfigError(f"torchrun started {world} processes but {flag} is {p.world_size}; give torchrun "
+                          f"--nproc-per-node x --nnodes = {flag}")
     return dataclasses.replace(config, parallel=dataclasses.replace(
         config.parallel, rank=int(os.environ["RANK"]), dist_host=os.environ["MASTER_ADDR"],
         dist_port=int(os.environ["MASTER_PORT"])))
 
 
-def start_group(config, worker_main) -> tuple[TensorParallel, list]:
+def start_group(config, worker_main) -> list:
     """Join (rank > 0) or form (rank 0: after starting the others on this machine, each running
-    worker_main(its config)) the tensor-parallel group. -> the group and, on rank 0, the processes it started.
-    config: the EngineConfig."""
+    worker_main(its config)) the group of config.parallel.world_size processes. -> on rank 0, the processes it
+    started. config: the EngineConfig."""
     p = config.parallel
     workers = []
     if p.rank == 0 and p.dist_port == 0 and not launched_by_torchrun():  # one machine: the other ranks are ours to start
@@ -73,7 +73,7 @@ def start_group(config, worker_main) -> tuple[TensorParallel, list]:
         config = dataclasses.replace(config, parallel=dataclasses.replace(p, dist_port=port))
         p = config.parallel
         ctx = multiprocessing.get_context("spawn")
-        for rank in range(1, p.tensor_parallel_size):
+        for rank in range(1, p.world_size):
             worker_config = dataclasses.replace(config, parallel=dataclasses.replace(p, rank=rank))
             proc = ctx.Process(target=worker_main, args=(worker_config,), name=f"megactx-rank{rank}", daemon=True)
             proc.start()
@@ -82,15 +82,15 @@ def start_group(config, worker_main) -> tuple[TensorParallel, list]:
     try:
         init = "env://" if launched_by_torchrun() else f"tcp://{p.dist_host}:{p.dist_port}"
         dist.init_process_group(backend, init_method=init, rank=p.rank,
-                                world_size=p.tensor_parallel_size, timeout=timedelta(seconds=p.dist_timeout))
+                                world_size=p.world_size, timeout=timedelta(seconds=p.dist_timeout))
     except Exception as e:  # torch raises RuntimeError or DistStoreError
         for proc in workers:
             proc.kill()
-        raise DistributedError(f"rank {p.rank}: the {p.tensor_parallel_size} ranks did not meet at "
+        raise DistributedError(f"rank {p.rank}: the {p.world_size} ranks did not meet at "
                                f"{p.dist_host}:{p.dist_port} within {p.dist_timeout:.0f} s ({e}); check that "
                                f"every rank started with the same --dist-host and --dist-port") from None
     check_same_settings(config)
-    return TensorParallel(p.tensor_parallel_size, p.rank), workers
+    return workers
 
 
 def settings_fingerprint(config) -> str:
@@ -103,7 +103,7 @@ def check_same_settings(config) -> None:
     """Every rank compares its settings with the others' at start-up: a rank started with another model or other
     flags would compute garbage that no test could trace back."""
     mine = settings_fingerprint(config)
-    every = [None] * config.parallel.tensor_parallel_size
+    every = [None] * config.parallel.world_size
     dist.all_gather_object(every, mine)
     odd = [rank for rank, f in enumerate(every) if f != every[0]]
     if odd:
@@ -115,8 +115,11 @@ class MirroredRunner:
     """Rank 0's runner: every computing call is sent to the other ranks before it is made here. Other attributes
     (dtype, block_size, backend, ...) are the local runner's."""
 
-    def __init__(self, local: ModelRunner, workers: list):
-        self.local, self.workers = local, workers
+    def __init__(self, local: ModelRunner, workers: list, kind: str = "tensor-parallel"):
+        """kind: what the group splits, for the error that ends the engine."""
+        self.local, self.workers, self.kind = local, workers, kind
+        # context parallelism: rank 0 holds every row's final hidden state, the LM head is not split
+        self.mirror_logits = kind == "tensor-parallel"
 
     def __getattr__(self, name):
         return getattr(self.local, name)
@@ -130,7 +133,7 @@ class MirroredRunner:
     def _failure(self, e: Exception) -> DistributedError:
         dead = [p.name for p in self.workers if not p.is_alive()]
         why = f"{', '.join(dead)} exited" if dead else f"a rank failed or did not answer ({e})"
-        return DistributedError(f"tensor-parallel group lost: {why}; the engine cannot go on")
+        return DistributedError(f"{self.kind} group lost: {why}; the engine cannot go on")
 
     def forward(self, chunks) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = [ChunkInput.of(ch, self.local.block_size) for ch in chunks]
@@ -141,6 +144,8 @@ class MirroredRunner:
             raise self._failure(e) from None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if not self.mirror_logits:
+            return self.local.logits(hidden)
         hidden = hidden.contiguous()
         self._send(("logits", tuple(hidden.shape)))
         try:

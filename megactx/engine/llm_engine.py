@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megactx.attention.context_parallel import ContextParallel, stripe_size
 from megactx.attention.kv_quant import SCALE_DTYPE, num_groups
 from megactx.attention.sparse.patterns import resolve_sparse
 from megactx.attention.sparse.probe import SparseProbe
@@ -96,13 +97,23 @@ class LLMEngine:
         torch.manual_seed(config.seed)
         self.source = open_model(config.model)
         self.model_config = mc = self.source.config
-        self.tp, self.workers = SINGLE, []
-        if config.parallel.tensor_parallel_size > 1:  # before loading: each rank loads only its shard
-            size = config.parallel.tensor_parallel_size
+        self.tp, self.cp, self.workers = SINGLE, None, []
+        par = config.parallel
+        if par.tensor_parallel_size > 1:  # before loading: each rank loads only its shard
             for total, what in ((mc.num_attention_heads, "attention heads"), (mc.num_key_value_heads, "KV heads"),
                                 (mc.intermediate_size, "intermediate_size")):
-                TensorParallel(size).split(total, what)  # refused before any process starts
-            self.tp, self.workers = start_group(config, run_worker)
+                TensorParallel(par.tensor_parallel_size).split(total, what)  # refused before any process starts
+        if par.context_parallel_size > 1 and config.sparse.enabled:
+            raise ConfigError("--context-parallel-size does not split sparse prefill over the ranks yet; add "
+                              "--no-sparse (each rank then computes dense attention over its own part of the keys)")
+        if par.world_size > 1:
+            self.workers = start_group(config, run_worker)
+            if par.tensor_parallel_size > 1:
+                self.tp = TensorParallel(par.tensor_parallel_size, par.rank)
+            else:
+                self.cp = ContextParallel(par.context_parallel_size, par.rank,
+                                          stripe_size(config.scheduler.max_num_batched_tokens,
+                                                      par.context_parallel_size, config.cache.block_size))
         self.tokenizer = load_tokenizer(config.tokenizer or self.source.path, mc.eos_token_ids)
         sc, cc = config.scheduler, config.cache
         self.dca = config.dca.resolve(mc)
@@ -141,9 +152,9 @@ class LLMEngine:
                     log_fmt_bytes(num_blocks * cc.block_size * per_token), dtype)
         self.runner = ModelRunner(self.source, compute_name, config.device, num_blocks, cc.block_size,
                                   str(dtype).removeprefix("torch."), config.weight_dtype, self.dca, sparse,
-                                  config.packed_weights, sc.max_num_seqs, self.tp)
-        if self.tp.size > 1 and self.tp.rank == 0:
-            self.runner = MirroredRunner(self.runner, self.workers)
+                                  config.packed_weights, sc.max_num_seqs, self.tp, self.cp)
+        if par.world_size > 1 and par.rank == 0:
+            self.runner = MirroredRunner(self.runner, self.workers, par.kind)
         self.source.iter_weights = None  # drop the file mapping (a GGUF's pages would stay in RSS)
         settings = {
             "dtype": str(self.runner.dtype), "weights": str(self.runner.weight_dtype), "kv": str(self.runner.kv_dtype),

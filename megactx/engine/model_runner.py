@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from megactx.attention.backend import AttentionMetadata, DenseAttentionBackend, KVCacheTensors, SeqAttention
+from megactx.attention.context_parallel import ContextParallel
 from megactx.attention.dca import DualChunkAttentionBackend
 from megactx.attention.sparse.patterns import SparsePatterns
 from megactx.attention.sparse.prefill import SparsePrefill
@@ -91,13 +92,15 @@ class ModelRunner:
     def __init__(self, source: ModelSource, dtype: str, device: str, num_blocks: int, block_size: int,
                  kv_dtype: str, weight_dtype: str = "auto", dca: DCAConfig | None = None,
                  sparse: tuple[SparseConfig, SparsePatterns] | None = None, packed_weights: str = "off",
-                 max_num_seqs: int = 1, tp: TensorParallel = SINGLE):
+                 max_num_seqs: int = 1, tp: TensorParallel = SINGLE, cp: ContextParallel | None = None):
+        """tp: this rank's share of the heads (tensor parallelism); cp: its share of the positions (context
+        parallelism), or None."""
         self.config: ModelConfig = source.config
         self.device = torch.device(device)
         self.dtype = parse_dtype(dtype) or torch.float32
         warn_if_emulated(self.dtype, self.device)
         self.weight_dtype = resolve_weight_dtype(weight_dtype, source, self.dtype, self.device)
-        self.tp = tp
+        self.tp, self.cp = tp, cp
         self.model = build_model(source, self.dtype, self.device, self.weight_dtype, tp)
         packed = pack_weights(self.model, packed_weights, max_num_seqs, self.dtype, self.device)
         if packed:
@@ -115,9 +118,9 @@ class ModelRunner:
         if sparse is not None:
             prefill = SparsePrefill(*sparse, c.num_hidden_layers, num_heads, c.head_dim ** -0.5, first_head)
         if dca is None:
-            self.backend = DenseAttentionBackend(*heads, cache, prefill)
+            self.backend = DenseAttentionBackend(*heads, cache, prefill, cp)
         else:
-            self.backend = DualChunkAttentionBackend(*heads, cache, dca, self.model.rotary, prefill)
+            self.backend = DualChunkAttentionBackend(*heads, cache, dca, self.model.rotary, prefill, cp)
 
     def export_block(self, block: int) -> dict[str, torch.Tensor]:
         """A copy of one KV block: k, v [layers, Hkv, block_size, D] (and an int8 cache's scales [..., 1])."""
@@ -182,7 +185,11 @@ class ModelRunner:
         totals = torch.cat([torch.full((len(ch.token_ids),), ch.start + len(ch.token_ids))
                             for ch in chunks]).to(self.device)
         positions = self.backend.begin_step(meta, positions, totals)  # DCA: keys are rotated (and cached) at p % L
-        return self.model(input_ids, positions, self.backend, seq_len=seq_len), last_rows
+        if self.cp is None:
+            return self.model(input_ids, positions, self.backend, seq_len=seq_len), last_rows
+        own = self.backend.own  # context parallelism: this rank computes its rows, then every rank has them all
+        hidden = self.model(input_ids[own], positions[own], self.backend, seq_len=seq_len)
+        return self.cp.gather_rows(hidden, self.backend.owners), last_rows
 
 
 def _consecutive(blocks: list[int], n: int) -> bool:
