@@ -6,7 +6,7 @@ import json
 import os
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-KINDS = ("tensor", "context")
+KINDS = ("tensor", "context", "context_sparse")  # results/KIND_parallel.json
 
 
 def _load(kind: str = "tensor") -> dict | None:
@@ -24,7 +24,9 @@ def sizing_table() -> list[str]:
            f"Two ranks, bf16 activations, {t['latency_assumed_s'] * 1e6:.0f} us assumed a collective. Tensor: ring "
            f"all-reduce (each rank sends 2 (N-1)/N of the payload), two a layer plus the embedding's. Context: the "
            f"queries' and the fp32 partial outputs' all-gathers a layer, the hidden states' once a step. The "
-           f"context's length enters neither. A 1M-token prompt is 256 chunks.", "",
+           f"context's length enters neither. A 1M-token prompt is 256 chunks. Context parallelism with sparse "
+           f"prefill adds one all-reduce a layer of the 64-key groups' means, which does grow with the context: at "
+           f"1M tokens 8.4 MB a layer (0.2 GB a chunk) for the 0.5B model, 34 MB (0.94 GB) for the 7B one.", "",
            "| split | model | per | bytes a rank sends | 10 Gb/s | 100 Gb/s | a 1M-token prompt |",
            "|---|---|---|---:|---:|---:|---:|"]
     for kind, r in [("tensor", r) for r in t["on_paper"]] + [("context", r) for r in (c or {}).get("on_paper", [])]:
@@ -44,9 +46,13 @@ def parallel_section() -> list[str]:
         if t is None:
             continue
         probe = "TensorParallel.stats" if kind == "tensor" else "ContextParallel.stats"
-        out += [f"## {kind.capitalize()} parallelism on one machine", "",
-                f"`python benchmarks/tensor_parallel.py --model EVAL --kind {kind}` ({t['cpu']}, fp32, 4K-token "
-                "prefill chunks, dense prefill): one process with 2 threads against 2 ranks (gloo) of 1 thread each, "
+        sparse = t.get("sparse", False)
+        title = "Context parallelism with sparse prefill" if sparse else f"{t['kind'].capitalize()} parallelism"
+        prefill = "sparse prefill of every prompt (threshold 0, pooled estimate)" if sparse else "dense prefill"
+        out += [f"## {title} on one machine", "",
+                f"`python benchmarks/tensor_parallel.py --model EVAL --kind {t['kind']}{' --sparse' if sparse else ''}`"
+                f" ({t['cpu']}, fp32, 4K-token prefill chunks, {prefill}): one process with 2 threads against 2 ranks "
+                "(gloo) of 1 thread each, "
                 f"alternating, the same random prompt. Time in collectives is rank 0's ({probe}), waiting for the "
                 "other rank included.", "",
                 "| prompt | processes x threads | TTFT s | decode ms/token | collectives, ms a prefill chunk | "

@@ -14,8 +14,12 @@ Context parallelism, per layer of a step: the queries' all-gather (compute dtype
 their log-sum-exp (fp32, every row from every rank), plus the hidden states' once a step; also independent of the
 context's length, which is what lets it split a 1M-token cache.
 
+With --sparse (context parallelism), every prompt is prefilled sparsely (threshold 0, the pooled estimate):
+each rank plans from the key groups' means the ranks share by one all-reduce a layer and piece, whose size grows
+with the context (1/64 of the keys' bytes), and computes the planned keys it holds.
+
   python benchmarks/tensor_parallel.py --model EVAL.gguf [--kind tensor|context] [--lengths 4096,32000]
-      [--threads 2] [--out benchmarks/results/KIND_parallel.json]
+      [--threads 2] [--sparse] [--out benchmarks/results/KIND[_sparse]_parallel.json]
 """
 from __future__ import annotations
 
@@ -46,9 +50,10 @@ LATENCY_S = 50e-6  # per collective on a LAN (an assumption, stated in the table
 HEADS = {"Qwen2.5 0.5B": (14, 64), "Qwen2.5 7B": (28, 128)}
 
 
-def run(model: str, length: int, threads: int, ranks: int, kind: str) -> dict:
+def run(model: str, length: int, threads: int, ranks: int, kind: str, sparse: bool = False) -> dict:
     size = {"tensor_parallel_size": ranks} if kind == "tensor" else {"context_parallel_size": ranks}
-    engine = LLMEngine(EngineConfig.from_kwargs(model, dtype="fp32", num_threads=threads, sparse=False, **size,
+    prefill = {"sparse": True, "sparse_threshold": 0, "sparse_estimate": "pooled"} if sparse else {"sparse": False}
+    engine = LLMEngine(EngineConfig.from_kwargs(model, dtype="fp32", num_threads=threads, **prefill, **size,
                                                 max_model_len=length + DECODE_TOKENS + 16, max_num_seqs=1,
                                                 max_num_batched_tokens=CHUNK))
     try:
@@ -64,7 +69,7 @@ def run(model: str, length: int, threads: int, ranks: int, kind: str) -> dict:
         end = time.perf_counter()
         prefill_comm, total_comm = marks[0]["seconds"], stats["seconds"]
         chunks = -(-length // CHUNK)
-        return {"length": length, "kind": kind, "ranks": ranks, "threads_per_rank": threads, "ttft_s": round(first - start, 2),
+        return {"length": length, "kind": kind, "sparse": sparse, "ranks": ranks, "threads_per_rank": threads, "ttft_s": round(first - start, 2),
                 "decode_ms_per_token": round(1000 * (end - first) / DECODE_TOKENS, 1),
                 "comm_ms_per_prefill_chunk": round(1000 * prefill_comm / chunks, 1),
                 "comm_ms_per_decode_step": round(1000 * (total_comm - prefill_comm) / DECODE_TOKENS, 2),
@@ -105,17 +110,21 @@ def main() -> None:
     ap.add_argument("--kind", choices=("tensor", "context"), default="tensor")
     ap.add_argument("--lengths", default="4096,32000")  # 32000 + the answer fits the 32K context
     ap.add_argument("--threads", type=int, default=2, help="threads of the one process; each of 2 ranks gets half")
-    ap.add_argument("--out", help="default: benchmarks/results/KIND_parallel.json")
+    ap.add_argument("--sparse", action="store_true", help="sparse prefill of every prompt (context parallelism)")
+    ap.add_argument("--out", help="default: benchmarks/results/KIND[_sparse]_parallel.json")
     args = ap.parse_args()
-    out = args.out or f"benchmarks/results/{args.kind}_parallel.json"
+    if args.sparse and args.kind != "context":
+        ap.error("--sparse measures context parallelism: add --kind context")
+    out = args.out or f"benchmarks/results/{args.kind}{'_sparse' if args.sparse else ''}_parallel.json"
     rows = []
     for length in (int(x) for x in args.lengths.split(",")):
         for ranks in (1, 2):
             rows.append(run(args.model, length, args.threads if ranks == 1 else max(1, args.threads // 2), ranks,
-                            args.kind))
+                            args.kind, args.sparse))
             print(json.dumps(rows[-1]), flush=True)
     paper = on_paper(args.kind)
-    print(f"\nCPU: {cpu_summary()}; fp32; {args.kind} parallel; prefill chunks of {CHUNK} tokens; dense prefill")
+    print(f"\nCPU: {cpu_summary()}; fp32; {args.kind} parallel; prefill chunks of {CHUNK} tokens; "
+          f"{'sparse' if args.sparse else 'dense'} prefill")
     print("| prompt | processes x threads | TTFT s | decode ms/token | in collectives, ms per chunk | per decode step |")
     print("|---|---|---|---|---|---|")
     for r in rows:
@@ -129,7 +138,7 @@ def main() -> None:
         print(f"| {r['model']} | {r['per']} | {r['bytes_sent_per_rank'] / 1e6:.2f} MB | {1000 * r['10 Gb/s']:.1f} ms | "
               f"{1000 * r['100 Gb/s']:.1f} ms | {whole} |")
     with open(out, "w") as f:
-        json.dump({"cpu": cpu_summary(), "kind": args.kind, "measured": rows, "on_paper": paper, "latency_assumed_s": LATENCY_S}, f,
+        json.dump({"cpu": cpu_summary(), "kind": args.kind, "sparse": args.sparse, "measured": rows, "on_paper": paper, "latency_assumed_s": LATENCY_S}, f,
                   indent=1)
 
 

@@ -23,7 +23,7 @@ def cmdline(pid: int) -> str:
 
 
 @pytest.mark.parametrize("flags,kind", [(["--tensor-parallel-size", "2"], "tensor-parallel"),
-                                        (["--context-parallel-size", "2", "--no-sparse"], "context-parallel")])
+                                        (["--context-parallel-size", "2"], "context-parallel")])
 def test_two_ranks_serve_like_one_and_a_lost_rank_ends_the_server(tiny_dir, flags, kind):
     path = tiny_dir("qwen2")
     proc, base = start_server("--model", path, *flags, "--threads", "1",

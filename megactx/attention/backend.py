@@ -19,7 +19,8 @@ from megactx.attention.dense import attention
 from megactx.attention.kv_quant import SCALE_DTYPE, num_groups, quantize
 from megactx.attention.merge import merge_attention
 from megactx.attention.sparse.kernel import KeySource
-from megactx.attention.sparse.prefill import SparsePrefill
+from megactx.attention.sparse.pooled import GROUP
+from megactx.attention.sparse.prefill import OwnedKeys, SparsePrefill
 
 
 @dataclass(slots=True)
@@ -136,7 +137,7 @@ class DenseAttentionBackend:
             for lo, hi in self.sparse.cfg.parts(c, end) if end > c else ():  # each planned from its own last queries
                 qp = q[lo - c:hi - c]
                 r = min(self.sparse.cfg.last_q, hi - lo)
-                outs.append(self.sparse_rows(layer, s, lo, hi, [qp], [(0, hi, qp)], [(0, hi, qp[-r:])]))
+                outs.append(self.sparse_rows(layer, s, lo, hi, [qp], [(0, hi, qp)], [(0, hi, qp[-r:])])[0])
             if end < c + s.num_new:  # the prompt's dense tail
                 outs.append(self.dense_rows(layer, s, end, c + s.num_new, [q[end - c:]])[0])
             return outs[0] if len(outs) == 1 else torch.cat(outs)
@@ -146,23 +147,27 @@ class DenseAttentionBackend:
         return self.attend_dense(layer, s, q, k_new, v_new)[0]
 
     def sparse_rows(self, layer: int, s: SeqAttention, a: int, b: int, queries: list[torch.Tensor],
-                    segments: list, estimate: list, dca_parts: list[tuple[int, int]] = ()) -> torch.Tensor:
+                    segments: list, estimate: list,
+                    dca_parts: list[tuple[int, int]] = ()) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows [a, b) of a prefill chunk by sparse prefill (SparsePrefill.attend's segments and estimate);
-        queries: what dense_rows takes for the same rows. A plan too dense to gain is computed densely. With a
-        probe that compares this layer, the dense attention of the same rows is computed and timed as well."""
+        queries: what dense_rows takes for the same rows. -> out [n, H, D], lse [n, H]. A plan too dense to gain is
+        computed densely. With a probe that compares this layer, the dense attention of the same rows is computed
+        and timed as well. Context parallelism: over this rank's keys (fp32 out), the plan the same on every rank."""
         keys = self.keys(layer, s, queries[0].dtype)
-        result = self.sparse.attend(layer, segments, estimate, keys, a, dca_parts)
+        owned = self.owned_keys(layer, s) if self.cp is not None else None
+        result = self.sparse.attend(layer, segments, estimate, keys, a, dca_parts, owned)
         probe = self.sparse.probe
         if result is None:
             t0 = time.perf_counter()
-            result = self.dense_rows(layer, s, a, b, queries)
+            result = self.dense_rows(layer, s, a, b, queries) if owned is None else self.owned_rows(
+                layer, s, a, b, queries)
             if probe is not None:
                 probe.calls[-1].attention_s += time.perf_counter() - t0
-        if probe is not None and probe.compares(layer):
+        if probe is not None and owned is None and probe.compares(layer):
             t0 = time.perf_counter()
             _, lse_dense = self.dense_rows(layer, s, a, b, queries)
             probe.add_dense(result[1], lse_dense, time.perf_counter() - t0)
-        return result[0]
+        return result
 
     def dense_rows(self, layer: int, s: SeqAttention, a: int, b: int,
                    queries: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,9 +211,38 @@ class DenseAttentionBackend:
 
     def owned_sequence(self, layer: int, s: SeqAttention,
                        queries: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One sequence's rows over the keys this rank holds -> out [n, H, D] fp32, lse [n, H]."""
-        c = s.num_computed
-        return self.attend_owned(layer, s, queries[0], c, 0, c + s.num_new)
+        """One sequence's rows over the keys this rank holds -> out [n, H, D] fp32, lse [n, H]; a long prompt's
+        rows by sparse prefill as attend_sequence, each rank computing the plan's keys it holds."""
+        c, n = s.num_computed, s.num_new
+        if not (s.sparse and n > 1):
+            return self.owned_rows(layer, s, c, c + n, queries)
+        end = self.sparse.cfg.sparse_end(c, c + n, s.prompt_len)
+        parts = []
+        for lo, hi in self.sparse.cfg.parts(c, end) if end > c else ():
+            qp = queries[0][lo - c:hi - c]
+            r = min(self.sparse.cfg.last_q, hi - lo)
+            parts.append(self.sparse_rows(layer, s, lo, hi, [qp], [(0, hi, qp)], [(0, hi, qp[-r:])]))
+        if end < c + n:  # the prompt's dense tail
+            parts.append(self.owned_rows(layer, s, end, c + n, [q[end - c:] for q in queries]))
+        return cat_rows(parts)
+
+    def owned_rows(self, layer: int, s: SeqAttention, a: int, b: int,
+                   queries: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [a, b) densely over this rank's keys -> out [n, H, D] fp32, lse [n, H]."""
+        return self.attend_owned(layer, s, queries[0], a, 0, b)
+
+    def owned_keys(self, layer: int, s: SeqAttention) -> OwnedKeys:
+        """What sparse prefill needs to plan and compute this rank's part (sparse/prefill.py)."""
+        def own_blocks(segments, keys, q_start: int, block: int, scale: float):
+            # each query block over the keys of its own block this rank holds, causal
+            n = segments[0][2].shape[0]
+            parts = []
+            for a in range(q_start, q_start + n, block):
+                b = min(a + block, q_start + n)
+                q = next(q for lo, hi, q in segments if lo <= a < hi)
+                parts.append(self.attend_owned(layer, s, q[a - q_start:b - q_start], a, a, b))
+            return cat_rows(parts)
+        return OwnedKeys(lambda means: self.cp.share_group_means(means, GROUP), self.cp.clip, own_blocks)
 
     def attend_owned(self, layer: int, s: SeqAttention, q: torch.Tensor, a: int, lo: int,
                      hi: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,6 +272,13 @@ class DenseAttentionBackend:
         if not outs:
             return torch.zeros(q.shape), torch.full((n, q.shape[1]), float("-inf"))
         return merge_attention(outs, lses, out_dtype=torch.float32)
+
+
+def cat_rows(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of consecutive row ranges -> of all the rows."""
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def span_slots(slots: torch.Tensor | slice, spans: list[tuple[int, int]]) -> torch.Tensor | slice:

@@ -60,6 +60,36 @@ class ContextParallel:
             x += period
         return spans
 
+    def share_group_means(self, means: torch.Tensor, group: int) -> torch.Tensor:
+        """means [Hkv, G, D] of every `group` keys, right for the groups this rank holds (a stripe is a multiple
+        of group), anything elsewhere -> right for every group, summed over the ranks. The sparse estimate's one
+        collective: [Hkv, G, D] fp32 a layer and prefill piece, 1/64 of the keys' bytes (sparse/prefill.py)."""
+        own = self.owners(torch.arange(means.shape[1], device=means.device) * group) == self.rank
+        shared = torch.where(own[None, :, None], means, 0.0)  # not a product: an unwritten key may be NaN
+        start = time.perf_counter()
+        dist.all_reduce(shared, group=self.group)
+        self.stats["calls"] += 1
+        self.stats["bytes"] += shared.numel() * shared.element_size()
+        self.stats["seconds"] += time.perf_counter() - start
+        return shared
+
+    def clip(self, bounds: torch.Tensor, entry: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key ranges bounds [R, 2] of entries entry [R] -> their parts on this rank's stripes, in the same order:
+        a range is cut at every stripe it crosses (sparse/batched.py clip_plan)."""
+        period = self.stripe * self.size
+        if len(bounds) == 0:
+            return bounds, entry
+        lo, hi = bounds[:, 0], bounds[:, 1]
+        first, last = lo // period, (hi - 1) // period  # the periods each range touches
+        count = last - first + 1
+        which = torch.repeat_interleave(torch.arange(len(bounds)), count)
+        offset = torch.arange(len(which)) - torch.repeat_interleave(count.cumsum(0) - count, count)
+        start = (first[which] + offset) * period + self.rank * self.stripe
+        part_lo = torch.maximum(lo[which], start)
+        part_hi = torch.minimum(hi[which], start + self.stripe)
+        keep = part_hi > part_lo
+        return torch.stack([part_lo[keep], part_hi[keep]], 1), entry[which[keep]]
+
     def _all_gather(self, x: torch.Tensor) -> list[torch.Tensor]:
         start = time.perf_counter()
         parts = [torch.empty_like(x) for _ in range(self.size)]

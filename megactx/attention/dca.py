@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from megactx.attention.backend import DenseAttentionBackend, KVCacheTensors, SeqAttention
+from megactx.attention.backend import DenseAttentionBackend, KVCacheTensors, SeqAttention, cat_rows
 from megactx.attention.context_parallel import ContextParallel
 from megactx.attention.dense import attention
 from megactx.attention.merge import merge_attention
@@ -99,7 +99,7 @@ class DualChunkAttentionBackend(DenseAttentionBackend):
                 mid = max(start, min(end, sparse_end))
                 for lo, hi in self.sparse.cfg.parts(start, mid) if mid > start else ():  # each from its own queries
                     part = slice(lo - c, hi - c)
-                    pieces.append(self.sparse_piece(layer, s, lo, hi, [x[part] for x in queries], q_raw[part]))
+                    pieces.append(self.sparse_piece(layer, s, lo, hi, [x[part] for x in queries], q_raw[part])[0])
                 if mid < end:  # the prompt's dense tail
                     tail = slice(mid - c, end - c)
                     pieces.append(self.dense_rows(layer, s, mid, end, [x[tail] for x in queries])[0])
@@ -118,21 +118,31 @@ class DualChunkAttentionBackend(DenseAttentionBackend):
 
     def owned_sequence(self, layer: int, s: SeqAttention,
                        queries: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Context parallelism: the rows over this rank's keys, each DCA part with its rotation."""
+        """Context parallelism: the rows over this rank's keys, each DCA part with its rotation; a long prompt's
+        rows by sparse prefill as attend_dca. queries: the three rotations and the unrotated queries."""
         L, c, n = self.cfg.chunk_len, s.num_computed, s.num_new
-        outs, lses, start = [], [], c
+        sparse_end = self.sparse.cfg.sparse_end(c, c + n, s.prompt_len) if s.sparse else c
+        parts, start = [], c
         while start < c + n:  # pieces split where p crosses a multiple of L, as attend_dca
             end = min(c + n, (start // L + 1) * L)
-            cur = (start // L) * L
-            prev = max(cur - L, 0)
-            rows = slice(start - c, end - c)
-            parts = [self.attend_owned(layer, s, q[rows], start, lo, hi)
-                     for q, (lo, hi) in zip(queries, ((cur, end), (prev, cur), (0, prev))) if hi > lo]
-            out, lse = merge_attention([p[0] for p in parts], [p[1] for p in parts], out_dtype=torch.float32)
-            outs.append(out)
-            lses.append(lse)
+            mid = max(start, min(end, sparse_end)) if end - start > 1 else start
+            for lo, hi in self.sparse.cfg.parts(start, mid) if mid > start else ():
+                rows = slice(lo - c, hi - c)
+                parts.append(self.sparse_piece(layer, s, lo, hi, [x[rows] for x in queries[:3]], queries[3][rows]))
+            if mid < end:
+                parts.append(self.owned_rows(layer, s, mid, end, [x[mid - c:end - c] for x in queries]))
             start = end
-        return (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs), torch.cat(lses))
+        return cat_rows(parts)
+
+    def owned_rows(self, layer: int, s: SeqAttention, a: int, b: int,
+                   queries: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [a, b) of one DCA chunk densely over this rank's keys, the three parts merged (fp32)."""
+        L = self.cfg.chunk_len
+        cur = (a // L) * L
+        prev = max(cur - L, 0)
+        parts = [self.attend_owned(layer, s, q, a, lo, hi)
+                 for q, (lo, hi) in zip(queries, ((cur, b), (prev, cur), (0, prev))) if hi > lo]
+        return merge_attention([p[0] for p in parts], [p[1] for p in parts], out_dtype=torch.float32)
 
     def attend_piece(self, layer: int, s: SeqAttention, a: int, b: int, queries: list[torch.Tensor],
                      k_own: torch.Tensor, v_own: torch.Tensor) -> torch.Tensor:
@@ -163,7 +173,7 @@ class DualChunkAttentionBackend(DenseAttentionBackend):
         return merge_attention(outs, lses)
 
     def sparse_piece(self, layer: int, s: SeqAttention, a: int, b: int, queries: list[torch.Tensor],
-                     q_raw: torch.Tensor) -> torch.Tensor:
+                     q_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sparse prefill of rows [a, b) (one DCA chunk): the planned keys split into the three parts, each scored
         with its own query rotation; the pattern is estimated from the last queries at the critical (continuous)
         positions p % L + L and p % L + chunk_size for the successive and inter keys, as Qwen2.5-1M does."""

@@ -83,9 +83,9 @@ class ParallelConfig:
     tensor_parallel_size: int = setting(1, "processes that split every layer's heads, features and vocabulary "
                                            "(Megatron-style); on one machine the engine starts the others itself")
     context_parallel_size: int = setting(1, "processes that split a long prompt's tokens and its KV cache by "
-                                            "position (stripes of max-num-batched-tokens / N tokens), attention "
-                                            "merged by log-sum-exp; on one machine the engine starts the others "
-                                            "itself")
+                                            "position (stripes of max-num-batched-tokens / N tokens, whole "
+                                            "64-key groups with sparse prefill), attention merged by log-sum-exp; on "
+                                            "one machine the engine starts the others itself")
     dist_host: str = setting("127.0.0.1", "address of rank 0 for the ranks' rendezvous")
     dist_port: int = setting(0, "port of the rendezvous on rank 0 (0: a free one, on one machine)")
     dist_timeout: float = setting(120.0, "seconds a rank waits for the others (start-up, every step) before the "

@@ -6,6 +6,7 @@ sampler picks the next token of every sequence whose chunk reached its end, and 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -13,7 +14,8 @@ import torch
 
 from megactx.attention.context_parallel import ContextParallel, stripe_size
 from megactx.attention.kv_quant import SCALE_DTYPE, num_groups
-from megactx.attention.sparse.patterns import resolve_sparse
+from megactx.attention.sparse.patterns import check_context_parallel, resolve_sparse
+from megactx.attention.sparse.pooled import GROUP
 from megactx.attention.sparse.probe import SparseProbe
 from megactx.config import EngineConfig, ceil_div, log_fmt_bytes, parse_dtype
 from megactx.config.hardware import resolve_compute_dtype
@@ -103,17 +105,19 @@ class LLMEngine:
             for total, what in ((mc.num_attention_heads, "attention heads"), (mc.num_key_value_heads, "KV heads"),
                                 (mc.intermediate_size, "intermediate_size")):
                 TensorParallel(par.tensor_parallel_size).split(total, what)  # refused before any process starts
-        if par.context_parallel_size > 1 and config.sparse.enabled:
-            raise ConfigError("--context-parallel-size does not split sparse prefill over the ranks yet; add "
-                              "--no-sparse (each rank then computes dense attention over its own part of the keys)")
+        compute, compute_name, why = resolve_compute_dtype(config.dtype, config.device)
+        sparse = resolve_sparse(config.sparse, self.source.path, compute_name)
+        if par.context_parallel_size > 1 and sparse:
+            check_context_parallel(*sparse)  # before any process starts
         if par.world_size > 1:
             self.workers = start_group(config, run_worker)
             if par.tensor_parallel_size > 1:
                 self.tp = TensorParallel(par.tensor_parallel_size, par.rank)
-            else:
+            else:  # sparse plans read whole 64-key groups, each held by one rank
+                multiple = math.lcm(config.cache.block_size, GROUP) if sparse else config.cache.block_size
                 self.cp = ContextParallel(par.context_parallel_size, par.rank,
                                           stripe_size(config.scheduler.max_num_batched_tokens,
-                                                      par.context_parallel_size, config.cache.block_size))
+                                                      par.context_parallel_size, multiple))
         self.tokenizer = load_tokenizer(config.tokenizer or self.source.path, mc.eos_token_ids)
         sc, cc = config.scheduler, config.cache
         self.dca = config.dca.resolve(mc)
@@ -126,11 +130,9 @@ class LLMEngine:
                 f"--allow-long-context runs plain RoPE anyway, for ablations)")
         if self.dca is not None:
             logger.info("Dual Chunk Attention: %s", self.dca.describe())
-        compute, compute_name, why = resolve_compute_dtype(config.dtype, config.device)
         self.compute_dtype = compute_name  # what --dtype auto resolved to, for reports
         if why:
             logger.info("Compute dtype auto: %s, since %s (--dtype fp32 or bf16 chooses)", compute_name, why)
-        sparse = resolve_sparse(config.sparse, self.source.path, compute_name)
         self.sparse = sparse[0] if sparse else None  # the settings in effect
         if self.sparse is not None and self.max_model_len > self.sparse.threshold:
             logger.info("Sparse prefill: %s", self.sparse.describe())

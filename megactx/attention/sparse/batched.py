@@ -30,7 +30,7 @@ from megactx.attention.dense import flash_cpu
 from megactx.attention.kv_quant import dequantize
 from megactx.attention.merge import merge_attention
 from megactx.attention.sparse.kernel import KeySource, own_blocks, sparse_attention
-from megactx.attention.sparse.plan import Plan, block_starts
+from megactx.attention.sparse.plan import BlockKeys, Plan, block_starts
 
 BATCH_KEYS = 1 << 18  # padded keys gathered per call: k and v 64 MB each at D = 64 in fp32
 GROUP_PAD = 64  # entry lengths are padded up to a multiple of this (the pooled groups)
@@ -56,6 +56,18 @@ def plan_bounds(plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
             counts.append(len(b.ranges) + len(cols))
     entry = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long))
     return torch.tensor(bounds, dtype=torch.long).view(-1, 2), entry
+
+
+def clip_plan(plan: Plan, clip) -> Plan:
+    """The plan with every (head, block) entry's keys cut to what clip keeps: clip(bounds [R, 2], entry [R]) ->
+    the same for the kept pieces, in entry order (context parallelism: the keys one rank holds)."""
+    bounds, entry = clip(*plan_bounds(plan))
+    nb = len(plan[0]) if plan else 0
+    counts = torch.bincount(entry, minlength=len(plan) * nb).tolist()
+    pieces = bounds.split(counts)
+    empty = torch.empty(0, dtype=torch.long)
+    return [[BlockKeys([tuple(r) for r in pieces[head * nb + i].tolist()], empty) for i in range(nb)]
+            for head in range(len(plan))]
 
 
 def covered(bounds: torch.Tensor, entry: torch.Tensor, weight: torch.Tensor,
@@ -171,17 +183,17 @@ def _chunk_rows(out: torch.Tensor, lse: torch.Tensor, h: int, n: int) -> tuple[t
 
 def batched_sparse_attention(segments: list[tuple[int, int, torch.Tensor]], keys: KeySource, plan: Plan,
                              q_start: int, block: int, scale: float, batch_keys: int = BATCH_KEYS,
-                             tile: int = TILE_BLOCKS) -> tuple[torch.Tensor, torch.Tensor]:
+                             tile: int = TILE_BLOCKS, own=own_blocks) -> tuple[torch.Tensor, torch.Tensor]:
     """sparse_attention() (kernel.py), the same inputs and result, in batched calls.
     segments: (lo, hi, q [n, H, D]) -> out [n, H, D], lse [n, H] (fp32)."""
     q0 = segments[0][2]
     n, h, d = q0.shape
     if not supports(keys, q0.device):
-        return sparse_attention(segments, keys, plan, q_start, block, scale)
+        return sparse_attention(segments, keys, plan, q_start, block, scale, own=own)
     hkv = keys.k.shape[0]
     nb = len(block_starts(q_start, n, block))
     nt = nb // tile if tile > 1 else 0
-    own_out, own_lse = own_blocks(segments, keys, q_start, block, scale)
+    own_out, own_lse = own(segments, keys, q_start, block, scale)
     bounds, entry = plan_bounds(plan)  # entry e = head * nb + block
     if nt:
         shared, shared_entry, bounds, entry = split_tiles(bounds, entry, h, nb, tile)

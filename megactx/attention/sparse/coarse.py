@@ -48,20 +48,21 @@ def _scores(q_rows: list[torch.Tensor], means: torch.Tensor, seg: torch.Tensor, 
 
 
 def coarse_to_fine_scores(segments: list[tuple[int, int, torch.Tensor]], k: torch.Tensor, q_start: int, block: int,
-                          scale: float, refine: int, row_stride: int = pooled.ROW_STRIDE) -> torch.Tensor:
+                          scale: float, refine: int, row_stride: int = pooled.ROW_STRIDE,
+                          means: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """As pooled.pooled_scores (segments, k [Hkv, >= m, D] -> [H, B, G]), refining `refine` super-groups a block.
 
     Step 1 runs for all the chunk's estimating rows at once. In step 2 a block's columns are, in this order: the
     refined groups each head chose (gathered), the sinks' super-group and the local ones (the same for every
     head: plain slices, and the only columns a row may not see yet), and the unrefined super-groups' logits from
-    step 1. Masks touch only the columns that can need them."""
+    step 1. Masks touch only the columns that can need them. means: as pooled_scores."""
     group = pooled.GROUP
     per = SUPER // group
     n, h, d = segments[0][2].shape
     hkv = k.shape[0]
     rep = h // hkv
     m = q_start + n
-    means, log_size = pooled.group_means(k, m)  # [Hkv, G, D]
+    means, log_size = pooled.group_means(k, m) if means is None else means  # [Hkv, G, D]
     g_total = means.shape[1]
     s_total = -(-g_total // per)
     size = log_size.exp()

@@ -178,16 +178,17 @@ def own_blocks(segments, keys: KeySource, q_start: int, block: int, scale: float
 
 def sparse_attention(segments: list[tuple[int, int, torch.Tensor]], keys: KeySource, plan: Plan, q_start: int,
                      block: int, scale: float, tile_blocks: int = TILE_BLOCKS,
-                     min_view: float = MIN_VIEW_BLOCKS) -> tuple[torch.Tensor, torch.Tensor]:
+                     min_view: float = MIN_VIEW_BLOCKS, own=own_blocks) -> tuple[torch.Tensor, torch.Tensor]:
     """segments: (lo, hi, q [n, H, D]): planned keys in [lo, hi) are scored with these queries (one segment for
     plain attention; DCA's intra, successive and inter parts); the own block uses the segment holding it.
+    own: computes the own blocks, as own_blocks() (context parallelism: over the keys one rank holds).
     -> out [n, H, D], lse [n, H] (fp32)."""
     q0 = segments[0][2]
     n, h, d = q0.shape
     group = h // keys.k.shape[0]
     starts = block_starts(q_start, n, block)
     row_blocks = [slice(a - q_start, min(n, a - q_start + block)) for a in starts]
-    own_out, own_lse = own_blocks(segments, keys, q_start, block, scale)
+    own_out, own_lse = own(segments, keys, q_start, block, scale)
     out = torch.empty_like(q0)
     lse = torch.empty(n, h, dtype=torch.float32, device=q0.device)
     for head in range(h):

@@ -120,6 +120,18 @@ def resolve_sparse(settings: SparseConfig, model_path: str | Path | None,
     return replace(settings, config_file=config_file, estimate=estimate, block_size=block), patterns
 
 
+def check_context_parallel(cfg: SparseConfig, patterns: SparsePatterns) -> None:
+    """Under context parallelism every rank plans from the 64-key groups' means it shares with the others
+    (sparse/prefill.py OwnedKeys); the vertical-slash estimate and block-sparse heads read every key itself."""
+    if cfg.estimate != "pooled":
+        budgets = f" (budgets from {cfg.config_file})" if cfg.config_file else ""
+        raise ConfigError(f"--context-parallel-size plans sparse prefill with the pooled estimate only, not "
+                          f"{cfg.estimate}{budgets}; add --sparse-estimate pooled, or --no-sparse")
+    if any(p.kind == "block_sparse" for layer in patterns.layers for p in layer.values()):
+        raise ConfigError(f"--context-parallel-size cannot plan the block-sparse heads of {cfg.config_file}; give "
+                          f"--sparse-config a file without them, or add --no-sparse")
+
+
 def dump_layers(layers: list[dict[int, HeadPattern]], scores: list[dict[int, float]] | None = None) -> list:
     """The inverse of parse_layers: what `megactx sparse search` writes."""
     out = []

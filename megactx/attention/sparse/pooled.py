@@ -49,17 +49,19 @@ def group_means(k: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def pooled_scores(segments: list[tuple[int, int, torch.Tensor]], k: torch.Tensor, q_start: int, block: int,
-                  scale: float, row_stride: int = ROW_STRIDE) -> torch.Tensor:
+                  scale: float, row_stride: int = ROW_STRIDE,
+                  means: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """segments: (lo, hi, q [n, H, D]) as the kernel takes them; k [Hkv, >= q_start + n, D] -> [H, B, G] each
     query block's summed estimated attention per group (G: the groups up to the chunk's end), from every
     row_stride-th row of the block (its last row first). One row block at a time: a [H, rows, G] buffer, not
     [H, n, G] (14 heads x 8K rows x 1K groups would be 470 MB). Measured at 8K rows and 64K keys, 14 heads: the
     product into a kept buffer with pre-transposed means took 0.13 s against 0.30 s for a fresh one with
-    transposed means, and the causal mask on the last groups only 1/200 of the whole-buffer fill (0.14 s)."""
+    transposed means, and the causal mask on the last groups only 1/200 of the whole-buffer fill (0.14 s).
+    means: group_means(k, q_start + n) when the caller has them (context parallelism); k is then not read."""
     n, h, d = segments[0][2].shape
     hkv = k.shape[0]
     m = q_start + n
-    means, log_size = group_means(k, m)
+    means, log_size = group_means(k, m) if means is None else means
     means_t = (means * scale).transpose(1, 2).contiguous()  # [Hkv, D, G]: the scale folded in once
     log_size = log_size.to(k.device)
     g_total = means.shape[1]

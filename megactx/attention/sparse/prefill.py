@@ -6,20 +6,33 @@ The keys of the rows are already in the cache, so the plan and the kernel read e
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from megactx.attention.sparse.batched import batched_sparse_attention
+from megactx.attention.sparse.batched import batched_sparse_attention, clip_plan
 from megactx.attention.sparse.coarse import coarse_to_fine_scores
 from megactx.attention.sparse.estimate import VerticalSlash, Workspace, estimate_vertical_slash
 from megactx.attention.sparse.kernel import KeySource, sparse_attention
 from megactx.attention.sparse.patterns import SparsePatterns
 from megactx.attention.sparse.plan import MERGE_GAP, Plan, block_sparse_plan, plan_density, vertical_slash_plan
-from megactx.attention.sparse.pooled import pooled_plan, pooled_scores
+from megactx.attention.sparse.pooled import group_means, pooled_plan, pooled_scores
 from megactx.attention.sparse.probe import SparseCall, SparseProbe
 from megactx.config import SparseConfig
 
 DCA_PART_COLUMNS = 8  # evenly spaced columns every DCA part keeps, so that no part is ever empty
+
+
+@dataclass(frozen=True)
+class OwnedKeys:
+    """Context parallelism: this rank holds only some of the keys (its stripes), and its partial result is merged
+    with the other ranks' by log-sum-exp. Every rank plans the same: the pooled estimate reads the keys only
+    through their 64-key group means, and a group lies within one stripe, so the ranks share their groups' means
+    and score them all. Each rank then computes the plan's keys it holds, and of the own blocks its own keys."""
+    share_means: Callable[[torch.Tensor], torch.Tensor]  # [Hkv, G, D]: own groups' means (others unset) -> all
+    clip: Callable  # bounds [R, 2], entry [R] -> the parts this rank holds (batched.clip_plan)
+    own_blocks: Callable  # as kernel.own_blocks, over this rank's keys (-inf where a row sees none)
 
 
 class SparsePrefill:
@@ -42,15 +55,17 @@ class SparsePrefill:
 
     def attend(self, layer: int, segments: list[tuple[int, int, torch.Tensor]],
                estimate_segments: list[tuple[int, int, torch.Tensor]], keys: KeySource, q_start: int,
-               dca_parts: list[tuple[int, int]] = ()) -> tuple[torch.Tensor, torch.Tensor] | None:
+               dca_parts: list[tuple[int, int]] = (),
+               owned: OwnedKeys | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """segments: (lo, hi, q [n, H, D]) the rotated queries for each key range, as the attention uses them;
         estimate_segments: (lo, hi, q_last [r, H, D]) the rotations that score the last r queries (DCA: the
         critical positions). dca_parts: key ranges that must keep a few columns.
         -> out [n, H, D], lse [n, H]; or None when the plan computes more than cfg.max_density of the pairs, where
-        the dense kernel is faster: the caller computes the rows densely."""
+        the dense kernel is faster: the caller computes the rows densely. owned: this rank's part only (context
+        parallelism; the fallback is decided on the whole plan, the same on every rank)."""
         t0 = time.perf_counter()
         n = segments[0][2].shape[0]
-        plan = self.plan(layer, segments, estimate_segments, keys, q_start, n, dca_parts)
+        plan = self.plan(layer, segments, estimate_segments, keys, q_start, n, dca_parts, owned=owned)
         density = plan_density(plan, q_start, n, self.cfg.block_size)
         t1 = time.perf_counter()
         fallback = density > self.cfg.max_density
@@ -59,7 +74,11 @@ class SparsePrefill:
             # a pooled plan is many short ranges: computed in batched calls (batched.py); a vertical-slash plan's
             # wide slash bands are read as views and shared by tiles of blocks (kernel.py)
             kernel = batched_sparse_attention if self.cfg.estimate == "pooled" else sparse_attention
-            result = kernel(segments, keys, plan, q_start, self.cfg.block_size, self.scale)
+            if owned is None:
+                result = kernel(segments, keys, plan, q_start, self.cfg.block_size, self.scale)
+            else:
+                result = kernel(segments, keys, clip_plan(plan, owned.clip), q_start, self.cfg.block_size,
+                                self.scale, own=owned.own_blocks)
         if self.probe is not None:
             self.probe.calls.append(SparseCall(layer, q_start, n, density, fallback, t1 - t0,
                                                time.perf_counter() - t1,
@@ -68,8 +87,9 @@ class SparsePrefill:
         return result
 
     def plan(self, layer: int, segments, estimate_segments, keys: KeySource, q_start: int, n: int,
-             dca_parts, q_pos: torch.Tensor | None = None) -> Plan:
-        """q_pos: positions of the estimating queries (default: the last r, as MInference and the engine)."""
+             dca_parts, q_pos: torch.Tensor | None = None, owned: OwnedKeys | None = None) -> Plan:
+        """q_pos: positions of the estimating queries (default: the last r, as MInference and the engine).
+        owned: context parallelism, where only the pooled estimate and a-shape heads can plan (the engine checks)."""
         patterns = self.patterns[layer]
         h = len(patterns)
         m = q_start + n
@@ -83,11 +103,15 @@ class SparsePrefill:
         k_all = keys.span(0, m)[0] if len(vs_heads) or "block_sparse" in kinds else None
         if len(vs_heads) and self.cfg.estimate == "pooled":
             # every head is scored (a config mixing kinds pays for the others too): [len(vs_heads), B, G]
+            means, log_size = group_means(k_all, m)
+            if owned is not None:
+                means = owned.share_means(means)
             if self.cfg.coarse_refine is not None:
-                score = coarse_to_fine_scores(segments, k_all, q_start, block, self.scale,
-                                              self.cfg.coarse_refine)[vs_heads]
+                score = coarse_to_fine_scores(segments, k_all, q_start, block, self.scale, self.cfg.coarse_refine,
+                                              means=(means, log_size))[vs_heads]
             else:
-                score = pooled_scores(segments, k_all, q_start, block, self.scale)[vs_heads]
+                score = pooled_scores(segments, k_all, q_start, block, self.scale,
+                                      means=(means, log_size))[vs_heads]
             for head, plan in zip(vs_heads.tolist(), pooled_plan(score, q_start, n, block, self.cfg.pooled_cutoff,
                                                                    dca_parts, self.cfg.max_keys)):
                 plans[head] = plan
