@@ -1,11 +1,14 @@
-"""Where a needle is lost: the sparse plans' coverage of the needle, layer by layer, for the question's rows.
+"""Where a needle is lost: the attention on the needle and the sparse plans' coverage of it, layer by layer, for
+the question's rows.
 
 For each needle task sample (RULER's and ours, megactx/eval/ruler_tasks.py) at a length, one greedy run with the
 given settings. The engine's sparse probe (megactx/attention/sparse/probe.py) records every plan; for the query
 block that holds the prompt's last row (the row whose output picks the first answer token), the script reports per
 layer the share of heads whose plan keeps at least half of the needle sentence's tokens (with --sparse-dense-tail
-0: the default tail computes those rows densely, and the row shows the answer only). A dense run has no plans:
-it reports the answer only. Rows are appended to --out as they finish (a rerun skips them).
+0: the default tail computes those rows densely, and the row shows the answer only). A dense run has no plans.
+Every run also records, through the attention probe (megactx/attention/attention_probe.py), the prompt's last row's
+attention mass on the needle's tokens per layer (the heads' mean and the best head), as the engine's attention
+defines it: DCA's parts and temperature included. Rows are appended to --out as they finish (a rerun skips them).
 
   python benchmarks/needle_recall.py --model EVAL.gguf --tasks niah_single_2,niah_similar --lengths 49152 \
       --samples 3 --setting dca-sparse --out benchmarks/results/needle_recall.jsonl
@@ -20,6 +23,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megactx import LLM  # noqa: E402
+from megactx.attention.attention_probe import AttentionProbe  # noqa: E402
 from megactx.attention.sparse.probe import SparseProbe  # noqa: E402
 from megactx.config.hardware import cpu_summary  # noqa: E402
 from megactx.eval.backends import InProcessBackend  # noqa: E402
@@ -71,29 +75,33 @@ def main() -> None:
     ap.add_argument("--dca-original-max-position", type=int, default=None,
                     help="pretend a shorter trained length (a cheap stand-in for DCA far beyond it)")
     ap.add_argument("--sparse-dense-tail", type=int, default=None, help="default: the engine's")
+    ap.add_argument("--dca-temperature", default=None, help="default: the engine's")
     ap.add_argument("--out", default="benchmarks/results/needle_recall.jsonl")
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     done = set()
     if os.path.exists(args.out):
         with open(args.out) as f:
-            done = {(r["task"], r["length"], r["index"], r["setting"], r["dtype"], r.get("dense_tail"))
-                    for r in map(json.loads, f)}
+            done = {(r["task"], r["length"], r["index"], r["setting"], r["dtype"], r.get("dense_tail"),
+                     r.get("dca_temperature")) for r in map(json.loads, f)}
     settings = dict(SETTINGS[args.setting])
     if settings["dca"] and args.dca_original_max_position:
         settings["dca_original_max_position"] = args.dca_original_max_position
+    if settings["dca"] and args.dca_temperature:
+        settings["dca_temperature"] = args.dca_temperature
     if settings["sparse"] and args.sparse_dense_tail is not None:
         settings["sparse_dense_tail"] = args.sparse_dense_tail
     llm = LLM(args.model, max_model_len=max(lengths) + 256, max_num_seqs=1, dtype=args.dtype,
               sparse_threshold=args.sparse_threshold, allow_long_context=not settings["dca"], **settings)
     backend = InProcessBackend(llm)
     tail = llm.engine.config.sparse.dense_tail if settings["sparse"] else None
+    temperature = llm.engine.dca.temperature if llm.engine.dca else None
     sizes: dict = {}
     for length in lengths:
         for name in parse_tasks(args.tasks):
             task = ALL_TASKS[name]
             for index in range(args.samples):
-                if (name, length, index, args.setting, args.dtype, tail) in done:
+                if (name, length, index, args.setting, args.dtype, tail, temperature) in done:
                     continue
                 sample, ids = build_sample(backend, task, length, index, 0, sizes)
                 text = backend._template(sample.text) + sample.answer_prefix
@@ -102,16 +110,23 @@ def main() -> None:
                 positions = sorted({p for n in needles for p in needle_tokens(llm.tokenizer, text, n)})
                 probe = SparseProbe(record_plans=True)
                 llm.engine.observe_sparse(probe)
+                attention = AttentionProbe(positions)
+                llm.engine.observe_attention(attention)
                 answer = backend.generate(ids, task.tokens_to_generate)
                 llm.engine.observe_sparse(None)
+                llm.engine.observe_attention(None)
                 prediction = postprocess(answer.text)
                 row = {"task": name, "length": length, "index": index, "setting": args.setting, "dtype": args.dtype,
                        "dense_tail": tail, "prompt_tokens": len(ids), "score": METRICS[task.metric]([prediction], [sample.outputs]),
                        "prediction": prediction[:200], "outputs": sample.outputs, "ttft_s": round(answer.ttft_s, 1),
                        "needle_tokens": len(positions), "cpu": cpu_summary(),
-                       "dca_original_max_position": args.dca_original_max_position,
+                       "dca_original_max_position": args.dca_original_max_position, "dca_temperature": temperature,
+                       "needle_mass": [round(x, 4) for x in attention.per_layer()],
+                       "needle_mass_best_head": [round(float(attention.mass[la].max()), 4)
+                                                 for la in sorted(attention.mass)],
                        "plan_coverage": plan_coverage(probe, len(ids), positions) if positions else {}}
-                print(json.dumps({k: row[k] for k in ("task", "length", "index", "setting", "score", "prediction")}))
+                print(json.dumps({k: row[k] for k in ("task", "length", "index", "setting", "dca_temperature", "score",
+                                                      "prediction", "needle_mass")}))
                 with open(args.out, "a") as f:
                     f.write(json.dumps(row) + "\n")
 

@@ -42,3 +42,23 @@ def test_merging_bf16_parts_accumulates_in_fp32():
     ref_out, ref_lse = merge_attention([o.float() for o in outs], lses)
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
     assert torch.equal(out, ref_out.bfloat16()) and torch.equal(lse, ref_lse)
+
+
+def test_attention_probe_gives_transformers_attention_weights(tiny_dir):
+    """The probe's last prompt row, per layer: the softmax transformers' eager attention returns."""
+    from transformers import AutoModelForCausalLM
+    from megactx.attention.attention_probe import AttentionProbe
+    from helpers import engine_logits, make_engine, token_ids
+    path = tiny_dir("qwen2")
+    ids = token_ids(40)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        weights = model(torch.tensor([ids]), output_attentions=True).attentions  # layers x [1, H, T, T]
+    engine = make_engine(path, chunk=16)  # the row's step reads the earlier keys from the cache
+    probe = AttentionProbe(positions=[0, 5, 6], keep_probs=True)
+    engine.observe_attention(probe)
+    engine_logits(engine, ids)
+    assert len(probe.probs) == len(weights)
+    for layer, w in enumerate(weights):
+        torch.testing.assert_close(probe.probs[layer], w[0, :, -1], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(probe.mass[layer], w[0, :, -1, [0, 5, 6]].sum(-1), atol=1e-5, rtol=1e-4)

@@ -24,15 +24,16 @@ def _rotary(theta=10000.0):
     return RotaryEmbedding(cfg, torch.device("cpu"))
 
 
-def _run_backend(q, k, v, cfg, rotary, splits):
+def _run_backend(q, k, v, cfg, rotary, splits, probe=None):
     """Feed one sequence through the backend in chunks of the given sizes, as the model runner does."""
     t = q.shape[0]
     cache = KVCacheTensors(1, HKV, D, t + 8, torch.float32, torch.device("cpu"))
     backend = DualChunkAttentionBackend(H, HKV, D, cache, cfg, rotary)
+    backend.attention_probe = probe
     outs, c = [], 0
     for n in splits:
         pos = torch.arange(c, c + n)
-        meta = AttentionMetadata([SeqAttention(0, n, c, slice(0, c + n))], slice(c, c + n))
+        meta = AttentionMetadata([SeqAttention(0, n, c, slice(0, c + n), prompt_len=t)], slice(c, c + n))
         key_pos = backend.begin_step(meta, pos, torch.full((n,), c + n))
         k_rot = apply_rotary(k[c:c + n], *rotary.cos_sin(key_pos))
         outs.append(backend(0, q[c:c + n], k_rot, v[c:c + n]))
@@ -146,3 +147,18 @@ def test_generate_beyond_trained_length_needs_dca(tiny_dir):
     out = llm.generate(token_ids(trained + 100, seed=4), SamplingParams(max_tokens=5, ignore_eos=True))[0]
     assert len(out.token_ids) == 5
     LLM(path, max_model_len=trained * 2, allow_long_context=True)  # the ablation switch
+
+
+@pytest.mark.parametrize("row", [149, 75, 30])
+def test_attention_probe_gives_the_reference_probabilities(row):
+    """The probe's row over every key: the softmax the reference writes out (three parts, temperature)."""
+    from megactx.attention.attention_probe import AttentionProbe
+    cfg = DCAConfig(chunk_size=40, local_size=8, original_max_position=20, temperature="position")
+    rotary = _rotary()
+    q, k, v = _qkv(150)
+    q_scale = temperature_scale(torch.arange(150), torch.full((150,), 150), cfg)
+    _, probs = reference_dual_chunk_attention(q, k, v, rotary, cfg, D ** -0.5, q_scale, return_probs=True)
+    probe = AttentionProbe(positions=[3, 4, 5], row=row, keep_probs=True)
+    _run_backend(q, k, v, cfg, rotary, [64, 50, 36], probe)
+    torch.testing.assert_close(probe.probs[0], probs[:, row, :row + 1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(probe.mass[0], probs[:, row, 3:6].sum(-1), atol=1e-5, rtol=1e-4)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megactx.attention.attention_probe import AttentionProbe
 from megactx.attention.context_parallel import ContextParallel
 from megactx.attention.dense import attention
 from megactx.attention.kv_quant import SCALE_DTYPE, num_groups, quantize
@@ -96,6 +97,7 @@ class DenseAttentionBackend:
         self.scale = head_dim ** -0.5
         self.cache, self.sparse, self.cp = cache, sparse, cp
         self.meta: AttentionMetadata | None = None
+        self.attention_probe: AttentionProbe | None = None  # attention_probe.py, one process only
 
     def begin_step(self, meta: AttentionMetadata, positions: torch.Tensor, totals: torch.Tensor) -> torch.Tensor:
         """Once per engine step, before the layers: the step's sequences; positions [T] of the new tokens, totals
@@ -122,6 +124,8 @@ class DenseAttentionBackend:
             return self.call_context_parallel(layer, q, k, v)
         meta = self.meta
         self.cache.write(layer, meta.slot_mapping, k, v)
+        if self.attention_probe is not None:
+            self.probe_rows(layer, [q])
         outs = []
         for s in meta.seqs:
             rows = slice(s.q_start, s.q_start + s.num_new)
@@ -189,6 +193,26 @@ class DenseAttentionBackend:
 
     def keys(self, layer: int, s: SeqAttention, dtype: torch.dtype) -> KeySource:
         return self.cache.source(layer, s.key_slots, dtype)
+
+    # ---- the attention probe (attention_probe.py) ---------------------------------------------------------
+    def probe_rows(self, layer: int, queries: list[torch.Tensor]) -> None:
+        """queries: the step's, as row_probabilities takes them [T, H, D]: the probe's row, if this step has it."""
+        probe = self.attention_probe
+        for s in self.meta.seqs:
+            p = probe.row_of(s.prompt_len)
+            if s.num_computed <= p < s.num_computed + s.num_new:
+                i = s.q_start + p - s.num_computed
+                probe.add(layer, self.row_probabilities(layer, s, [x[i] for x in queries], p))
+
+    def row_probabilities(self, layer: int, s: SeqAttention, queries: list[torch.Tensor], p: int) -> torch.Tensor:
+        """The row at position p (queries: [H, D]) over every key at or before it -> probabilities [H, p + 1]."""
+        k, _ = self.cache.read(layer, _prefix(s.key_slots, p + 1), torch.float32)
+        return self.row_scores(queries[0], k).softmax(-1)
+
+    def row_scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        # q: [H, D], k: [Hkv, m, D] -> [H, m] fp32, scaled
+        rep = q.shape[0] // k.shape[0]
+        return torch.einsum("hd,hmd->hm", q.float(), k.float().repeat_interleave(rep, 0)) * self.scale
 
     # ---- context parallelism -----------------------------------------------------------------------------
     def call_context_parallel(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -78,6 +78,8 @@ class DualChunkAttentionBackend(DenseAttentionBackend):
         meta = self.meta
         self.cache.write(layer, meta.slot_mapping, k, v)
         *queries, q = self.step_queries(q)  # 3 x [T, H, D] and the unrotated queries, temperature applied
+        if self.attention_probe is not None:
+            self.probe_rows(layer, queries)
         outs = []
         for s in meta.seqs:
             rows = slice(s.q_start, s.q_start + s.num_new)
@@ -144,6 +146,16 @@ class DualChunkAttentionBackend(DenseAttentionBackend):
                  for q, (lo, hi) in zip(queries, ((cur, b), (prev, cur), (0, prev))) if hi > lo]
         return merge_attention([p[0] for p in parts], [p[1] for p in parts], out_dtype=torch.float32)
 
+    def row_probabilities(self, layer: int, s: SeqAttention, queries: list[torch.Tensor], p: int) -> torch.Tensor:
+        """The row at position p over every key at or before it, each DCA part scored with its rotation (queries:
+        intra, successive, inter, [H, D] each), one softmax -> [H, p + 1]."""
+        L = self.cfg.chunk_len
+        cur = (p // L) * L
+        prev = max(cur - L, 0)
+        k, _ = self.cache.read(layer, _range(s.key_slots, 0, p + 1), torch.float32)
+        parts = ((0, prev, queries[2]), (prev, cur, queries[1]), (cur, p + 1, queries[0]))  # in key order
+        return torch.cat([self.row_scores(q, k[:, lo:hi]) for lo, hi, q in parts], -1).softmax(-1)
+
     def attend_piece(self, layer: int, s: SeqAttention, a: int, b: int, queries: list[torch.Tensor],
                      k_own: torch.Tensor, v_own: torch.Tensor) -> torch.Tensor:
         return self.attend_piece_lse(layer, s, a, b, queries, k_own, v_own)[0]
@@ -204,9 +216,9 @@ def _range(slots: torch.Tensor | slice, lo: int, hi: int) -> torch.Tensor | slic
 
 def reference_dual_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary, cfg: DCAConfig,
                                    scale: float, q_scale: torch.Tensor | None = None,
-                                   mask: torch.Tensor | None = None) -> torch.Tensor:
+                                   mask: torch.Tensor | None = None, return_probs: bool = False):
     """The oracle: one sequence, all positions 0..T-1, every score written out.
-    q: [T, H, D], k, v: [T, Hkv, D], none rotated -> [T, H, D]. Scores of each (query, key) pair come from the
+    q: [T, H, D], k, v: [T, Hkv, D], none rotated -> [T, H, D] (and the probabilities [H, T, T] with return_probs). Scores of each (query, key) pair come from the
     part the key falls in, then one softmax per row."""
     t, h, d = q.shape
     hkv = k.shape[1]
@@ -230,4 +242,5 @@ def reference_dual_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     if mask is not None:  # [H, T, T] bool: sparse prefill's oracle, only these pairs
         s = s.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(s, dim=-1)
-    return torch.einsum("hqk,khd->qhd", probs, vr).to(q.dtype)
+    out = torch.einsum("hqk,khd->qhd", probs, vr).to(q.dtype)
+    return (out, probs) if return_probs else out

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megactx.attention.attention_probe import AttentionProbe
 from megactx.attention.context_parallel import ContextParallel, stripe_size
 from megactx.attention.kv_quant import SCALE_DTYPE, num_groups
 from megactx.attention.sparse.patterns import check_context_parallel, resolve_sparse
@@ -233,6 +234,14 @@ class LLMEngine:
         for s in req.seqs if req else []:
             if not s.is_finished:
                 self.scheduler.finish(s, "abort")
+
+    def observe_attention(self, probe: AttentionProbe | None) -> None:
+        """Record where one row's attention goes (megactx/attention/attention_probe.py), None to stop. The
+        retrieval studies' hook; one process only."""
+        if probe is not None and self.config.parallel.world_size > 1:
+            raise ConfigError("the attention probe observes one process; run without --tensor-parallel-size and "
+                              "--context-parallel-size")
+        self.runner.backend.attention_probe = probe
 
     def observe_sparse(self, probe: SparseProbe | None) -> None:
         """Record what sparse prefill does into `probe` (megactx/attention/sparse/probe.py), None to stop: the
