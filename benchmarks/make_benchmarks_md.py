@@ -11,6 +11,7 @@ import textwrap
 
 from md_headline import headline
 from md_parallel import parallel_section, sizing_table
+from md_retrieval import retrieval_grid
 from md_sparse import END_TO_END, sparse_section
 from sparse_gaps import SPARSE_GAPS
 
@@ -351,7 +352,7 @@ def main() -> None:
     with open(os.path.join(HERE, "STUDIES.md"), "w") as f:
         f.write("\n".join(readable(lines)) + "\n")
     with open(os.path.join(ROOT, "BENCHMARKS.md"), "w") as f:
-        f.write("\n".join(readable(headline() + [""] + sizing_table())).rstrip() + "\n")
+        f.write("\n".join(readable(headline() + [""] + retrieval_grid() + sizing_table())).rstrip() + "\n")
 
 
 # result keys (folder and file names) -> headings in words

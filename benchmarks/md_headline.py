@@ -142,6 +142,17 @@ def _parallel_rows() -> list[str]:
     return rows
 
 
+def _decode_attention_row() -> list[str]:
+    """benchmarks/decode_attention.py: one decode row over 1M keys, GQA packed against the kernel's per-head GQA."""
+    if not os.path.exists(os.path.join(RESULTS, "decode_attention.json")):
+        return []
+    t = _load("decode_attention.json")
+    r = next(r for r in t["rows"] if r["dtype"] == "bfloat16" and r["keys"] == max(x["keys"] for x in t["rows"]))
+    return [f"| Decode attention over {r['keys'] // 1048576}M cached keys, one layer | **{r['speedup']}x** faster "
+            f"({r['packed_ms']:.0f} ms against {r['per_head_ms']:.0f} ms) | query heads packed per KV head, bf16 "
+            f"| {_cpu(t['cpu'])} |"]
+
+
 def headline() -> list[str]:
     s128, s64 = _sparse_row(131072), _sparse_row(65536)
     dense64, sparse64 = _ttft_pair(65536)
@@ -190,6 +201,7 @@ def headline() -> list[str]:
         *_grammar_row(),
         *_clients_row(),
         *_parallel_rows(),
+        *_decode_attention_row(),
         f"| RULER-11 at 4K | {ruler['avg']:.1f} (of 100), {ruler['samples']} samples a task | in range, fp32 | not recorded |",
         "",
         "## What each area measures", "",

@@ -1,0 +1,47 @@
+"""BENCHMARKS.md part for retrieval beyond the trained length on more than the passkey prompt: RULER's needle tasks
+and ours, task x length x setting, from the `megactx eval ruler` folders named in SETTINGS (the same samples in
+each: a sample is generated from the seed, task, length and index only)."""
+from __future__ import annotations
+
+import os
+
+from megactx.eval.results import read_rows
+from megactx.eval.ruler_tasks import ALL_TASKS
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# folder -> the setting's name and its flags
+SETTINGS = {
+    "ruler_eval_dca_dense_bf16": ("dense DCA", "--dca --no-sparse --dtype bf16"),
+    "ruler_eval_dca_sparse_bf16": ("DCA + sparse", "--dca --dtype bf16 (pooled estimate, the default)"),
+}
+TRAINED = 32768  # the evaluation model's context: a 32K prompt is in range, DCA is plain RoPE there
+
+
+def retrieval_grid() -> list[str]:
+    runs = {folder: read_rows(os.path.join(RESULTS, folder, "ruler.jsonl")) for folder in SETTINGS}
+    runs = {folder: rows for folder, rows in runs.items() if rows}
+    if not runs:
+        return []
+    rows = [r for rs in runs.values() for r in rs]
+    tasks = [t for t in ALL_TASKS if any(r["task"] == t for r in rows)]
+    lengths = sorted({r["length"] for r in rows})
+    cpu = sorted({r.get("cpu", "not recorded") for r in rows})
+    columns = [(folder, length) for length in lengths for folder in runs
+               if any(r["length"] == length for r in runs[folder])]
+    out = ["## Retrieval beyond the trained length, beyond the passkey", "",
+           "`megactx eval ruler --model EVAL --tasks T --lengths L --samples N --out DIR` with the settings below, "
+           "the same samples in every column; a cell is correct samples / samples (RULER's string match, every "
+           f"value for multi-value tasks). {TRAINED // 1024}K is in range (DCA is plain RoPE there and the prompt "
+           f"is below the sparse threshold, so both settings are the same model). A reduced grid: "
+           f"{len(tasks)} tasks, {len(lengths)} lengths. CPU: {'; '.join(cpu)}.", "",
+           "| task | haystack | " + " | ".join(f"{length // 1024}K {SETTINGS[f][0]}" for f, length in columns) + " |",
+           "|---|---|" + "---:|" * len(columns)]
+    for task in tasks:
+        cells = []
+        for folder, length in columns:
+            scores = [r["score"] for r in runs[folder] if r["task"] == task and r["length"] == length]
+            cells.append(f"{sum(s >= 100 for s in scores)}/{len(scores)}" if scores else "")
+        out.append(f"| {task} | {ALL_TASKS[task].haystack} | " + " | ".join(cells) + " |")
+    out += ["", "Settings: " + "; ".join(f"{name}: `{flags}`" for name, flags in
+                                         (SETTINGS[f] for f in runs)) + ".", ""]
+    return out
