@@ -243,6 +243,12 @@ class LLMEngine:
                               "--context-parallel-size")
         self.runner.backend.attention_probe = probe
 
+    @property
+    def sparse_probe(self) -> SparseProbe | None:
+        """The probe observe_sparse installed, if any."""
+        sparse = self.runner.backend.sparse
+        return sparse.probe if sparse is not None else None
+
     def observe_sparse(self, probe: SparseProbe | None) -> None:
         """Record what sparse prefill does into `probe` (megactx/attention/sparse/probe.py), None to stop: the
         engine's one hook for benchmarks and tests. Off by default; without sparse prefill it records nothing."""

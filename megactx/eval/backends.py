@@ -12,7 +12,7 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from megactx.errors import MegactxError
@@ -26,6 +26,7 @@ class Answer:
     ttft_s: float  # from submitting the prompt to the first generated text
     prompt_tokens: int
     prefill_tok_s: float
+    stats: dict = field(default_factory=dict)  # in-process: what sparse prefill did (SparseProbe.summary), peak RSS
 
 
 Progress = Callable[[int, int], None]  # on_prefill(prompt tokens ready, prompt tokens) while a prompt is computed
@@ -65,16 +66,30 @@ class InProcessBackend:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
     def generate(self, prompt_ids: list[int], max_tokens: int, on_prefill: Progress | None = None) -> Answer:
+        import resource
+        from megactx.attention.sparse.probe import SparseProbe
         from megactx.sampling import SamplingParams
         start = time.perf_counter()
 
         def step(outputs):
             if on_prefill and outputs:
                 on_prefill(outputs[0].metrics.get("prefill_done", 0), len(prompt_ids))
-        out = self.llm.generate(prompt_ids, SamplingParams(temperature=0.0, max_tokens=max_tokens), on_step=step)[0]
+        # the engine's documented probe: this prompt's density and estimate time (a caller's own probe, e.g.
+        # benchmarks/needle_recall.py's, keeps recording: the summary then covers its calls so far)
+        outer = self.llm.engine.sparse_probe
+        probe = outer or SparseProbe()
+        self.llm.engine.observe_sparse(probe)
+        try:
+            out = self.llm.generate(prompt_ids, SamplingParams(temperature=0.0, max_tokens=max_tokens),
+                                    on_step=step)[0]
+        finally:
+            self.llm.engine.observe_sparse(outer)
         m = out.metrics
         ttft = (m["first_token_time"] - m["arrival"]) if m.get("first_token_time") else time.perf_counter() - start
-        return Answer(out.text, ttft, len(prompt_ids), len(prompt_ids) / max(ttft, 1e-9))
+        # ru_maxrss: the process's high-water mark so far (KiB on Linux), this prompt's or an earlier one's
+        stats = {**(probe.summary() if probe.calls else {}),
+                 "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+        return Answer(out.text, ttft, len(prompt_ids), len(prompt_ids) / max(ttft, 1e-9), stats)
 
 
 class ServerBackend:

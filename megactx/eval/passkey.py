@@ -92,7 +92,8 @@ def run_cell(backend: Backend, cell: Cell, seed: int, guess: dict[int, int],
     logger.info("passkey length %d depth %d trial %d: %s (%d prompt tokens, TTFT %.1f s)", cell.length,
                 cell.depth, cell.trial, "ok" if correct else "wrong", len(ids), answer.ttft_s)
     return {"length": cell.length, "depth": cell.depth, "trial": cell.trial, "key": key, "answer": answer.text,
-            "correct": correct, "substring": found, "prompt_tokens": len(ids), "ttft_s": round(answer.ttft_s, 3)}
+            "correct": correct, "substring": found, "prompt_tokens": len(ids), "ttft_s": round(answer.ttft_s, 3),
+            **answer.stats}
 
 
 def summarize(rows: list[dict]) -> list[dict]:

@@ -77,7 +77,8 @@ def run_ruler(backend: Backend, tasks: list[str], lengths: list[int], samples: i
                     logger.info("ruler %s length %d sample %d: %.0f", name, length, index, score)
                     log.add({"task": name, "length": length, "index": index, "haystack": task.haystack,
                              "prompt_tokens": len(ids), "prediction": prediction, "outputs": sample.outputs,
-                             "score": score, "ttft_s": round(answer.ttft_s, 3), **backend.machine})
+                             "score": score, "ttft_s": round(answer.ttft_s, 3), **backend.machine,
+                             **answer.stats})
     return log.rows
 
 

@@ -77,6 +77,16 @@ class SparseProbe:
         """The plans' densities in call order; computed: 1.0 where the call fell back to dense."""
         return [1.0 if computed and c.fallback else c.density for c in self.calls if c.layer == layer]
 
+    def summary(self) -> dict:
+        """What a whole prefill's sparse calls did: the share of the causal (query, key) pairs they computed
+        (fallbacks counted whole; pair-weighted over calls), and the seconds spent estimating and attending."""
+        pairs = [c.rows * c.q_start + c.rows * (c.rows + 1) / 2 for c in self.calls]
+        computed = sum(p * (1.0 if c.fallback else c.density) for p, c in zip(pairs, self.calls))
+        estimate, attention = sum(c.estimate_s for c in self.calls), sum(c.attention_s for c in self.calls)
+        return {"sparse_density": round(computed / sum(pairs), 4) if pairs else None,
+                "estimate_s": round(estimate, 2), "sparse_attention_s": round(attention, 2),
+                "fallbacks": sum(c.fallback for c in self.calls)}
+
     def recall(self, layer: int) -> torch.Tensor | None:
         """[H] mean recall over the compared rows of this layer, or None when it was not compared."""
         sums = [(c.recall_sum, c.rows) for c in self.calls if c.layer == layer and c.recall_sum is not None]
