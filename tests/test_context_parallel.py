@@ -57,9 +57,9 @@ def test_two_ranks_give_the_logits_and_tokens_of_one_process(tiny_dir, arch, set
 
 
 @pytest.mark.parametrize("settings,length", [
-    (SPARSE, 400), ({**SPARSE, **DCA}, 400), ({**SPARSE, "sparse_max_keys": 64}, 400),
+    (SPARSE, 400), ({**SPARSE, **DCA}, 400),
     ({**SPARSE, **DCA, "dca_chunk_size": 512, "dca_local_size": 32, "max_model_len": 1400, "sparse_coarse_refine": 1,
-      "max_num_batched_tokens": 256}, 1300)])
+      "max_num_batched_tokens": 256, "sparse_max_keys": 256}, 1300)])
 def test_sparse_prefill_over_two_ranks_plans_and_computes_as_one_process(tiny_dir, settings, length):
     """The ranks share their key groups' means, so each plans what one process plans and computes the planned keys
     it holds: the logits of one process's sparse prefill, which differ from dense attention's."""
