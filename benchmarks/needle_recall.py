@@ -105,12 +105,14 @@ def main() -> None:
                     continue
                 sample, ids = build_sample(backend, task, length, index, 0, sizes)
                 text = backend._template(sample.text) + sample.answer_prefix
-                needles = [part for line in text.split("\n") for part in line.split(". ")  # the answer's needles
-                           if part.startswith(NEEDLE.split("{")[0]) and any(v in part for v in sample.outputs)]
+                every = [part for line in text.split("\n") for part in line.split(". ")
+                         if part.startswith(NEEDLE.split("{")[0])]
+                needles = [n for n in every if any(v in n for v in sample.outputs)]  # the answer's needles
                 positions = sorted({p for n in needles for p in needle_tokens(llm.tokenizer, text, n)})
+                others = [(n, needle_tokens(llm.tokenizer, text, n)) for n in every if n not in needles]
                 probe = SparseProbe(record_plans=True)
                 llm.engine.observe_sparse(probe)
-                attention = AttentionProbe(positions)
+                attention = AttentionProbe(positions, keep_probs=bool(others))
                 llm.engine.observe_attention(attention)
                 answer = backend.generate(ids, task.tokens_to_generate)
                 llm.engine.observe_sparse(None)
@@ -124,6 +126,11 @@ def main() -> None:
                        "needle_mass": [round(x, 4) for x in attention.per_layer()],
                        "needle_mass_best_head": [round(float(attention.mass[la].max()), 4)
                                                  for la in sorted(attention.mass)],
+                       # the other needles (distractors: other keys' values), each: its first token and mass by layer
+                       "other_needles": [{"position": pos[0], "text": n[:80],
+                                          "mass": [round(float(attention.probs[la][:, pos].sum(-1).mean()), 4)
+                                                   for la in sorted(attention.probs)]}
+                                         for n, pos in others if pos],
                        "plan_coverage": plan_coverage(probe, len(ids), positions) if positions else {}}
                 print(json.dumps({k: row[k] for k in ("task", "length", "index", "setting", "dca_temperature", "score",
                                                       "prediction", "needle_mass")}))
