@@ -33,7 +33,8 @@ def retrieval_grid() -> list[str]:
            "the same samples in every column; a cell is correct samples / samples (RULER's string match, every "
            f"value for multi-value tasks). {TRAINED // 1024}K is in range (DCA is plain RoPE there and the prompt "
            f"is below the sparse threshold, so both settings are the same model). A reduced grid: "
-           f"{len(tasks)} tasks, {len(lengths)} lengths. CPU: {'; '.join(cpu)}.", "",
+           f"{len(tasks)} task{'s' * (len(tasks) > 1)}, {len(lengths)} length{'s' * (len(lengths) > 1)}. "
+           f"CPU: {'; '.join(cpu)}.", "",
            "| task | haystack | " + " | ".join(f"{length // 1024}K {SETTINGS[f][0]}" for f, length in columns) + " |",
            "|---|---|" + "---:|" * len(columns)]
     for task in tasks:
@@ -44,4 +45,10 @@ def retrieval_grid() -> list[str]:
         out.append(f"| {task} | {ALL_TASKS[task].haystack} | " + " | ".join(cells) + " |")
     out += ["", "Settings: " + "; ".join(f"{name}: `{flags}`" for name, flags in
                                          (SETTINGS[f] for f in runs)) + ".", ""]
+    misses = [(folder, r) for folder, rs in runs.items() for r in rs if r["score"] < 100]
+    if misses:
+        out += ["Missed samples (the answer given, the answer expected):", ""]
+        out += [f"- {r['task']} #{r['index']} at {r['length'] // 1024}K, {SETTINGS[folder][0]}: "
+                f"`{r['prediction'].strip(' :.')[:40]}` for `{', '.join(r['outputs'])[:40]}`" for folder, r in misses]
+        out.append("")
     return out
