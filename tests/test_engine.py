@@ -75,12 +75,12 @@ def test_kv_dtype_auto_halves_the_cache_only_when_fp32_would_not_fit(qwen_path, 
     """auto: the compute dtype, unless one max_model_len sequence's fp32 keys and values would take more than half
     the available memory (a million tokens on a 24 GB machine): then bf16, with a warning that says why."""
     from megactx.config import EngineConfig
-    from megactx.engine import llm_engine
+    from megactx.engine import kv_sizing, llm_engine
 
     def engine(max_model_len, **kw):
         return llm_engine.LLMEngine(EngineConfig.from_kwargs(qwen_path, dtype="fp32", max_model_len=max_model_len, **kw))
     per_token = 2 * 2 * 2 * 16 * 4  # layers x (k, v) x kv heads x head dim x fp32 bytes of the tiny model
-    monkeypatch.setattr(llm_engine, "available_memory", lambda: 2 * per_token * 256 + 1)
+    monkeypatch.setattr(kv_sizing, "available_memory", lambda: 2 * per_token * 256 + 1)
     caplog.set_level("WARNING", logger="megactx")
     assert engine(256).runner.kv_dtype == torch.float32 and not caplog.records
     assert engine(512).runner.kv_dtype == torch.bfloat16 and "bf16" in caplog.records[0].getMessage()

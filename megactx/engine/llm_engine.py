@@ -14,11 +14,10 @@ import torch
 
 from megactx.attention.attention_probe import AttentionProbe
 from megactx.attention.context_parallel import ContextParallel, stripe_size
-from megactx.attention.kv_quant import SCALE_DTYPE, num_groups
 from megactx.attention.sparse.patterns import check_context_parallel, resolve_sparse
 from megactx.attention.sparse.pooled import GROUP
 from megactx.attention.sparse.probe import SparseProbe
-from megactx.config import EngineConfig, ceil_div, log_fmt_bytes, parse_dtype
+from megactx.config import EngineConfig, ceil_div, log_fmt_bytes
 from megactx.config.hardware import resolve_compute_dtype
 from megactx.engine.cache_salt import cache_salt
 from megactx.engine.detokenizer import IncrementalDetokenizer
@@ -26,6 +25,7 @@ from megactx.engine.disk_cache import DiskKVCache
 from megactx.engine.distributed import MirroredRunner, serve_steps, start_group
 from megactx.engine.guided import Guide
 from megactx.engine.kv_cache import BlockAllocator
+from megactx.engine.kv_sizing import kv_cache_budget, kv_cache_dtype
 from megactx.engine.model_runner import ModelRunner
 from megactx.engine.prompt_logprobs import score_prompt_tokens
 from megactx.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
@@ -38,7 +38,6 @@ from megactx.outputs import CompletionOutput, RequestOutput, Usage
 from megactx.sampling import SampledToken, SamplingParams, sample
 
 logger = logging.getLogger(__name__)
-DEFAULT_KV_BUDGET = 4 * 2**30
 LOGIT_ROWS = 1024  # iter_logits yields at most this many rows of logits at a time
 
 
@@ -59,37 +58,6 @@ def derived_max_len(config) -> int:
     if "original_max_position_embeddings" in rs:
         return max(config.max_position_embeddings, int(rs["original_max_position_embeddings"] * rs["factor"]))
     return int(config.max_position_embeddings * rs["factor"])
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to new allocations (Linux: MemAvailable), None where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def kv_cache_dtype(name: str, compute: torch.dtype, model_config, max_model_len: int) -> torch.dtype:
-    """auto: the compute dtype, unless one max_model_len sequence's keys and values in it would take more than half
-    the available memory; then bf16 (half of fp32's bytes; the 0.5B evaluation model at 1M tokens: 12.3 GB instead
-    of 24.6), logged with the reason."""
-    if name == "int8":
-        return torch.int8
-    chosen = parse_dtype(name)
-    if chosen is not None:
-        return chosen
-    need = model_config.kv_bytes_per_token(torch.finfo(compute).bits // 8) * max_model_len
-    free = available_memory()
-    if compute == torch.float32 and free is not None and need > free // 2:
-        logger.warning("KV cache dtype auto: bf16, since %s of fp32 keys and values for max_model_len %d would take "
-                       "more than half of the %s available (--kv-cache-dtype fp32 keeps fp32)",
-                       log_fmt_bytes(need), max_model_len, log_fmt_bytes(free))
-        return torch.bfloat16
-    return compute
 
 
 class LLMEngine:
@@ -138,18 +106,7 @@ class LLMEngine:
         if self.sparse is not None and self.max_model_len > self.sparse.threshold:
             logger.info("Sparse prefill: %s", self.sparse.describe())
         dtype = kv_cache_dtype(cc.kv_cache_dtype, compute, mc, self.max_model_len)
-        scales = SCALE_DTYPE.itemsize * num_groups(mc.head_dim) if dtype == torch.int8 else 0
-        per_token = mc.kv_bytes_per_token(dtype.itemsize, scales)
-        need = per_token * ceil_div(self.max_model_len, cc.block_size) * cc.block_size
-        if cc.kv_cache_memory is None:
-            budget = max(need, min(DEFAULT_KV_BUDGET, need * min(sc.max_num_seqs, 4)))
-        else:
-            budget = cc.kv_cache_memory
-            if budget < need:
-                raise ConfigError(
-                    f"KV cache memory {log_fmt_bytes(budget)} holds {budget // per_token} tokens, fewer than "
-                    f"max_model_len {self.max_model_len} ({log_fmt_bytes(need)}); raise --kv-cache-memory or "
-                    f"lower --max-model-len")
+        per_token, budget = kv_cache_budget(cc, sc, mc, dtype, self.max_model_len)
         num_blocks = budget // (per_token * cc.block_size)
         logger.info("KV cache: %d blocks of %d tokens (%s, %s)", num_blocks, cc.block_size,
                     log_fmt_bytes(num_blocks * cc.block_size * per_token), dtype)
