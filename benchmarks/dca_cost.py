@@ -74,7 +74,8 @@ def report(args, lengths, rows, suffix: str, extra: dict | None = None) -> None:
 def attention_only(args) -> None:
     import torch
     from megactx.attention.backend import AttentionMetadata, DenseAttentionBackend, KVCacheTensors, SeqAttention
-    from megactx.attention.dca import DualChunkAttentionBackend, resolve_dca
+    from megactx.attention.dca import DualChunkAttentionBackend
+    from megactx.config import DCAConfig
     from megactx.layers.rotary import RotaryEmbedding, apply_rotary
     from megactx.loader import open_model
     torch.set_num_threads(args.threads)
@@ -82,7 +83,7 @@ def attention_only(args) -> None:
     h, hkv, d = mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim
     cpu = torch.device("cpu")
     rotary = RotaryEmbedding(mc, cpu)
-    dca = resolve_dca(mc, True)
+    dca = DCAConfig(enabled=True).resolve(mc)
     lengths = [int(x) for x in args.lengths.split(",")]
     rows = []
     for n in lengths:
@@ -90,19 +91,19 @@ def attention_only(args) -> None:
         gen = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(total, heads, d, generator=gen) for heads in (h, hkv, hkv))
         for mode in ("dense", "dca"):
+            cache = KVCacheTensors(1, hkv, d, total, torch.float32, cpu)
             if mode == "dca":
-                backend = DualChunkAttentionBackend(h, hkv, d, dca, rotary)
+                backend = DualChunkAttentionBackend(h, hkv, d, cache, dca, rotary)
             else:
-                backend = DenseAttentionBackend(h, hkv, d)
-            backend.cache = KVCacheTensors(1, hkv, d, total, torch.float32, cpu)
+                backend = DenseAttentionBackend(h, hkv, d, cache)
 
             def step(c: int, m: int) -> None:
                 # rows [c, c + m) as one engine step of one sequence, rotary embedding included
                 pos = torch.arange(c, c + m)
-                backend.meta = AttentionMetadata([SeqAttention(0, m, c, slice(0, c + m))], slice(c, c + m))
+                meta = AttentionMetadata([SeqAttention(0, m, c, slice(0, c + m))], slice(c, c + m))
+                key_pos = backend.begin_step(meta, pos, torch.full((m,), c + m))
                 if mode == "dca":
-                    backend.prepare_step(pos, torch.full((m,), c + m))
-                    k_rot = apply_rotary(k[c:c + m], *rotary.cos_sin(backend.key_positions(pos)))
+                    k_rot = apply_rotary(k[c:c + m], *rotary.cos_sin(key_pos))
                     backend(0, q[c:c + m], k_rot, v[c:c + m])
                 else:
                     cos, sin = rotary.cos_sin(pos)

@@ -12,6 +12,7 @@ import textwrap
 from md_headline import headline
 from md_parallel import parallel_section, sizing_table
 from md_retrieval import retrieval_grid
+from md_scaling import scaling_section
 from md_sparse import END_TO_END, sparse_section
 from sparse_gaps import SPARSE_GAPS
 
@@ -352,7 +353,7 @@ def main() -> None:
     with open(os.path.join(HERE, "STUDIES.md"), "w") as f:
         f.write("\n".join(readable(lines)) + "\n")
     with open(os.path.join(ROOT, "BENCHMARKS.md"), "w") as f:
-        f.write("\n".join(readable(headline() + [""] + retrieval_grid() + sizing_table())).rstrip() + "\n")
+        f.write("\n".join(readable(headline() + [""] + scaling_section() + retrieval_grid() + sizing_table())).rstrip() + "\n")
 
 
 # result keys (folder and file names) -> headings in words

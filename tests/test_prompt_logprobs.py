@@ -22,7 +22,10 @@ def test_prompt_logprobs_equal_transformers(tiny_dir, chunk):
     for p in range(1, len(ids)):
         e, row = got[p], want[p - 1]
         assert e.token_id == ids[p] and e.logprob == pytest.approx(float(row[ids[p]]), abs=1e-4)
-        assert e.rank == int((row > row[ids[p]]).sum()) + 1
+        # rank: 1 + the tokens scored higher; a random model's tail holds near-ties that chunked and whole-prompt
+        # fp32 sums may order either way, so ties within 1e-5 may count on either side
+        x = row[ids[p]]
+        assert int((row > x + 1e-5).sum()) + 1 <= e.rank <= int((row > x - 1e-5).sum()) + 1
         assert [i for i, _ in e.top_logprobs] == torch.topk(row, 3).indices.tolist()
 
 
