@@ -46,6 +46,20 @@ def test_pooled_scores_are_the_row_by_row_definition(small_groups, q_start, n, b
     torch.testing.assert_close(fast.sum(-1), torch.tensor(rows, dtype=torch.float32).expand(4, -1))  # a softmax a row
 
 
+def test_a_bf16_cache_is_estimated_in_place_as_its_fp32_copy(small_groups):
+    """The engine hands the estimate a bf16 cache as it is (summed in fp32, no fp32 copy of every key): the group
+    means, and the pooled and coarse-to-fine scores from them, are those of the same keys converted first."""
+    from megactx.attention.sparse import coarse
+    k = torch.randn(2, 301, 16).to(torch.bfloat16)[:, :297]  # a slice of a cache, as KeySource.keys(raw=True) gives
+    for m in (296, 297):  # whole groups, and a last partial one
+        for got, want in zip(pooled.group_means(k, m), pooled.group_means(k.float(), m)):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    segments = _segments(97, 4, [0, 120, 200, 297])
+    torch.testing.assert_close(pooled_scores(segments, k, 200, 32, 0.25), pooled_scores(segments, k.float(), 200, 32, 0.25))
+    torch.testing.assert_close(coarse.coarse_to_fine_scores(segments, k, 200, 32, 0.25, 2),
+                               coarse.coarse_to_fine_scores(segments, k.float(), 200, 32, 0.25, 2))
+
+
 @pytest.mark.parametrize("cutoff", [0.2, 0.5, 0.8, 0.95, 1.0])
 @pytest.mark.parametrize("q_start,parts", [(96, []), (133, [(40, 90), (0, 40)])])
 def test_pooled_plan_is_its_definition_and_keeps_sinks_local_and_part_groups(small_groups, cutoff, q_start, parts):

@@ -99,9 +99,12 @@ class SparsePrefill:
         kinds = [p.kind for p in patterns]
         plans: list = [None] * h
         vs_heads = torch.tensor([i for i, kind in enumerate(kinds) if kind == "vertical_and_slash"], dtype=torch.long)
-        # [Hkv, m, D]: a view of a contiguous cache, a gather of a paged one: read once for both patterns
-        k_all = keys.span(0, m)[0] if len(vs_heads) or "block_sparse" in kinds else None
-        if len(vs_heads) and self.cfg.estimate == "pooled":
+        pooled_heads = len(vs_heads) and self.cfg.estimate == "pooled"
+        # [Hkv, m, D]: a view of a contiguous cache, a gather of a paged one: read once for both patterns; the
+        # pooled estimate reads it only through the group means, summed from the cache's own dtype
+        k_all = keys.keys(0, m, raw=pooled_heads and "block_sparse" not in kinds) \
+            if len(vs_heads) or "block_sparse" in kinds else None
+        if pooled_heads:
             # every head is scored (a config mixing kinds pays for the others too): [len(vs_heads), B, G]
             means, log_size = group_means(k_all, m)
             if owned is not None:
