@@ -13,6 +13,10 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SETTINGS = {
     "ruler_eval_dca_dense_bf16": ("dense DCA", "--dca --no-sparse --dtype bf16"),
     "ruler_eval_dca_sparse_bf16": ("DCA + sparse", "--dca --dtype bf16 (pooled estimate, the default)"),
+    "ruler_eval_dca_sparse_fp32_temp_position": ("DCA + sparse fp32", "--dca --dca-temperature position, fp32 "
+                                                                       "(--dtype auto on an AVX2 CPU)"),
+    "ruler_eval_dca_sparse_fp32_temp_none": ("DCA + sparse fp32, no temperature", "--dca --dca-temperature none, "
+                                                                                  "fp32"),
 }
 TRAINED = 32768  # the evaluation model's context: a 32K prompt is in range, DCA is plain RoPE there
 

@@ -5,8 +5,10 @@ One attention layer of the model's shape runs the engine's Dual Chunk Attention 
 chunk of rows [m - chunk, m) of a prompt longer than m, for each m in --lengths: the layer's cache holds m random
 keys and values (in --kv-dtype, as a long prompt's bf16 cache does), the chunk's queries are random. Random keys
 spread the estimate's mass evenly, so every query block's plan fills its --max-keys budget: the cost measured is
-the budget's worst case. Sparse prefill's own probe (SparsePrefill.observe) splits each chunk into estimate and
-kernel seconds and gives the plans' density. Dense DCA on the same chunk is timed up to --dense-up-to keys (its cost
+the budget's worst case. Each timed chunk runs right after the one before it, as within a prompt, so the group sums
+sparse prefill keeps for a sequence cover the keys before it; the "re-reading" column times the estimate of the same
+chunk without them (no sequence id), summing every key's group again. Sparse prefill's own probe
+(SparsePrefill.observe) splits each chunk into estimate and kernel seconds and gives the plans' density. Dense DCA on the same chunk is timed up to --dense-up-to keys (its cost
 per chunk is linear in m, so beyond that it is extrapolated from the last measured point and marked so).
 
 A whole prompt's attention is the sum of its chunks' costs: with the per-chunk seconds interpolated linearly between
@@ -42,26 +44,32 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def chunk_seconds(backend: DualChunkAttentionBackend, m: int, chunk: int, shape: tuple[int, int, int],
-                  sparse: bool, repeats: int, dtype: torch.dtype) -> tuple[float, dict]:
-    """Best of `repeats`: one chunk of rows [m - chunk, m) of a prompt of m + chunk tokens, one layer."""
+                  sparse: bool, repeats: int, dtype: torch.dtype, seq_id: int = 0) -> tuple[float, dict]:
+    """Best of `repeats`: one chunk of rows [m - chunk, m) of a prompt of m + chunk tokens, one layer, each time
+    right after the chunk before it (untimed), as within a prompt: sparse prefill keeps what it carries from one
+    chunk of a sequence to the next (the estimate's group sums). seq_id -1: no sequence, nothing carried over."""
     h, hkv, d = shape
     gen = torch.Generator().manual_seed(m)
     q, k, v = (torch.randn(chunk, n, d, generator=gen).to(dtype) for n in (h, hkv, hkv))
-    c = m - chunk
-    pos = torch.arange(c, m)
-    meta = AttentionMetadata([SeqAttention(0, chunk, c, slice(0, m), sparse=sparse, prompt_len=m + chunk)],
-                             slice(c, m))
+
+    def step(c: int) -> None:
+        meta = AttentionMetadata([SeqAttention(0, chunk, c, slice(0, c + chunk), sparse=sparse,
+                                               prompt_len=m + chunk, seq_id=seq_id)], slice(c, c + chunk))
+        backend.begin_step(meta, torch.arange(c, c + chunk), torch.full((chunk,), m + chunk))
+        backend(0, q, k, v)
+
     best, stats = float("inf"), {}
     for _ in range(repeats):
+        if sparse:
+            step(m - 2 * chunk)
         probe = SparseProbe(dense_layers=set())
         backend.sparse.observe(probe)
-        backend.begin_step(meta, pos, torch.full((chunk,), m + chunk))
         start = time.perf_counter()
-        backend(0, q, k, v)
+        step(m - chunk)
         took = time.perf_counter() - start
+        backend.sparse.observe(None)
         if took < best:
             best, stats = took, probe.summary()
-    backend.sparse.observe(None)
     return best, stats
 
 
@@ -102,8 +110,8 @@ def main() -> None:
     sparse = resolve_sparse(SparseConfig(estimate="pooled", max_keys=args.max_keys,
                                          coarse_refine=args.coarse_refine), None, dtype_name)
     rows = []
-    print(f"{'keys':>8}  {'estimate s':>10}  {'kernel s':>8}  {'chunk s':>7}  {'density':>7}  {'dense DCA s':>11}",
-          flush=True)
+    print(f"{'keys':>8}  {'estimate s':>10}  {'re-reading':>10}  {'kernel s':>8}  {'chunk s':>7}  {'density':>7}  "
+          f"{'dense DCA s':>11}", flush=True)
     for m in lengths:
         cache = KVCacheTensors(1, shape[1], shape[2], m, kv_dtype, torch.device("cpu"))
         gen = torch.Generator().manual_seed(0)
@@ -114,14 +122,16 @@ def main() -> None:
         prefill = SparsePrefill(*sparse, 1, shape[0], shape[2] ** -0.5)
         backend = DualChunkAttentionBackend(*shape, cache, dca, RotaryEmbedding(mc, torch.device("cpu")), prefill)
         sparse_s, stats = chunk_seconds(backend, m, args.chunk, shape, True, args.repeats, dtype)
+        _, fresh = chunk_seconds(backend, m, args.chunk, shape, True, args.repeats, dtype, seq_id=-1)
         row = {"keys": m, "chunk_s": round(sparse_s, 3), "estimate_s": stats["estimate_s"],
+               "estimate_rereading_s": fresh["estimate_s"],
                "kernel_s": stats["sparse_attention_s"], "density": stats["sparse_density"],
                "fallbacks": stats["fallbacks"]}
         if m <= args.dense_up_to:
             row["dense_chunk_s"] = round(chunk_seconds(backend, m, args.chunk, shape, False, 1, dtype)[0], 3)
         rows.append(row)
         dense = row.get("dense_chunk_s")
-        print(f"{m:8d}  {row['estimate_s']:10.3f}  {row['kernel_s']:8.3f}  {sparse_s:7.3f}  {row['density']:7.4f}  "
+        print(f"{m:8d}  {row['estimate_s']:10.3f}  {row['estimate_rereading_s']:10.3f}  {row['kernel_s']:8.3f}  {sparse_s:7.3f}  {row['density']:7.4f}  "
               f"{'-' if dense is None else f'{dense:.2f}':>11}", flush=True)
         del cache, backend
     depths = [r["keys"] for r in rows]

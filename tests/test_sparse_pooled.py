@@ -46,6 +46,36 @@ def test_pooled_scores_are_the_row_by_row_definition(small_groups, q_start, n, b
     torch.testing.assert_close(fast.sum(-1), torch.tensor(rows, dtype=torch.float32).expand(4, -1))  # a softmax a row
 
 
+def test_group_sums_kept_per_sequence_equal_fresh_ones(small_groups, tiny_dir):
+    """Each chunk of a long prompt sums only its own 64-key groups, the earlier ones kept per layer and sequence:
+    always the sums of every whole group; another sequence, or the same one computed again from an earlier
+    position (after preemption, with other keys there), starts over."""
+    from megactx.attention.sparse.prefill import SparsePrefill
+    cfg, patterns = resolve_sparse(SparseConfig(estimate="pooled"), None)
+    prefill = SparsePrefill(cfg, patterns, 1, 4, 0.25)
+    k = torch.randn(2, 400, 16)
+    for q_start, m in [(0, 70), (70, 150), (150, 151), (151, 300)]:  # pieces of one sequence
+        torch.testing.assert_close(prefill.whole_group_sums(0, 7, k, q_start, m), pooled.group_sums(k, 0, m // 8))
+    assert prefill.kept_sums[0][1].shape[1] == 300 // 8
+    other = torch.randn(2, 400, 16)
+    torch.testing.assert_close(prefill.whole_group_sums(0, 8, other, 300, 340), pooled.group_sums(other, 0, 340 // 8))
+    prefill.whole_group_sums(0, 7, k, 0, 300)
+    torch.testing.assert_close(prefill.whole_group_sums(0, 7, other, 100, 200), pooled.group_sums(other, 0, 200 // 8))
+    assert 0 not in SparsePrefill(cfg, patterns, 1, 4, 0.25).kept_sums  # nothing kept without a sequence id
+    # in the engine: a second prompt on the same engine gets the logits of a fresh engine
+    from megactx.config import EngineConfig
+    from megactx.engine.llm_engine import LLMEngine
+    path = tiny_dir("qwen2")
+
+    def engine():
+        return LLMEngine(EngineConfig.from_kwargs(path, dtype="fp32", max_num_batched_tokens=96, sparse_threshold=0,
+                                                  sparse_estimate="pooled", sparse_mass=0.3, sparse_block_size=32,
+                                                  sparse_max_density=1.0, sparse_dense_tail=0))
+    used = engine()
+    engine_logits(used, token_ids(300, seed=1))
+    torch.testing.assert_close(engine_logits(used, token_ids(300, seed=2)), engine_logits(engine(), token_ids(300, seed=2)))
+
+
 def test_a_bf16_cache_is_estimated_in_place_as_its_fp32_copy(small_groups):
     """The engine hands the estimate a bf16 cache as it is (summed in fp32, no fp32 copy of every key): the group
     means, and the pooled and coarse-to-fine scores from them, are those of the same keys converted first."""

@@ -32,6 +32,7 @@ class SeqAttention:
     key_slots: torch.Tensor | slice  # cache slots of positions [0, c + n): a slice when contiguous
     sparse: bool = False  # a prefill chunk of a prompt long enough for sparse prefill
     prompt_len: int = 0  # the sequence's prompt tokens (sparse prefill keeps the prompt's last rows dense)
+    seq_id: int = -1  # the engine's sequence id (-1: none; sparse prefill then keeps nothing across chunks)
 
 
 @dataclass(slots=True)
@@ -159,7 +160,7 @@ class DenseAttentionBackend:
         and timed as well. Context parallelism: over this rank's keys (fp32 out), the plan the same on every rank."""
         keys = self.keys(layer, s, queries[0].dtype)
         owned = self.owned_keys(layer, s) if self.cp is not None else None
-        result = self.sparse.attend(layer, segments, estimate, keys, a, dca_parts, owned)
+        result = self.sparse.attend(layer, segments, estimate, keys, a, dca_parts, owned, seq_id=s.seq_id)
         probe = self.sparse.probe
         if result is None:
             t0 = time.perf_counter()

@@ -80,12 +80,13 @@ class ChunkInput:
     block_table: list[int]  # the KV blocks of positions [0, start + len(token_ids))
     num_prompt_tokens: int
     completes: bool  # the chunk reaches the end of the sequence: its last row's logits are wanted
+    seq_id: int = -1  # the sequence's id: what sparse prefill keeps across its chunks is kept per sequence
 
     @classmethod
     def of(cls, ch: ScheduledChunk, block_size: int) -> "ChunkInput":
         seq, c, n = ch.seq, ch.seq.num_computed_tokens, ch.num_tokens
         return cls(seq.token_ids[c:c + n], c, seq.block_table[:-(-(c + n) // block_size)], seq.num_prompt_tokens,
-                   ch.completes)
+                   ch.completes, seq.seq_id)
 
 
 class ModelRunner:
@@ -156,7 +157,7 @@ class ModelRunner:
                 slot_parts.append(key_slots[c:].cpu())
             sparse = self.backend.sparse is not None and c < ch.num_prompt_tokens and \
                 self.backend.sparse.applies(ch.num_prompt_tokens, n)
-            seqs.append(SeqAttention(row, n, c, key_slots, sparse, ch.num_prompt_tokens))
+            seqs.append(SeqAttention(row, n, c, key_slots, sparse, ch.num_prompt_tokens, ch.seq_id))
             row += n
             if ch.completes:
                 last_rows.append(row - 1)

@@ -35,12 +35,20 @@ GROUP = 64  # keys per pooled group: MInference's block-sparse key blocks, and t
 ROW_STRIDE = 4
 
 
-def group_means(k: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+def group_sums(k: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """k [Hkv, >= hi x GROUP, D] (any float dtype) -> the fp32 key sums of whole groups lo..hi-1 [Hkv, hi - lo, D],
+    without an fp32 copy of a bf16 k (0.5 GB at 1M keys of the 0.5B model)."""
+    hkv, _, d = k.shape
+    return k[:, lo * GROUP:hi * GROUP].reshape(hkv, hi - lo, GROUP, d).sum(2, dtype=torch.float32)
+
+
+def group_means(k: torch.Tensor, m: int, sums: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """k [Hkv, >= m, D] (any float dtype) -> mean key of each group of the first m keys [Hkv, G, D] (fp32) and log
-    of its size [G]. Sums in fp32 without an fp32 copy of a bf16 k (0.5 GB at 1M keys of the 0.5B model)."""
+    of its size [G]. sums: group_sums of the m // GROUP whole groups when the caller kept them (SparsePrefill, from
+    chunk to chunk of one sequence); k is then read only for a last, partial group."""
     hkv, _, d = k.shape
     full = m // GROUP
-    sums = [k[:, :full * GROUP].reshape(hkv, full, GROUP, d).sum(2, dtype=torch.float32)]
+    sums = [group_sums(k, 0, full) if sums is None else sums]
     size = [torch.full((full,), float(GROUP))]
     if m > full * GROUP:  # a last, partial group
         sums.append(k[:, full * GROUP:m].sum(1, keepdim=True, dtype=torch.float32))
