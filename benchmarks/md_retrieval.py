@@ -15,6 +15,7 @@ SETTINGS = {
     "ruler_eval_dca_sparse_bf16": ("DCA + sparse", "--dca --dtype bf16 (pooled estimate, the default)"),
     "ruler_eval_dca_sparse_fp32_temp_position": ("DCA + sparse fp32", "--dca --dca-temperature position, fp32 "
                                                                        "(--dtype auto on an AVX2 CPU)"),
+    "ruler_eval_dca_sparse_fp32_mass0.8": ("DCA + sparse fp32, cut-off 0.8", "--dca --sparse-mass 0.8, fp32"),
     "ruler_eval_dca_sparse_fp32_mass0.9": ("DCA + sparse fp32, cut-off 0.9", "--dca --sparse-mass 0.9, fp32"),
     "ruler_eval_dca_sparse_fp32_temp_none": ("DCA + sparse fp32, no temperature", "--dca --dca-temperature none, "
                                                                                   "fp32"),
@@ -25,8 +26,8 @@ CAUSES = [
     "temperature on and the right one with it off (`benchmarks/needle_recall.py --dca-temperature position|none`: "
     "in layer 16 the chosen needle takes 0.176 of the last row's attention against the answer's 0.123, and 0.130 "
     "against 0.140 without the temperature). DCA + sparse corrupts one digit of the right value in fp32 and bf16, "
-    "with either temperature, and answers right at cut-off 0.9 (plan density 0.26 against 0.11): the default "
-    "plans leave out keys that the sample needs.",
+    "with either temperature, still at cut-off 0.8 (plan density 0.16), and answers right at cut-off 0.9 (0.26, "
+    "against 0.11 at the default 0.7): the default plans leave out keys that the sample needs.",
 ]
 TRAINED = 32768  # the evaluation model's context: a 32K prompt is in range, DCA is plain RoPE there
 
