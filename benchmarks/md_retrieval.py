@@ -13,11 +13,11 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SETTINGS = {
     "ruler_eval_dca_dense_bf16": ("dense DCA", "--dca --no-sparse --dtype bf16"),
     "ruler_eval_dca_sparse_bf16": ("DCA + sparse", "--dca --dtype bf16 (pooled estimate, the default)"),
-    "ruler_eval_dca_sparse_fp32_temp_position": ("DCA + sparse fp32", "--dca --dca-temperature position, fp32 "
+    "ruler_eval_dca_sparse_fp32_temp_position": ("sparse fp32", "--dca --dca-temperature position, fp32 "
                                                                        "(--dtype auto on an AVX2 CPU)"),
-    "ruler_eval_dca_sparse_fp32_mass0.8": ("DCA + sparse fp32, cut-off 0.8", "--dca --sparse-mass 0.8, fp32"),
-    "ruler_eval_dca_sparse_fp32_mass0.9": ("DCA + sparse fp32, cut-off 0.9", "--dca --sparse-mass 0.9, fp32"),
-    "ruler_eval_dca_sparse_fp32_temp_none": ("DCA + sparse fp32, no temperature", "--dca --dca-temperature none, "
+    "ruler_eval_dca_sparse_fp32_mass0.8": ("sparse fp32 0.8", "--dca --sparse-mass 0.8, fp32"),
+    "ruler_eval_dca_sparse_fp32_mass0.9": ("sparse fp32 0.9", "--dca --sparse-mass 0.9, fp32"),
+    "ruler_eval_dca_sparse_fp32_temp_none": ("sparse fp32 no temp.", "--dca --dca-temperature none, "
                                                                                   "fp32"),
 }
 # what the misses were traced to so far (benchmarks/needle_recall.py and the columns above)

@@ -8,8 +8,9 @@ spread the estimate's mass evenly, so every query block's plan fills its --max-k
 the budget's worst case. Each timed chunk runs right after the one before it, as within a prompt, so the group sums
 sparse prefill keeps for a sequence cover the keys before it; the "re-reading" column times the estimate of the same
 chunk without them (no sequence id), summing every key's group again. Sparse prefill's own probe
-(SparsePrefill.observe) splits each chunk into estimate and kernel seconds and gives the plans' density. Dense DCA on the same chunk is timed up to --dense-up-to keys (its cost
-per chunk is linear in m, so beyond that it is extrapolated from the last measured point and marked so).
+(SparsePrefill.observe) splits each chunk into estimate and kernel seconds and gives the plans' density. Dense DCA
+on the same chunk is timed up to --dense-up-to keys (its cost per chunk is linear in m, so beyond that it is
+extrapolated from the last measured point and marked so).
 
 A whole prompt's attention is the sum of its chunks' costs: with the per-chunk seconds interpolated linearly between
 the measured depths (and held at the first depth's value before it, an upper bound), the table's last columns are
@@ -131,8 +132,8 @@ def main() -> None:
             row["dense_chunk_s"] = round(chunk_seconds(backend, m, args.chunk, shape, False, 1, dtype)[0], 3)
         rows.append(row)
         dense = row.get("dense_chunk_s")
-        print(f"{m:8d}  {row['estimate_s']:10.3f}  {row['estimate_rereading_s']:10.3f}  {row['kernel_s']:8.3f}  {sparse_s:7.3f}  {row['density']:7.4f}  "
-              f"{'-' if dense is None else f'{dense:.2f}':>11}", flush=True)
+        print(f"{m:8d}  {row['estimate_s']:10.3f}  {row['estimate_rereading_s']:10.3f}  {row['kernel_s']:8.3f}  "
+              f"{sparse_s:7.3f}  {row['density']:7.4f}  {'-' if dense is None else f'{dense:.2f}':>11}", flush=True)
         del cache, backend
     depths = [r["keys"] for r in rows]
     sparse_line = [r["chunk_s"] for r in rows]

@@ -18,7 +18,7 @@ from megactx.attention.sparse.kernel import KeySource, sparse_attention
 from megactx.attention.sparse.patterns import SparsePatterns
 from megactx.attention.sparse.plan import MERGE_GAP, Plan, block_sparse_plan, plan_density, vertical_slash_plan
 from megactx.attention.sparse import pooled
-from megactx.attention.sparse.pooled import group_means, group_sums, pooled_plan, pooled_scores
+from megactx.attention.sparse.pooled import group_means, pooled_plan, pooled_scores
 from megactx.attention.sparse.probe import SparseCall, SparseProbe
 from megactx.config import SparseConfig
 
@@ -98,12 +98,12 @@ class SparsePrefill:
         """k [Hkv, >= m, D] the sequence's keys -> group_sums of its m // GROUP whole groups, summing only those
         that the sums kept for this sequence lack. Kept sums are used only while they end at or before q_start:
         a sequence computed again from an earlier position (after preemption) starts over."""
-        kept = self.kept_sums.get(layer)
-        have = kept[1] if seq_id >= 0 and kept is not None and kept[0] == seq_id and \
-            kept[1].shape[1] * pooled.GROUP <= q_start else None
-        start = 0 if have is None else have.shape[1]
-        new = group_sums(k, start, m // pooled.GROUP)
-        sums = new if have is None else torch.cat([have, new], 1)
+        kept_id, kept = self.kept_sums.get(layer, (-1, None))
+        if seq_id < 0 or kept_id != seq_id or kept.shape[1] * pooled.GROUP > q_start:
+            kept = None  # another sequence, or this one computed again from an earlier position
+        start = 0 if kept is None else kept.shape[1]
+        new = pooled.group_sums(k, start, m // pooled.GROUP)
+        sums = new if kept is None else torch.cat([kept, new], 1)
         if seq_id >= 0:
             self.kept_sums[layer] = (seq_id, sums)
         return sums
