@@ -13,6 +13,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SETTINGS = {
     "ruler_eval_dca_dense_bf16": ("dense DCA", "--dca --no-sparse --dtype bf16"),
     "ruler_eval_dca_sparse_bf16": ("DCA + sparse", "--dca --dtype bf16 (pooled estimate, the default)"),
+    "ruler_eval_dca_dense_fp32": ("dense fp32", "--dca --no-sparse, fp32 (--dtype auto on an AVX2 CPU)"),
     "ruler_eval_dca_sparse_fp32_temp_position": ("sparse fp32", "--dca --dca-temperature position, fp32 "
                                                                        "(--dtype auto on an AVX2 CPU)"),
     "ruler_eval_dca_sparse_fp32_mass0.8": ("sparse fp32 0.8", "--dca --sparse-mass 0.8, fp32"),
@@ -22,12 +23,17 @@ SETTINGS = {
 }
 # what the misses were traced to so far (benchmarks/needle_recall.py and the columns above)
 CAUSES = [
-    "Where multikey_1 #0 at 48K is lost, two causes. Dense DCA answers another needle's value with the DCA "
-    "temperature on and the right one with it off (`benchmarks/needle_recall.py --dca-temperature position|none`: "
-    "in layer 16 the chosen needle takes 0.176 of the last row's attention against the answer's 0.123, and 0.130 "
-    "against 0.140 without the temperature). DCA + sparse corrupts one digit of the right value in fp32 and bf16, "
-    "with either temperature, still at cut-off 0.8 (plan density 0.16), and answers right at cut-off 0.9 (0.26, "
-    "against 0.11 at the default 0.7): the default plans leave out keys that the sample needs.",
+    "Multikey_1 #0 at 48K is lost by DCA itself, in both dtypes, not by the sparse plans. Dense DCA answers another "
+    "needle's value, 4959446, in fp32 and in bf16: that needle sits 2.5K tokens before the question, inside DCA's "
+    "own chunk at its true distance, while the asked one (24K tokens earlier) is read through the previous chunk. "
+    "In layer 16 it takes 0.176 of the last row's attention against the answer's 0.123 "
+    "(`benchmarks/needle_recall.py`); without the temperature (0.130 against 0.140) dense DCA in bf16 answers "
+    "right: the sample is on an edge. DCA + sparse answers a blend, 4915101 (the other needle's first digit, then "
+    "the asked value), at cut-offs 0.7 and 0.8, and the right value at 0.9. A diagnostic run with cut-off 0.9 "
+    "only for the query blocks within 2K tokens of the asked needle (0.7 elsewhere) still gave the blend; 0.9 "
+    "everywhere but there gave dense DCA's answer, the other needle's value (fp32, one run each). So plans closer "
+    "to dense move the answer to dense DCA's: the right answer at 0.9 is the edge tipping the other way, not "
+    "keys that the default plans drop.",
 ]
 TRAINED = 32768  # the evaluation model's context: a 32K prompt is in range, DCA is plain RoPE there
 
