@@ -42,6 +42,19 @@ def test_niah_singular_rewrite_and_plural_for_multi_value():
     assert ", and " in query.answer_prefix and len(query.outputs) == 4
 
 
+def test_needle_samples_name_the_other_needles_and_a_miss_that_took_one():
+    """A multi-key sample's other needles (and, in multikey_2, every haystack line's) are each in the text with
+    their value; a prediction that holds one of them is a miss that read the wrong needle."""
+    for name, least in [("niah_multikey_1", 3), ("niah_multikey_2", 200)]:
+        s = TASKS[name].generate(200, random.Random(1), 8192)
+        assert len(s.others) >= least and not set(s.others) & set(s.outputs), name
+        assert all(f"is: {v}." in s.text for v in s.others), name
+        wrong = s.others[0]
+        assert ruler.other_needles(f": {wrong}.", s) == [wrong]
+        assert ruler.other_needles(f"{s.outputs[0]}.", s) == []
+    assert TASKS["niah_single_1"].generate(50, random.Random(1), 4096).others == []
+
+
 def test_generators_are_reproducible_from_the_seed():
     assert passkey.make_key(0, 4096, 50, 1) == passkey.make_key(0, 4096, 50, 1)
     assert passkey.make_key(0, 4096, 50, 1) != passkey.make_key(1, 4096, 50, 1)
@@ -146,6 +159,7 @@ def test_ruler_run_scores_and_summarizes(backend, tmp_path):
     for r in rows:
         assert r["score"] == string_match_all([r["prediction"]], [r["outputs"]])
         assert r["dtype"] == backend.llm.engine.compute_dtype and r["cpu"]
+        assert r["other_needles_answered"] == []  # single-needle tasks: no other needle to take
     summary = ruler.summarize(rows, ["niah_single_1", "vt"], [1024])
     assert summary["avg"] == pytest.approx((rows[0]["score"] + rows[1]["score"]) / 2)
     assert "| niah_single_1 | noise |" in ruler.format_table(summary, [1024])

@@ -77,9 +77,15 @@ def run_ruler(backend: Backend, tasks: list[str], lengths: list[int], samples: i
                     logger.info("ruler %s length %d sample %d: %.0f", name, length, index, score)
                     log.add({"task": name, "length": length, "index": index, "haystack": task.haystack,
                              "prompt_tokens": len(ids), "prediction": prediction, "outputs": sample.outputs,
-                             "score": score, "ttft_s": round(answer.ttft_s, 3), **backend.machine,
+                             "score": score, "other_needles_answered": other_needles(prediction, sample),
+                             "ttft_s": round(answer.ttft_s, 3), **backend.machine,
                              **answer.stats})
     return log.rows
+
+
+def other_needles(prediction: str, sample: Sample) -> list[str]:
+    """The values of needles not asked about that the prediction holds: a miss that read the wrong needle."""
+    return [v for v in sample.others if v.lower() in prediction.lower() and v not in sample.outputs]
 
 
 def summarize(rows: list[dict], tasks: list[str], lengths: list[int]) -> dict:

@@ -10,7 +10,7 @@ import random
 import re
 import string
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from megactx.eval.haystacks import HAYSTACKS
@@ -41,6 +41,9 @@ class Sample:
     text: str  # the user turn
     answer_prefix: str  # appended after the assistant header
     outputs: list[str]  # reference strings
+    # needle tasks: the values of the needles not asked about. A wrong answer holding one of them read the wrong
+    # needle (a key confused), rather than losing the text or mangling the value
+    others: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +70,7 @@ def _niah(haystack: str, type_k: str, type_v: str, num_k: int, num_v: int, num_q
     kind_v, type_v = type_v, "words" if type_v == "nouns" else type_v  # the value's kind, the template's name
 
     def generate(size: int, rng: random.Random, length: int) -> Sample:
-        keys, values, needles = [], [], []
+        keys, values, needles, decoys = [], [], [], []
         for _ in range(num_k):
             keys.append(_random_value(type_k, rng))
             values.append([_random_value(kind_v, rng) for _ in range(num_v)])
@@ -86,8 +89,11 @@ def _niah(haystack: str, type_k: str, type_v: str, num_k: int, num_v: int, num_q
             elif haystack in HAYSTACKS:
                 lines = HAYSTACKS[haystack](size, rng)
             else:  # every line a distractor needle
-                lines = [NEEDLE.format(type_needle_v=type_v, key=_random_value(type_k, rng),
-                                       value=_random_value(type_v, rng)) for _ in range(size)]
+                lines = []
+                for _ in range(size):
+                    key = _random_value(type_k, rng)
+                    decoys.append(_random_value(type_v, rng))
+                    lines.append(NEEDLE.format(type_needle_v=type_v, key=key, value=decoys[-1]))
             for needle, depth in zip(reversed(needles), reversed(depths)):
                 lines.insert(int(len(lines) * depth / 100), needle)
             context = "\n".join(lines)
@@ -99,8 +105,9 @@ def _niah(haystack: str, type_k: str, type_v: str, num_k: int, num_v: int, num_q
         if num_q * num_v == 1:  # RULER's rewrite to the singular
             template, prefix = (_singular(s) for s in (template, prefix))
             type_name = type_v[:-1]
+        others = [v for i in range(num_k) if i not in picked for v in values[i]] + decoys
         return Sample(template.format(type_needle_v=type_name, context=context, query=query),
-                      prefix.format(type_needle_v=type_name, query=query), answers)
+                      prefix.format(type_needle_v=type_name, query=query), answers, others)
     return generate
 
 
