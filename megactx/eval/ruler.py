@@ -40,22 +40,19 @@ def sample_rng(seed: int, task: str, length: int, index: int) -> Callable[[], ra
     return lambda: random.Random(f"ruler-{seed}-{task}-{length}-{index}")
 
 
-def _rendered(sample: Sample) -> tuple[str, str]:
-    return sample.text, sample.answer_prefix
-
-
 def build_sample(backend: Backend, task: Task, length: int, index: int, seed: int,
                  sizes: dict[tuple[str, int], int]) -> tuple[Sample, list[int]]:
     rng = sample_rng(seed, task.name, length, index)
     budget = length - task.tokens_to_generate
 
-    def tokens_for(units: int) -> int:
-        return backend.count(*_rendered(task.generate(units, rng(), length)))
+    def tokens_for(units: int, make: Callable[[], random.Random] = rng) -> int:
+        s = task.generate(units, make(), length)
+        return backend.count(s.text, s.answer_prefix)
 
     units = sizes.get((task.name, length))
     if units is None:  # searched on the first sample whichever sample comes first: a resumed run sizes the same
         first = sample_rng(seed, task.name, length, 0)
-        units = largest_fitting(lambda u: backend.count(*_rendered(task.generate(u, first(), length))), budget)
+        units = largest_fitting(lambda u: tokens_for(u, first), budget)
         sizes[(task.name, length)] = units
     while units > 0 and tokens_for(units) > budget:
         units -= 1
