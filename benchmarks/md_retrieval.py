@@ -16,32 +16,50 @@ SETTINGS = {
     "ruler_eval_dca_dense_fp32": ("dense fp32", "--dca --no-sparse, fp32 (--dtype auto on an AVX2 CPU)"),
     "ruler_eval_dca_sparse_fp32_temp_position": ("sparse fp32", "--dca --dca-temperature position, fp32 "
                                                                        "(--dtype auto on an AVX2 CPU)"),
-    "ruler_eval_dca_sparse_fp32_mass0.8": ("sparse fp32 0.8", "--dca --sparse-mass 0.8, fp32"),
-    "ruler_eval_dca_sparse_fp32_mass0.9": ("sparse fp32 0.9", "--dca --sparse-mass 0.9, fp32"),
-    "ruler_eval_dca_sparse_fp32_temp_none": ("sparse fp32 no temp.", "--dca --dca-temperature none, "
-                                                                                  "fp32"),
+    "ruler_eval_dca_sparse_fp32_mass0.8": ("fp32 cut 0.8", "--dca --sparse-mass 0.8, fp32"),
+    "ruler_eval_dca_sparse_fp32_mass0.9": ("fp32 cut 0.9", "--dca --sparse-mass 0.9, fp32"),
+    "ruler_eval_dca_sparse_fp32_temp_none": ("fp32 no temp.", "--dca --dca-temperature none, fp32"),
+    "ruler_eval_dca_sparse_fp32_local16384": ("fp32 local 16K", "--dca --dca-local-size 16384, fp32"),
 }
 # what the misses were traced to so far (benchmarks/needle_recall.py and the columns above)
 CAUSES = [
-    "Multikey_1 #0 at 48K is lost by DCA itself, in both dtypes, not by the sparse plans. Dense DCA answers another "
-    "needle's value, 4959446, in fp32 and in bf16: that needle sits 2.5K tokens before the question, inside DCA's "
-    "own chunk at its true distance, while the asked one (24K tokens earlier) is read through the previous chunk. "
-    "In layer 16 it takes 0.176 of the last row's attention against the answer's 0.123 "
-    "(`benchmarks/needle_recall.py`); without the temperature (0.130 against 0.140) dense DCA in bf16 answers "
-    "right: the sample is on an edge. DCA + sparse answers a blend, 4915101 (the other needle's first digit, then "
-    "the asked value), at cut-offs 0.7 and 0.8, and the right value at 0.9. A diagnostic run with cut-off 0.9 "
-    "only for the query blocks within 2K tokens of the asked needle (0.7 elsewhere) still gave the blend; 0.9 "
-    "everywhere but there gave dense DCA's answer, the other needle's value (fp32, one run each). So plans closer "
-    "to dense move the answer to dense DCA's: the right answer at 0.9 is the edge tipping the other way, not "
-    "keys that the default plans drop.",
-    "Multikey_1 #2 at 48K gets the same wrong value in every setting, dense and sparse, fp32 and bf16: the needle "
-    "at token 26444 instead of the asked one at 42667. The asked needle is the recent one here; under DCA the "
-    "other is read through the previous chunk at an apparent distance of 32768 - 26444 = 6324 tokens, next to the "
-    "asked one's true 6356. On the multi-key task the misses at 48K come from DCA and the model telling the keys "
-    "apart, not from the sparse plans: where both were run, DCA + sparse and dense DCA score the same samples.",
+    "Multikey_1 #0 at 48K is the model's own miss, not DCA's or the plans': cut to 32K with every needle at its true "
+    "distance (table below), plain RoPE and dense attention answer the same wrong value, 4959446, the needle 2.5K "
+    "tokens before the question, over the asked one 25K tokens before it. Dense DCA answers that value too, in fp32 "
+    "and bf16, and with the local size at 16K. DCA + sparse answers a blend, 4915101 (that needle's first digit, "
+    "then the asked value), at cut-offs 0.7 and 0.8, and the right value at 0.9: the sample is on an edge, and "
+    "plans closer to dense move the answer to dense DCA's (a diagnostic with cut-off 0.9 on every query block but "
+    "those within 2K tokens of the asked needle gave dense DCA's answer).",
+    "Multikey_1 #2 at 48K is DCA's miss: the default local size folds two needles together. The asked needle is 6356 "
+    "tokens before the question, in DCA's own chunk; another is 22579 tokens before it, in the previous chunk. With "
+    "local size 2048 the successive chunk's query position is clamped at 32768, so that needle is read at an "
+    "apparent distance of 32768 - 26444 = 6324 tokens, next to the asked one, and every default setting (dense and "
+    "sparse, fp32 and bf16) answers its value. With `--dca-local-size 16384` (half the chunk: the clamp never "
+    "binds, so the nearest 16K tokens are always at their true distances and nearer than anything folded) it is "
+    "read at 22579 and the answer is right.",
 ]
 TOOK_OTHER = " (another needle's value)"  # the row's other_needles_answered
 TRAINED = 32768  # the evaluation model's context: a 32K prompt is in range, DCA is plain RoPE there
+
+
+def in_range_table() -> list[str]:
+    """The missed samples again inside the trained length, each needle at its true distance
+    (benchmarks/needle_in_range.py)."""
+    rows = read_rows(os.path.join(RESULTS, "needle_in_range.jsonl"))
+    if not rows:
+        return []
+    out = ["The same samples inside the trained length (`benchmarks/needle_in_range.py`: the haystack's head cut, "
+           "every needle left at its true distance from the question, plain RoPE, dense):", "",
+           "| sample | asked needle, tokens before the end | the other needles | answer in range | prompt |",
+           "|---|---:|---|---|---:|"]
+    for r in rows:
+        asked = [r["needles"][v][1] for v in r["outputs"]]
+        others = [f"{d[1]}{' (answered)' if v in r['other_needles_answered'] else ''}"
+                  for v, d in r["needles"].items() if v not in r["outputs"] and d[1] is not None]
+        answer = "right" if r["score"] >= 100 else f"`{r['prediction'].strip(' :.')[:20]}`"
+        out.append(f"| {r['task']} #{r['index']} at {r['length'] // 1024}K | {', '.join(map(str, asked))} | "
+                   f"{', '.join(others)} | {answer} | {r['prompt_tokens']} |")
+    return out + [""]
 
 
 def retrieval_grid() -> list[str]:
@@ -72,7 +90,7 @@ def retrieval_grid() -> list[str]:
         out.append(f"| {task} | {ALL_TASKS[task].haystack} | " + " | ".join(cells) + " |")
     out += ["", "Settings: " + "; ".join(f"{name}: `{flags}`" for name, flags in
                                          (SETTINGS[f] for f in runs)) + ".", ""]
-    out += CAUSES + [""]
+    out += CAUSES + [""] + in_range_table()
     misses = [(folder, r) for folder, rs in runs.items() for r in rs if r["score"] < 100]
     if misses:
         out += ["Missed samples (the answer given, the answer expected):", ""]
