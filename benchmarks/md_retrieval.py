@@ -30,7 +30,8 @@ CAUSES = [
     "then the asked value), at cut-offs 0.7 and 0.8, and the right value at 0.9: the sample is on an edge, and "
     "plans closer to dense move the answer to dense DCA's (a diagnostic with cut-off 0.9 on every query block but "
     "those within 2K tokens of the asked needle gave dense DCA's answer).",
-    "Multikey_1 #2 at 48K is DCA's miss: the default local size folds two needles together. The asked needle is 6356 "
+    "Multikey_1 #2 at 48K is DCA's miss: cut to 32K, the trained model answers it right, and with DCA's default "
+    "local size two needles fold together. The asked needle is 6356 "
     "tokens before the question, in DCA's own chunk; another is 22579 tokens before it, in the previous chunk. With "
     "local size 2048 the successive chunk's query position is clamped at 32768, so that needle is read at an "
     "apparent distance of 32768 - 26444 = 6324 tokens, next to the asked one, and every default setting (dense and "
