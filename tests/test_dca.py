@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from megactx.attention.backend import AttentionMetadata, KVCacheTensors, SeqAttention
-from megactx.attention.dca import DualChunkAttentionBackend, reference_dual_chunk_attention, temperature_scale
+from megactx.attention.dca import (DualChunkAttentionBackend, query_positions, reference_dual_chunk_attention,
+                                  temperature_scale)
 from megactx.attention.dense import causal_mask, reference_attention
 from megactx.config import DCAConfig, ModelConfig
 from megactx.errors import ConfigError
@@ -92,6 +93,29 @@ def test_temperature_factor_values():
     f = 0.1 * torch.log(torch.tensor([2.0, 10.0])) + 1
     torch.testing.assert_close(scale, torch.tensor([1.0, 1.0, f[0] ** 2, f[1] ** 2]))
     assert temperature_scale(torch.tensor([5]), torch.tensor([500]), cfg) is None  # all inside the trained length
+
+
+def apparent_distances(p: int, cfg: DCAConfig) -> list[int]:
+    """What DCA shows the query at p for each key k <= p: its part's query position minus the key's p % L."""
+    L = cfg.chunk_len
+    intra, succ, inter = (int(x[0]) for x in query_positions(torch.tensor([p]), cfg))
+    cur = (p // L) * L
+    return [(intra if k >= cur else succ if k >= cur - L else inter) - k % L for k in range(p + 1)]
+
+
+def test_a_half_chunk_local_size_keeps_the_nearest_keys_nearer_than_any_folded_one():
+    """Local size chunk_size / 2: the successive query is never clamped, so the nearest L keys sit at their true
+    distances and every key further back looks at least L away. With the default chunk_size / 16 a key from the
+    previous chunk can look nearer than a key that is truly nearer (two needles 16K tokens apart read as equally
+    near at 48K: BENCHMARKS.md, retrieval)."""
+    half = DCAConfig(chunk_size=40, local_size=20, original_max_position=40, temperature="none")
+    for p in range(200):
+        shown = apparent_distances(p, half)
+        assert all(shown[k] == p - k for k in range(max(0, p - half.chunk_len + 1), p + 1))
+        assert all(shown[k] >= half.chunk_len for k in range(0, max(0, p - half.chunk_len + 1)))
+    default = DCAConfig(chunk_size=40, local_size=40 // 16, original_max_position=40, temperature="none")
+    shown = apparent_distances(70, default)  # L = 38: the previous chunk's last key, 33 back, looks 3 back
+    assert (shown[37], shown[40]) == (3, 30) and shown[37] < shown[40]
 
 
 def test_settings_resolution_and_errors(tiny_dir):
