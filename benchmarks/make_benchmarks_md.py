@@ -94,6 +94,9 @@ PASSKEY_RUNS = {  # what each results folder was run with (the folder name is th
                                   "--max-num-batched-tokens 16384`); at 128K its depth-50 cell ran in "
                                   "`benchmarks/sparse_attention.py --estimate pooled --mass 0.7` (correct); depth 100 ran at the engine's "
                                   "defaults (`--dca` only). Each prompt ran alone on the machine",
+    "eval_dca_sparse_local16384": "DCA and sparse prefill at the defaults except DCA's local size at half the chunk "
+                                  "(`--dca --dca-local-size 16384`, fp32 on an AVX2 CPU): is the setting that fixes "
+                                  "RULER's multikey sample #2 at 48K still right at 128K?",
 }
 
 
@@ -370,6 +373,7 @@ HEADING_WORDS = {
     "eval_dca_sparse_pooled": "DCA, pooled-estimate sparse prefill at cut-off 0.8",
     "eval_dca_sparse_pooled_0.7": "DCA, pooled-estimate sparse prefill at cut-off 0.7 (the default)",
     "eval_dca_sparse_searched": "DCA, sparse prefill on the searched budgets",
+    "eval_dca_sparse_local16384": "DCA with the local size at half the chunk (16384), sparse prefill at the defaults",
 }
 
 

@@ -77,7 +77,8 @@ def test_input_errors_exit_2_with_a_message_naming_the_problem(tmp_path, capsys)
     from megactx.commands import main
     bad = tmp_path / "bad.json"
     bad.write_text('[{"0": ["diagonal", 1, 2, 0]}]')
-    for args, message in [(["eval", "passkey", "--lengths", "4x", "--out", str(tmp_path)], "'4x' is not a number"),
+    for args, message in [(["eval", "passkey", "--lengths", "4x", "--out", str(tmp_path)], "'4x' is not a whole number"),
+                          (["eval", "passkey", "--depths", "0.5", "--out", str(tmp_path)], "e.g. 0,50,100 (percent)"),
                           (["eval", "ruler", "--tasks", "qa_1", "--out", str(tmp_path)], "unknown RULER task 'qa_1'"),
                           (["bench", "ttft", "--compare", "vllm"], "unknown engine 'vllm'"),
                           (["generate", "--sparse-config", str(bad), "hi"], "bad.json: layer 0 head 0: unknown pattern"),

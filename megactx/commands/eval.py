@@ -72,7 +72,7 @@ def cmd_passkey(args) -> int:
     from megactx.eval import passkey
     from megactx.eval.plots import passkey_heatmap
     lengths = parse_int_list(args.lengths, "--lengths")
-    depths = parse_int_list(args.depths, "--depths")
+    depths = parse_int_list(args.depths, "--depths", example="0,50,100 (percent)")
     if args.trials < 1:
         raise MegactxError("--trials must be at least 1")
     if any(d > 100 for d in depths):

@@ -60,8 +60,8 @@ class ResultLog:
             self.on_row(row)
 
 
-def parse_int_list(text: str, what: str) -> list[int]:
-    """'4096,8K,1M' -> [4096, 8192, 1048576]."""
+def parse_int_list(text: str, what: str, example: str = "4096,8K,32K") -> list[int]:
+    """'4096,8K,1M' -> [4096, 8192, 1048576]. `example` is shown in the error for a value that is not a number."""
     values = []
     for item in text.split(","):
         item = item.strip()
@@ -70,7 +70,7 @@ def parse_int_list(text: str, what: str) -> list[int]:
         try:
             values.append(int(number) * scale)
         except ValueError:
-            raise MegactxError(f"{what}: {item!r} is not a number (write e.g. 4096,8K,32K)") from None
+            raise MegactxError(f"{what}: {item!r} is not a whole number (write e.g. {example})") from None
     if not values or any(v < 0 for v in values):
-        raise MegactxError(f"{what}: give one or more non-negative numbers, e.g. 4096,8192")
+        raise MegactxError(f"{what}: give one or more non-negative numbers, e.g. {example}")
     return values
