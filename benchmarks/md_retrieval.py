@@ -42,7 +42,6 @@ CAUSES = [
     "lower in every bucket past it: worst bucket 1.020x the 32K sliding window's, against 1.039x with the default "
     "local size (benchmarks/STUDIES.md). The run took 15:26 against 14:59 (+3 %), peak RSS 5.1 GB against 4.9.",
 ]
-TOOK_OTHER = " (another needle's value)"  # the row's other_needles_answered
 TRAINED = 32768  # the evaluation model's context: a 32K prompt is in range, DCA is plain RoPE there
 
 
@@ -63,6 +62,24 @@ def in_range_table() -> list[str]:
         answer = "right" if r["score"] >= 100 else f"`{r['prediction'].strip(' :.')[:20]}`"
         out.append(f"| {r['task']} #{r['index']} at {r['length'] // 1024}K | {', '.join(map(str, asked))} | "
                    f"{', '.join(others)} | {answer} | {r['prompt_tokens']} |")
+    return out + [""]
+
+
+def per_sample_table(runs: dict[str, list[dict]], task: str, length: int) -> list[str]:
+    """Each sample of a task that some setting missed, across the settings: the before-and-after of a fix on the
+    same samples ("right", or the answer given; "*" marks another needle's value)."""
+    folders = [f for f, rs in runs.items() if any(r["task"] == task and r["length"] == length for r in rs)]
+    cell = {(f, r["index"]): r for f in folders for r in runs[f] if r["task"] == task and r["length"] == length}
+    out = [f"{task} at {length // 1024}K, sample by sample (the answer given where it is wrong; * another needle's "
+           "value):", "",
+           "| sample | " + " | ".join(SETTINGS[f][0] for f in folders) + " |", "|---:|" + "---|" * len(folders)]
+    for index in sorted({i for _, i in cell}):
+        shown = []
+        for f in folders:
+            r = cell.get((f, index))
+            shown.append("" if r is None else "right" if r["score"] >= 100 else
+                         f"`{r['prediction'].strip(' :.')[:12]}`{'*' * bool(r.get('other_needles_answered'))}")
+        out.append(f"| #{index} | " + " | ".join(shown) + " |")
     return out + [""]
 
 
@@ -95,12 +112,6 @@ def retrieval_grid() -> list[str]:
     out += ["", "Settings: " + "; ".join(f"{name}: `{flags}`" for name, flags in
                                          (SETTINGS[f] for f in runs)) + ".", ""]
     out += CAUSES + [""] + in_range_table()
-    misses = [(folder, r) for folder, rs in runs.items() for r in rs if r["score"] < 100]
-    if misses:
-        out += ["Missed samples (the answer given, the answer expected):", ""]
-        out += [f"- {r['task']} #{r['index']} at {r['length'] // 1024}K, {SETTINGS[folder][0]}: "
-                f"`{r['prediction'].strip(' :.')[:40]}` for `{', '.join(r['outputs'])[:40]}`"
-                f"{TOOK_OTHER if r.get('other_needles_answered') else ''}"
-                for folder, r in misses]
-        out.append("")
+    for task, length in sorted({(r["task"], r["length"]) for r in rows if r["score"] < 100}):
+        out += per_sample_table(runs, task, length)
     return out

@@ -29,8 +29,9 @@ class DCAConfig:
     enabled: bool = setting(False, "turn DCA on (on by default for models whose config has "
                                    "dual_chunk_attention_config)", name="dca")
     chunk_size: int | None = setting(None, "query position clamp (default: the trained length)", type=int)
-    local_size: int | None = setting(None, "exact-position window into the previous chunk (default: chunk size / 16)",
-                                     type=int)
+    local_size: int | None = setting(
+        None, "exact-position window into the previous chunk (default: chunk size / 16). Half the chunk size keeps "
+              "the nearest half-chunk of keys at their true distances, nearer than any folded key (README)", type=int)
     original_max_position: int | None = setting(
         None, "trained length used by the attention temperature (default: the trained length)", type=int)
     temperature: str | None = setting(
