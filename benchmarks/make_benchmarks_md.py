@@ -96,7 +96,9 @@ PASSKEY_RUNS = {  # what each results folder was run with (the folder name is th
                                   "defaults (`--dca` only). Each prompt ran alone on the machine",
     "eval_dca_sparse_local16384": "DCA and sparse prefill at the defaults except DCA's local size at half the chunk "
                                   "(`--dca --dca-local-size 16384`, fp32 on an AVX2 CPU): is the setting that fixes "
-                                  "RULER's multikey sample #2 at 48K still right at 128K?",
+                                  "RULER's multikey sample #2 at 48K still right at 128K? Depth 100's prompt shares "
+                                  "its first half with depth 50's, which the prefix cache held: its TTFT is not a "
+                                  "prefill figure",
 }
 
 
