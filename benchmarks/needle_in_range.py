@@ -89,7 +89,9 @@ def main() -> None:
             short = cut_head(backend, sample, trained - task.tokens_to_generate)
             long_at, short_at = needle_distances(backend, sample), needle_distances(backend, short)
             if any(v not in short_at for v in sample.outputs):
-                print(f"{name} #{index}: an asked needle is more than the trained length before the question")
+                far = ", ".join(f"{v} {d} back{' (asked)' * (v in sample.outputs)}" for v, d in long_at.items())
+                print(f"{name} #{index}: an asked needle is more than the trained length before the question "
+                      f"(needles: {far})")
                 continue
             ids = backend.render(short.text, short.answer_prefix)
             answer = backend.generate(ids, task.tokens_to_generate)
