@@ -10,6 +10,19 @@ def run(args, stdin: str) -> subprocess.CompletedProcess:
                           timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
 
 
+def run_here(args, capsys) -> subprocess.CompletedProcess:
+    """The CLI's entry point in this process: for commands that load no model, where a new process would cost
+    seconds of imports and test nothing more (the process boundary is covered by the tests that use `run`)."""
+    from megactx.commands import main
+    capsys.readouterr()
+    try:
+        code = main(args)
+    except SystemExit as e:  # argparse's errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
 def test_chat_two_turns_with_an_attached_file(tmp_path):
     doc = tmp_path / "notes.txt"
     doc.write_text("".join(f"Note {i}: the weather was fine.\n" for i in range(30)) + "The secret city is Paris.\n")
@@ -21,7 +34,7 @@ def test_chat_two_turns_with_an_attached_file(tmp_path):
     assert re.search(r"\(\d+ of \d+ prompt tokens reused from the cache\)", r.stderr)  # the follow-up's prefix
 
 
-def test_cache_warm_ls_rm_and_a_chat_run_again_on_the_warmed_file(tmp_path):
+def test_cache_warm_ls_rm_and_a_chat_run_again_on_the_warmed_file(tmp_path, capsys):
     """`cache warm --file` computes the document as chat sends it; a chat started afterwards (a new process) takes
     the document from disk; ls shows the entry; rm clears it."""
     doc = tmp_path / "report.txt"
@@ -37,15 +50,15 @@ def test_cache_warm_ls_rm_and_a_chat_run_again_on_the_warmed_file(tmp_path):
     reused = int(re.search(r"\((\d+) of \d+ prompt tokens reused from the cache\)", r.stderr).group(1))
     assert reused == warmed * 128  # every warmed block, on the first question of a new process
     assert "tangerine" in r.stdout.lower()
-    r = run(["cache", "ls", "--kv-cache-dir", kv], "")
+    r = run_here(["cache", "ls", "--kv-cache-dir", kv], capsys)
     rows = r.stdout.splitlines()
     assert r.returncode == 0 and len(rows) == 3 and "SmolLM2" in rows[1]
     assert int(rows[1].split()[1]) >= warmed  # chat added its own blocks to the entry
-    r = run(["cache", "rm", "--kv-cache-dir", kv, "0000"], "")
+    r = run_here(["cache", "rm", "--kv-cache-dir", kv, "0000"], capsys)
     assert r.returncode == 2 and "no cache entry 0000" in r.stderr
-    r = run(["cache", "rm", "--kv-cache-dir", kv, rows[1].split()[0]], "")
+    r = run_here(["cache", "rm", "--kv-cache-dir", kv, rows[1].split()[0]], capsys)
     assert r.returncode == 0 and "deleted 1 entry" in r.stdout
-    assert "empty" in run(["cache", "ls", "--kv-cache-dir", kv], "").stdout
+    assert "empty" in run_here(["cache", "ls", "--kv-cache-dir", kv], capsys).stdout
 
 
 def test_chat_missing_attachment_is_a_clear_error(tmp_path):
@@ -73,26 +86,22 @@ def test_bench_ttft_json_rows():
 
 
 def test_input_errors_exit_2_with_a_message_naming_the_problem(tmp_path, capsys):
-    """In-process through the CLI's own entry point (the process boundary is covered by the tests around it)."""
-    from megactx.commands import main
     bad = tmp_path / "bad.json"
     bad.write_text('[{"0": ["diagonal", 1, 2, 0]}]')
-    for args, message in [(["eval", "passkey", "--lengths", "4x", "--out", str(tmp_path)], "'4x' is not a whole number"),
+    for args, message in [(["eval", "passkey", "--lengths", "4x", "--out", str(tmp_path)],
+                           "'4x' is not a whole number"),
                           (["eval", "passkey", "--depths", "0.5", "--out", str(tmp_path)], "e.g. 0,50,100 (percent)"),
                           (["eval", "ruler", "--tasks", "qa_1", "--out", str(tmp_path)], "unknown RULER task 'qa_1'"),
                           (["bench", "ttft", "--compare", "vllm"], "unknown engine 'vllm'"),
-                          (["generate", "--sparse-config", str(bad), "hi"], "bad.json: layer 0 head 0: unknown pattern"),
+                          (["generate", "--sparse-config", str(bad), "hi"],
+                           "bad.json: layer 0 head 0: unknown pattern"),
                           (["bench", "ttft", "--modes", "fast"], "unknown mode 'fast'"),
                           (["bench", "ttft", "--dtypes", "fp8"], "unknown dtype 'fp8'"),
                           (["bench", "ttft", "--sparse-mass", "1.5"], "--sparse-mass 1.5: a share of the attention"),
                           (["generate", "--dca-local-size", "0", "hi"], "--dca-local-size must be >= 1"),
                           (["generate", "--sparse-mass-union", "hi"], "unrecognized arguments: --sparse-mass-union")]:
-        try:
-            code = main(args)
-        except SystemExit as e:  # argparse's errors
-            code = e.code
-        err = capsys.readouterr().err
-        assert code == 2 and message in err and "Traceback" not in err, (args, err)
+        r = run_here(args, capsys)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
 
 
 def test_a_bad_flag_value_is_one_line_naming_the_choices():

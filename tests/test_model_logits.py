@@ -5,7 +5,7 @@ import gguf
 import pytest
 import torch
 
-from conftest import hf_forward, write_gguf
+from conftest import GGUF_VOCAB, hf_forward, write_gguf
 from helpers import engine_logits, make_engine, token_ids
 
 Q = gguf.GGMLQuantizationType
@@ -39,9 +39,9 @@ def test_rope_scaling_matches_transformers(tiny_dir, rope_scaling, max_pos):
 @pytest.mark.parametrize("arch,qtype", [("llama", Q.F32), ("llama", Q.Q8_0), ("llama", Q.Q4_0), ("qwen2", Q.F32),
                                          ("qwen2", Q.F16), ("qwen2", Q.Q5_1)])
 def test_gguf_logits_match_transformers_on_the_same_file(tiny_dir, tmp_path, arch, qtype):
-    src = tiny_dir(arch)
+    src = tiny_dir(arch, vocab_size=GGUF_VOCAB)
     path = write_gguf(str(tmp_path / f"tiny-{arch}-{qtype.name}.gguf"), src, arch, qtype)
-    ids = token_ids(40, seed=2)
+    ids = token_ids(40, seed=2, high=GGUF_VOCAB)
     ref = hf_forward(str(tmp_path), ids, gguf_file=os.path.basename(path))
     got = engine_logits(make_engine(path), ids)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)

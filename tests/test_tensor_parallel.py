@@ -9,7 +9,7 @@ from megactx.attention.sparse.probe import SparseProbe
 from megactx.config import EngineConfig
 from megactx.engine.llm_engine import LLMEngine
 from megactx.errors import ConfigError
-from conftest import write_gguf
+from conftest import GGUF_VOCAB, write_gguf
 from helpers import engine_logits, greedy, token_ids
 
 
@@ -49,8 +49,8 @@ def test_two_ranks_give_the_logits_and_tokens_of_one_process(tiny_dir, arch, set
 
 
 def test_a_gguf_file_loads_shard_by_shard(tiny_dir, tmp_path):
-    path = write_gguf(str(tmp_path / "tiny-qwen2.gguf"), tiny_dir("qwen2"), "qwen2", Q.Q8_0)
-    ids = token_ids(100, seed=4)
+    path = write_gguf(str(tmp_path / "tiny-qwen2.gguf"), tiny_dir("qwen2", vocab_size=GGUF_VOCAB), "qwen2", Q.Q8_0)
+    ids = token_ids(100, seed=4, high=GGUF_VOCAB)
     want = engine_logits(engine(path, 1), ids)
     two = engine(path, 2)
     try:
