@@ -43,11 +43,12 @@ CAUSES = [
     "local size (benchmarks/STUDIES.md). The run took 15:26 against 14:59 (+3 %), peak RSS 5.1 GB against 4.9. "
     "The passkey at 128K is still retrieved with it at depths 0, 50 and 100; 1M is not measured with it yet, so the "
     "default stays.",
-    "Multikey_1 #3 at 48K has no in-range counterpart: the asked needle is 33800 tokens before the question, beyond "
-    "the trained length (`needle_in_range.py` says so and prints the distances). Every setting, the local size at "
-    "16K too, answers the needle 11266 tokens back, the nearest one; with local size 16K the asked one is folded to "
-    "an apparent 17545 tokens. It is #0's pattern (in range, the model takes a nearer needle over the asked one), "
-    "but that cannot be shown inside 32K for this sample.",
+    "Multikey_1 #3, #4 and #5 at 48K ask for a needle beyond the trained length (33800, 45084 and 47543 tokens "
+    "before the question; `needle_in_range.py` prints the distances) while other needles sit within it, and every "
+    "setting answers one of those nearer needles (with local size 16K, #3's asked needle is folded to an apparent "
+    "17545 tokens, #4's to 28829, each farther than the one taken). That is #0's pattern, which the model shows in "
+    "range (a nearer needle over the asked one), but no 32K prompt can hold these samples, so it is not shown for "
+    "them. Without a nearer look-alike, needles that far back are found (the passkey at every depth to 128K).",
 ]
 TRAINED = 32768  # the evaluation model's context: a 32K prompt is in range, DCA is plain RoPE there
 
