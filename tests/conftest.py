@@ -50,6 +50,25 @@ def smollm2_path() -> str:
 
 
 @pytest.fixture(scope="session")
+def hf_smollm2_dir(tmp_path_factory, smollm2_path) -> str:
+    """The oracle for the bundled SmolLM2: transformers' own reading of its GGUF file, saved as safetensors once for
+    every test worker (transformers takes seconds to parse the GGUF's 49,152 token strings on each load)."""
+    from filelock import FileLock
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "hf-smollm2"
+    with FileLock(str(shared) + ".lock"):
+        if not (shared / "config.json").exists():
+            folder, name = os.path.split(smollm2_path)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+            shared.mkdir()  # a GGUF-loaded model refuses save_pretrained: its weights and config, saved apart
+            save_model(model, str(shared / "model.safetensors"))
+            model.config.save_pretrained(str(shared))
+    return str(shared)
+
+
+@pytest.fixture(scope="session")
 def smollm2_tokenizer_dir(tmp_path_factory, smollm2_path) -> str:
     from megactx.loader.tokenizer import load_tokenizer
     d = str(tmp_path_factory.mktemp("tok"))

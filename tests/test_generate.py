@@ -1,6 +1,5 @@
 """End to end on the bundled SmolLM2 GGUF: exact agreement with transformers on the same file, and the
 generation controls (stop strings, stop tokens, EOS, max_tokens, seed, n, logprobs, chat)."""
-import os
 
 import pytest
 import torch
@@ -14,10 +13,9 @@ def llm(smollm2_path):
 
 
 @pytest.fixture(scope="module")
-def hf_smollm2(smollm2_path):
+def hf_smollm2(hf_smollm2_dir):
     from transformers import AutoModelForCausalLM
-    folder, name = os.path.split(smollm2_path)
-    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(hf_smollm2_dir, dtype=torch.float32).eval()
 
 
 PROMPT = "The three primary colors are"

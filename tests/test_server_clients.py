@@ -186,11 +186,9 @@ def test_a_model_that_cannot_load_ends_the_server_with_code_2():
     assert r.stderr.count("KV cache memory 8.0 MiB") == 1  # said once
 
 
-def test_lm_eval_loglikelihood_request_gets_transformers_logprobs(server, smollm2_path):
+def test_lm_eval_loglikelihood_request_gets_transformers_logprobs(server, hf_smollm2_dir):
     """lm-eval's local-completions loglikelihood request, as it sends it: token ids, echo, logprobs 1, max_tokens 1.
     Every prompt token's logprob (the first: null) equals transformers' log-softmax, then the generated token's."""
-    import os
-
     import torch
 
     from conftest import hf_forward
@@ -201,8 +199,7 @@ def test_lm_eval_loglikelihood_request_gets_transformers_logprobs(server, smollm
     assert r.status_code == 200, r.text
     lp = r.json()["choices"][0]["logprobs"]
     assert len(lp["token_logprobs"]) == len(ids) + 1 and lp["token_logprobs"][0] is None
-    folder, name = os.path.split(smollm2_path)
-    want = torch.log_softmax(hf_forward(folder, ids, gguf_file=name), -1)
+    want = torch.log_softmax(hf_forward(hf_smollm2_dir, ids), -1)
     for p in range(1, len(ids)):
         assert lp["token_logprobs"][p] == pytest.approx(float(want[p - 1, ids[p]]), abs=2e-3)
         best = max(lp["top_logprobs"][p].values())
