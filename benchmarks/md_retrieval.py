@@ -100,23 +100,23 @@ def retrieval_grid() -> list[str]:
     tasks = [t for t in ALL_TASKS if any(r["task"] == t for r in rows)]
     lengths = sorted({r["length"] for r in rows})
     cpu = sorted({r.get("cpu", "not recorded") for r in rows})
-    columns = [(folder, length) for length in lengths for folder in runs
-               if any(r["length"] == length for r in runs[folder])]
+    table_rows = [(folder, length) for length in lengths for folder in runs
+                  if any(r["length"] == length for r in runs[folder])]
     out = ["## Retrieval beyond the trained length, beyond the passkey", "",
            "`megactx eval ruler --model EVAL --tasks T --lengths L --samples N --out DIR` with the settings below, "
-           "the same samples in every column; a cell is correct samples / samples (RULER's string match, every "
+           "the same samples in every row; a cell is correct samples / samples (RULER's string match, every "
            f"value for multi-value tasks). {TRAINED // 1024}K is in range (DCA is plain RoPE there and the prompt "
            f"is below the sparse threshold, so both settings are the same model). A reduced grid: "
            f"{len(tasks)} task{'s' * (len(tasks) > 1)}, {len(lengths)} length{'s' * (len(lengths) > 1)}. "
-           f"CPU: {'; '.join(cpu)}.", "",
-           "| task | haystack | " + " | ".join(f"{length // 1024}K {SETTINGS[f][0]}" for f, length in columns) + " |",
-           "|---|---|" + "---:|" * len(columns)]
-    for task in tasks:
+           f"Haystacks: {', '.join(sorted({ALL_TASKS[t].haystack for t in tasks}))}. CPU: {'; '.join(cpu)}.", "",
+           "| length | setting | " + " | ".join(tasks) + " |",
+           "|---:|---|" + "---:|" * len(tasks)]
+    for folder, length in table_rows:
         cells = []
-        for folder, length in columns:
+        for task in tasks:
             scores = [r["score"] for r in runs[folder] if r["task"] == task and r["length"] == length]
             cells.append(f"{sum(s >= 100 for s in scores)}/{len(scores)}" if scores else "")
-        out.append(f"| {task} | {ALL_TASKS[task].haystack} | " + " | ".join(cells) + " |")
+        out.append(f"| {length // 1024}K | {SETTINGS[folder][0]} | " + " | ".join(cells) + " |")
     out += ["", "Settings: " + "; ".join(f"{name}: `{flags}`" for name, flags in
                                          (SETTINGS[f] for f in runs)) + ".", ""]
     out += CAUSES + [""] + in_range_table()
