@@ -20,6 +20,8 @@ SETTINGS = {
     "ruler_eval_dca_sparse_fp32_mass0.9": ("fp32 cut 0.9", "--dca --sparse-mass 0.9, fp32"),
     "ruler_eval_dca_sparse_fp32_temp_none": ("fp32 no temp.", "--dca --dca-temperature none, fp32"),
     "ruler_eval_dca_sparse_fp32_local16384": ("fp32 local 16K", "--dca --dca-local-size 16384, fp32"),
+    "ruler_eval_dca_sparse_fp32_local16384_temp_none": ("local 16K no temp.", "--dca --dca-local-size 16384 "
+                                                                              "--dca-temperature none, fp32"),
 }
 # what the misses were traced to so far (benchmarks/needle_recall.py and the columns above)
 CAUSES = [
@@ -43,6 +45,11 @@ CAUSES = [
     "local size (benchmarks/STUDIES.md). The run took 15:26 against 14:59 (+3 %), peak RSS 5.1 GB against 4.9. "
     "The passkey at 128K is still retrieved with it at depths 0, 50 and 100; 1M is not measured with it yet, so the "
     "default stays.",
+    "Multikey_1 #0 at 64K is lost by DCA: cut to 32K (the two needles more than 32K back cut with the head) the "
+    "model answers it right. The asked needle is 5344 tokens before the question, another 6661. With the default "
+    "local size, a needle 36622 tokens back is folded to an apparent 3982 and answered; with local size 16K that "
+    "one is folded to 20365, and the answer is the needle 6661 back, both near ones at their true distances, so "
+    "the difference from the cut prompt is the two folded needles and the temperature (1.14x on the logits at 64K).",
     "Multikey_1 #3, #4 and #5 at 48K ask for a needle beyond the trained length (33800, 45084 and 47543 tokens "
     "before the question; `needle_in_range.py` prints the distances) while other needles sit within it, and every "
     "setting answers one of those nearer needles (with local size 16K, #3's asked needle is folded to an apparent "
