@@ -50,9 +50,9 @@ CAUSES = [
     "local size, a needle 36622 tokens back is folded to an apparent 3982 and answered; with local size 16K that "
     "one is folded to 20365, and the answer is the needle 6661 back, both near ones at their true distances, so "
     "the difference from the cut prompt is the two folded needles and the temperature (1.14x on the logits at 64K).",
-    "Multikey_1 #3, #4 and #5 at 48K ask for a needle beyond the trained length (33800, 45084 and 47543 tokens "
-    "before the question; `needle_in_range.py` prints the distances) while other needles sit within it, and every "
-    "setting answers one of those nearer needles (with local size 16K, #3's asked needle is folded to an apparent "
+    "Multikey_1 #3, #4 and #5 at 48K, and #1 at 64K, ask for a needle beyond the trained length (33800, 45084, "
+    "47543 and 60160 tokens before the question; `needle_in_range.py` prints the distances) while other needles sit "
+    "within it, and every setting answers one of those nearer needles (with local size 16K, #3's asked needle is folded to an apparent "
     "17545 tokens, #4's to 28829, each farther than the one taken). That is #0's pattern, which the model shows in "
     "range (a nearer needle over the asked one), but no 32K prompt can hold these samples, so it is not shown for "
     "them. Without a nearer look-alike, needles that far back are found (the passkey at every depth to 128K).",
