@@ -70,14 +70,16 @@ def test_bench_ttft_json_rows():
     import json
 
     from megactx.config.hardware import cpu_summary
-    # each row is a fresh process loading the model (peak memory is per row), so one length only
-    r = run(["bench", "ttft", "--lengths", "64", "--dtypes", "fp32,bf16", "--json"], "")
+    # each row is a fresh process loading the model (peak memory is per row), so one length only; the local size
+    # in a row is the one the engine reports it ran with
+    r = run(["bench", "ttft", "--lengths", "64", "--modes", "dca", "--dtypes", "fp32,bf16", "--dca-local-sizes", "16",
+             "--json"], "")
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
-    assert [(x["engine"], x["mode"], x["dtype"], x["length"]) for x in rows] == [
-        ("megactx", "dense", "fp32", 64), ("megactx", "dense", "bf16", 64)]
-    assert all(set(x) == {"engine", "mode", "dtype", "length", "ttft_s", "prefill_tok_s", "peak_rss_mb", "cpu"}
-               for x in rows)
+    assert [(x["engine"], x["mode"], x["dtype"], x["length"], x["dca_local_size"]) for x in rows] == [
+        ("megactx", "dca", "fp32", 64, 16), ("megactx", "dca", "bf16", 64, 16)]
+    assert all(set(x) == {"engine", "mode", "dtype", "length", "ttft_s", "prefill_tok_s", "peak_rss_mb", "cpu",
+                          "dca_local_size"} for x in rows)
     # each row names the CPU's kernels: the ratios differ between AVX2 and AVX512 machines
     assert {x["cpu"] for x in rows} == {cpu_summary()}
     flags = open("/proc/cpuinfo").read()
@@ -98,6 +100,7 @@ def test_input_errors_exit_2_with_a_message_naming_the_problem(tmp_path, capsys)
                           (["bench", "ttft", "--modes", "fast"], "unknown mode 'fast'"),
                           (["bench", "ttft", "--dtypes", "fp8"], "unknown dtype 'fp8'"),
                           (["bench", "ttft", "--sparse-mass", "1.5"], "--sparse-mass 1.5: a share of the attention"),
+                          (["bench", "ttft", "--dca-local-sizes", "2K,half"], "'half' is not a whole number"),
                           (["generate", "--dca-local-size", "0", "hi"], "--dca-local-size must be >= 1"),
                           (["generate", "--sparse-mass-union", "hi"], "unrecognized arguments: --sparse-mass-union")]:
         r = run_here(args, capsys)

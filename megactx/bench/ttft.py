@@ -49,18 +49,19 @@ def prompt_ids(model: str | None, length: int) -> list[int]:
     return ids[:length]
 
 
-def run_megactx(model, ids, mode, threads, chunk=4096, dtype="fp32", sparse_mass=None) -> float:
+def run_megactx(model, ids, mode, threads, chunk=4096, dtype="fp32", sparse_mass=None, local_size=None) -> dict:
     from megactx import LLM, SamplingParams
     llm = LLM(model, max_model_len=len(ids) + 8, max_num_seqs=1, num_threads=threads, dca="dca" in mode,
               sparse="sparse" in mode, allow_long_context="dca" not in mode, max_num_batched_tokens=chunk,
-              dtype=dtype, sparse_mass=sparse_mass,
+              dtype=dtype, sparse_mass=sparse_mass, dca_local_size=local_size,
               sparse_estimate="pooled" if mode.endswith("-pooled") else "vertical-slash")
     llm.generate(ids[:32], SamplingParams(temperature=0, max_tokens=1))  # warm-up
     out = llm.generate(ids, SamplingParams(temperature=0, max_tokens=1))[0]
-    return out.metrics["first_token_time"] - out.metrics["arrival"]
+    ttft = out.metrics["first_token_time"] - out.metrics["arrival"]
+    return {"ttft_s": ttft, "dca_local_size": llm.engine.dca.local_size} if llm.engine.dca else {"ttft_s": ttft}
 
 
-def run_transformers(model, ids, mode, threads, chunk=None, dtype="fp32", sparse_mass=None) -> float:
+def run_transformers(model, ids, mode, threads, chunk=None, dtype="fp32", sparse_mass=None, local_size=None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -80,10 +81,10 @@ def run_transformers(model, ids, mode, threads, chunk=None, dtype="fp32", sparse
         start = time.perf_counter()
         logits = m(torch.tensor([ids]), logits_to_keep=1).logits
         logits[0, -1].argmax().item()
-        return time.perf_counter() - start
+        return {"ttft_s": time.perf_counter() - start}
 
 
-def run_llamacpp(model, ids, mode, threads, chunk=None, dtype="fp32", sparse_mass=None) -> float:
+def run_llamacpp(model, ids, mode, threads, chunk=None, dtype="fp32", sparse_mass=None, local_size=None) -> dict:
     from llama_cpp import Llama
     from megactx.loader import default_model_path
     llm = Llama(model_path=model or default_model_path(), n_ctx=len(ids) + 8, n_threads=threads,
@@ -94,7 +95,7 @@ def run_llamacpp(model, ids, mode, threads, chunk=None, dtype="fp32", sparse_mas
     start = time.perf_counter()
     llm.eval(ids)
     llm.sample(temp=0.0)
-    return time.perf_counter() - start
+    return {"ttft_s": time.perf_counter() - start}
 
 
 RUNNERS = {"megactx": run_megactx, "transformers": run_transformers, "llama.cpp": run_llamacpp}
@@ -114,17 +115,19 @@ def unavailable(engine: str, model: str | None) -> str | None:
 
 def worker(args) -> None:
     ids = prompt_ids(args.model, args.length)
-    ttft = RUNNERS[args.engine](args.model, ids, args.mode, args.threads, args.chunk, args.dtype, args.sparse_mass)
-    print("RESULT " + json.dumps({"ttft_s": ttft, "tokens": len(ids), "peak_rss_mb": peak_rss_mb()}), flush=True)
+    timed = RUNNERS[args.engine](args.model, ids, args.mode, args.threads, args.chunk, args.dtype, args.sparse_mass,
+                                 args.dca_local_size)
+    print("RESULT " + json.dumps({**timed, "tokens": len(ids), "peak_rss_mb": peak_rss_mb()}), flush=True)
 
 
-def measure(engine: str, mode: str, length: int, args, dtype: str = "fp32") -> dict:
+def measure(engine: str, mode: str, length: int, args, dtype: str = "fp32", local_size: int | None = None) -> dict:
     cmd = [sys.executable, "-m", "megactx.bench.ttft", "--worker", "--engine", engine, "--mode", mode,
            "--length", str(length), "--threads", str(args.threads), "--chunk", str(args.max_num_batched_tokens),
            "--dtype", dtype]
     cmd += ["--model", args.model] if args.model else []
     mass = args.sparse_mass if "sparse" in mode else None
     cmd += ["--sparse-mass", str(mass)] if mass is not None else []
+    cmd += ["--dca-local-size", str(local_size)] if local_size is not None else []
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS=str(args.threads))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -136,6 +139,8 @@ def measure(engine: str, mode: str, length: int, args, dtype: str = "fp32") -> d
            "prefill_tok_s": round(r["tokens"] / r["ttft_s"], 1), "peak_rss_mb": round(r["peak_rss_mb"], 1)}
     if mass is not None:
         row["sparse_mass"] = mass
+    if "dca_local_size" in r:  # the local size the engine ran with (asked for, or the model's default)
+        row["dca_local_size"] = r["dca_local_size"]
     if mode.endswith("-pooled"):
         row["sparse_mass"] = POOLED_CUTOFF if mass is None else mass  # the cut-off it ran with
     if engine == "megactx" and "sparse" in mode:  # which sparse kernel ran (rows without it: the per-block one)
@@ -167,24 +172,29 @@ def run(args) -> list[dict]:
         parse_dtype(d)  # a clear error for an unknown name
     if args.sparse_mass is not None and not 0 < args.sparse_mass <= 1:
         raise MegactxError(f"--sparse-mass {args.sparse_mass}: a share of the attention, in (0, 1]")
+    local_sizes = parse_int_list(args.dca_local_sizes, "--dca-local-sizes", "2048,16384") if args.dca_local_sizes \
+        else [None]
     skipped = {c: why for c in others if (why := unavailable(c, args.model))}
     for c, why in skipped.items():
         logger.warning("skipping %s: %s", c, why)
     rows = []
     cpu = cpu_capability()
     for length in lengths:
-        runs = [("megactx", m, d) for d in dtypes for m in modes]
+        runs = [("megactx", m, d, size) for d in dtypes for m in modes
+                for size in (local_sizes if "dca" in m else [None])]
         # llama.cpp computes in its own types: it runs once, transformers in every dtype asked for
-        runs += [(c, "dense", d) for c in others if c not in skipped for d in (dtypes if c == "transformers" else ["-"])]
-        for engine, mode, dtype in runs:
-            row = measure(engine, mode, length, args, "fp32" if dtype == "-" else dtype)
+        runs += [(c, "dense", d, None) for c in others if c not in skipped
+                 for d in (dtypes if c == "transformers" else ["-"])]
+        for engine, mode, dtype, size in runs:
+            row = measure(engine, mode, length, args, "fp32" if dtype == "-" else dtype, size)
             row["dtype"], row["cpu"] = dtype, cpu
             base = next((r for r in rows if r["engine"] == "megactx" and r["length"] == length), None)  # first mode
             row["speedup_vs_this"] = round(row["ttft_s"] / base["ttft_s"], 2) if base and row is not base else None
             rows.append(row)
             if args.json:
                 print(json.dumps({k: row[k] for k in ("engine", "mode", "dtype", "length", "ttft_s", "prefill_tok_s",
-                                                      "peak_rss_mb", "sparse_mass", "sparse_kernel", "cpu")
+                                                      "peak_rss_mb", "sparse_mass", "dca_local_size", "sparse_kernel",
+                                                      "cpu")
                                   if k in row}), flush=True)
             else:
                 logger.warning("%s %s %s %d: TTFT %.2f s", engine, mode, dtype, length, row["ttft_s"])
@@ -193,9 +203,10 @@ def run(args) -> list[dict]:
         print("|---|---|---|---|---|---|---|---|")
         for r in rows:
             ratio = "" if r["speedup_vs_this"] is None else f"{r['speedup_vs_this']:.2f}x"
-            mode = r["mode"] + (f" (mass {r['sparse_mass']})" if "sparse_mass" in r else "")
-            print(f"| {r['engine']} | {mode} | {r['dtype']} | {r['length']} | {r['ttft_s']:.2f} | {r['prefill_tok_s']:.0f} "
-                  f"| {r['peak_rss_mb']:.0f} | {ratio} |")
+            mode = r["mode"] + (f" (mass {r['sparse_mass']})" if "sparse_mass" in r else "") \
+                + (f" (local size {r['dca_local_size']})" if "dca_local_size" in r else "")
+            print(f"| {r['engine']} | {mode} | {r['dtype']} | {r['length']} | {r['ttft_s']:.2f} "
+                  f"| {r['prefill_tok_s']:.0f} | {r['peak_rss_mb']:.0f} | {ratio} |")
         for c, why in skipped.items():
             print(f"{c}: skipped, {why}")
     return rows
@@ -212,4 +223,5 @@ if __name__ == "__main__":
     ap.add_argument("--chunk", type=int, default=4096)
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--sparse-mass", type=float, default=None)
+    ap.add_argument("--dca-local-size", type=int, default=None)
     worker(ap.parse_args())

@@ -36,6 +36,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=4096, help="this engine's prefill chunk")
     p.add_argument("--sparse-mass", type=float, default=None,
                    help=f"the sparse modes' --sparse-mass (cut-off; the -pooled modes default to {POOLED_CUTOFF})")
+    p.add_argument("--dca-local-sizes", default="", help="comma list of DCA local sizes: each mode with dca runs "
+                   "once per size, side by side (default: the model's, chunk size / 16)")
     p.add_argument("--json", action="store_true", help="one JSON object per row")
     p.set_defaults(func=run_ttft)
 
