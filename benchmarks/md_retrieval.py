@@ -45,17 +45,19 @@ CAUSES = [
     "local size (benchmarks/STUDIES.md). The run took 15:26 against 14:59 (+3 %), peak RSS 5.1 GB against 4.9. "
     "The passkey at 128K is still retrieved with it at depths 0, 50 and 100; 1M is not measured with it yet, so the "
     "default stays.",
-    "Multikey_1 #0 at 64K is lost by DCA: cut to 32K (the two needles more than 32K back cut with the head) the "
-    "model answers it right. The asked needle is 5344 tokens before the question, another 6661. With the default "
-    "local size, a needle 36622 tokens back is folded to an apparent 3982 and answered; with local size 16K that "
-    "one is folded to 20365, and the answer is the needle 6661 back, both near ones at their true distances, so "
-    "the difference from the cut prompt is the two folded needles and the temperature (1.14x on the logits at 64K).",
-    "Multikey_1 #3, #4 and #5 at 48K, and #1 at 64K, ask for a needle beyond the trained length (33800, 45084, "
-    "47543 and 60160 tokens before the question; `needle_in_range.py` prints the distances) while other needles sit "
-    "within it, and every setting answers one of those nearer needles (with local size 16K, #3's asked needle is folded to an apparent "
-    "17545 tokens, #4's to 28829, each farther than the one taken). That is #0's pattern, which the model shows in "
-    "range (a nearer needle over the asked one), but no 32K prompt can hold these samples, so it is not shown for "
-    "them. Without a nearer look-alike, needles that far back are found (the passkey at every depth to 128K).",
+    "Multikey_1 #0 at 64K is lost by DCA: cut to 32K (the two needles more than 32K back cut with the head) the model"
+    " answers it right. The asked needle is 5344 tokens before the question, another 6661. With the default local "
+    "size, a needle 36622 tokens back is folded to an apparent 3982 and answered; with local size 16K that one is "
+    "folded to 20365, and the answer is the needle 6661 back, both near ones at their true distances. Without the "
+    "temperature (`--dca-temperature none`, 1.14x on the logits at 64K otherwise) the answer is the same, so what "
+    "still differs from the cut prompt is the two far needles, folded, which the cut prompt does not hold.",
+    "Multikey_1 #3, #4 and #5 at 48K, and #1 at 64K, ask for a needle beyond the trained length (33800, 45084, 47543 "
+    "and 60160 tokens before the question; `needle_in_range.py` prints the distances) while other needles sit within "
+    "it, and every setting answers one of those nearer needles (with local size 16K, #3's asked needle is folded to "
+    "an apparent 17545 tokens, #4's to 28829, each farther than the one taken). That is #0's pattern, which the model"
+    " shows in range (a nearer needle over the asked one), but no 32K prompt can hold these samples, so it is not "
+    "shown for them. Without a nearer look-alike, needles that far back are found (the passkey at every depth to "
+    "128K).",
 ]
 TRAINED = 32768  # the evaluation model's context: a 32K prompt is in range, DCA is plain RoPE there
 
@@ -98,6 +100,28 @@ def per_sample_table(runs: dict[str, list[dict]], task: str, length: int) -> lis
     return out + [""]
 
 
+def local_size_cost() -> list[str]:
+    """The local size's cost in time to first token: `megactx bench ttft --dca-local-sizes A,B` rows, each run's two
+    rows side by side (runs in both orders, so that a drift of the machine's speed shows)."""
+    rows = read_rows(os.path.join(RESULTS, "ttft_local_size_eval.jsonl"))
+    pairs = [(a, b) for a, b in zip(rows[::2], rows[1::2])
+             if a["length"] == b["length"] and a["dca_local_size"] != b["dca_local_size"] and a["cpu"] == b["cpu"]]
+    if not pairs:
+        return []
+    sizes = sorted({pairs[0][0]["dca_local_size"], pairs[0][1]["dca_local_size"]})
+    out = [f"The local size's cost in time to first token (`megactx bench ttft --model EVAL --lengths L --modes "
+           f"dca+sparse-pooled --dca-local-sizes {sizes[0]},{sizes[1]} --json`, then in the other order; each row "
+           "one run, both prefills in it one after the other, a 32-token warm-up each):", "",
+           f"| length | CPU | dtype | first | TTFT local {sizes[0]} s | TTFT local {sizes[1]} s | ratio |",
+           "|---:|---|---|---:|---:|---:|---:|"]
+    for a, b in pairs:
+        by = {r["dca_local_size"]: r for r in (a, b)}
+        small, large = by[sizes[0]]["ttft_s"], by[sizes[1]]["ttft_s"]
+        out.append(f"| {a['length'] // 1024}K | {a['cpu']} | {a['dtype']} | {a['dca_local_size']} | {small:.0f} | "
+                   f"{large:.0f} | {large / small:.3f}x |")
+    return out + [""]
+
+
 def retrieval_grid() -> list[str]:
     runs = {folder: read_rows(os.path.join(RESULTS, folder, "ruler.jsonl")) for folder in SETTINGS}
     runs = {folder: rows for folder, rows in runs.items() if rows}
@@ -126,7 +150,7 @@ def retrieval_grid() -> list[str]:
         out.append(f"| {length // 1024}K | {SETTINGS[folder][0]} | " + " | ".join(cells) + " |")
     out += ["", "Settings: " + "; ".join(f"{name}: `{flags}`" for name, flags in
                                          (SETTINGS[f] for f in runs)) + ".", ""]
-    out += CAUSES + [""] + in_range_table()
+    out += CAUSES + [""] + local_size_cost() + in_range_table()
     for task, length in sorted({(r["task"], r["length"]) for r in rows if r["score"] < 100}):
         out += per_sample_table(runs, task, length)
     return out
