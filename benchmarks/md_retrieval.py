@@ -54,11 +54,11 @@ CAUSES = [
     "still differs from the cut prompt is the two far needles, folded, which the cut prompt does not hold.",
     "Multikey_1 #3, #4 and #5 at 48K, and #1 at 64K, ask for a needle beyond the trained length (33800, 45084, 47543 "
     "and 60160 tokens before the question; `needle_in_range.py` prints the distances) while other needles sit within "
-    "it, and every setting answers one of those nearer needles (with local size 16K, #3's asked needle is folded to "
-    "an apparent 17545 tokens, #4's to 28829, each farther than the one taken). That is #0's pattern, which the model"
-    " shows in range (a nearer needle over the asked one), but no 32K prompt can hold these samples, so it is not "
-    "shown for them. Without a nearer look-alike, needles that far back are found (the passkey at every depth to "
-    "128K).",
+    "it, and every setting answers one of those nearer needles, except the default on #1 at 64K, which answers a "
+    "number that is no needle's (with local size 16K, #3's asked needle is folded to an apparent 17545 tokens, #4's "
+    "to 28829, each farther than the one taken). That is #0's pattern, which the model shows in range (a nearer "
+    "needle over the asked one), but no 32K prompt can hold these samples, so it is not shown for them. Without a "
+    "nearer look-alike, needles that far back are found (the passkey at every depth to 128K).",
 ]
 TRAINED = 32768  # the evaluation model's context: a 32K prompt is in range, DCA is plain RoPE there
 
