@@ -13,7 +13,8 @@ from md_headline import headline
 from md_parallel import parallel_section, sizing_table
 from md_retrieval import retrieval_grid
 from md_scaling import scaling_section
-from md_sparse import END_TO_END, sparse_section
+from md_sparse import sparse_section
+from md_ttft import ttft_section
 from sparse_gaps import SPARSE_GAPS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -137,25 +138,6 @@ def ruler_section() -> list[str]:
         out += [f"### {os.path.basename(os.path.dirname(path))[len('ruler_'):]}", "",
                 f"{len(tasks)} of 11 tasks, at least {per_cell} samples per task and length.", "",
                 format_table(summarize(rows, tasks, lengths), lengths), ""]
-    return out
-
-
-def ttft_section() -> list[str]:
-    out = []
-    for path in sorted(glob.glob(os.path.join(HERE, "results", "ttft_*.jsonl"))):
-        if os.path.basename(path) == END_TO_END:  # the sparse section's
-            continue
-        rows = [json.loads(line) for line in open(path) if line.strip()]
-        out += [f"### {os.path.basename(path)[5:-6]}", "",
-                "| engine | mode | dtype | length | TTFT s | prefill tok/s | peak RSS MB | TTFT / megactx's first row |",
-                "|---|---|---|---:|---:|---:|---:|---:|"]
-        for r in rows:
-            base = next((b for b in rows if b["engine"] == "megactx" and b["length"] == r["length"]), None)
-            ratio = f"{r['ttft_s'] / base['ttft_s']:.2f}x" if base and base is not r else ""
-            mode = r["mode"] + (f" (local size {r['dca_local_size']})" if "dca_local_size" in r else "")
-            out.append(f"| {r['engine']} | {mode} | {r.get('dtype', 'fp32')} | {r['length']} | {r['ttft_s']:.2f} "
-                       f"| {r['prefill_tok_s']:.0f} | {r['peak_rss_mb']:.0f} | {ratio} |")
-        out.append("")
     return out
 
 
