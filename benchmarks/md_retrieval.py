@@ -53,16 +53,23 @@ CAUSES = [
     "temperature (`--dca-temperature none`, 1.14x on the logits at 64K otherwise) the answer is the same. Nor is it "
     "where the fold puts the far needles: with all four moved to where local size 16K shows them (5344, 6661, 20366 "
     "and 29479 tokens back; `needle_in_range.py --fold-local-size 16384` placed them within 25 tokens of that), the "
-    "trained model answers right. So what DCA adds here is the rest of the fold: the 32K haystack tokens more than "
-    "32K back, read at the 16K apparent positions 16K-32K back beside the previous chunk's own, three keys at "
-    "each of those distances where the trained model has one.",
+    "trained model answers right, and so it does with them where the default shows them (3428, 3988, 4740 and "
+    "29485 back: the far needle DCA answers is then the nearest but one). So what DCA adds here is the rest of the "
+    "fold (below).",
     "Multikey_1 #3, #4 and #5 at 48K, and #1 at 64K, ask for a needle beyond the trained length (33800, 45084, 47543 "
-    "and 60160 tokens before the question; `needle_in_range.py` prints the distances) while other needles sit within "
-    "it, and every setting answers one of those nearer needles, except the default on #1 at 64K, which answers a "
-    "number that is no needle's (with local size 16K, #3's asked needle is folded to an apparent 17545 tokens, #4's "
-    "to 28829, each farther than the one taken). That is #0's pattern, which the model shows in range (a nearer "
-    "needle over the asked one), but no 32K prompt can hold these samples, so it is not shown for them. Without a "
-    "nearer look-alike, needles that far back are found (the passkey at every depth to 128K).",
+    "and 60160 tokens before the question) while other needles sit within it, and every setting answers one of "
+    "those nearer needles, except the default on #1 at 64K, which answers a number that is no needle's. Cut to 32K, "
+    "the asked needle would be gone; moved with every other needle to where local size 16K shows it "
+    "(`needle_in_range.py --fold-local-size 16384`), it is 17549, 28825 and 31291 tokens back for #3, #4 and #5. "
+    "There the trained model answers #5 as DCA does (8887046, 16153 back: the model's own miss at those distances) "
+    "and #4 wrong too (4187973, 24034 back, where DCA took 4321891, 15205 back), but #3 right, which DCA misses: like "
+    "#0 at 64K, a miss that the needles' places do not explain. Without a nearer look-alike, needles that far back "
+    "are found (the passkey at every depth to 128K).",
+    "What is left, then, in #3 at 48K and #0 at 64K, is the haystack beyond the trained length itself: DCA reads it "
+    "at apparent distances the nearer haystack also holds (at 48K with local size 16K, two keys at every distance "
+    "from 16K to 32K, at 64K three, where the trained model has one), and the trained model, shown the same needles "
+    "at the same distances with one key per distance, answers right. A fix would weigh each folded key by how many "
+    "keys share its apparent distance; it is not built yet.",
 ]
 TRAINED = 32768  # the evaluation model's context: a 32K prompt is in range, DCA is plain RoPE there
 
