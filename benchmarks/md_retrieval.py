@@ -60,15 +60,15 @@ CAUSES = [
     "and 60160 tokens before the question) while other needles sit within it, and every setting answers one of "
     "those nearer needles, except the default on #1 at 64K, which answers a number that is no needle's. Cut to 32K, "
     "the asked needle would be gone; moved with every other needle to where local size 16K shows it "
-    "(`needle_in_range.py --fold-local-size 16384`), it is 17549, 28825 and 31291 tokens back for #3, #4 and #5. "
-    "There the trained model answers #5 as DCA does (8887046, 16153 back: the model's own miss at those distances) "
-    "and #4 wrong too (4187973, 24034 back, where DCA took 4321891, 15205 back), but #3 right, which DCA misses: like "
-    "#0 at 64K, a miss that the needles' places do not explain. Without a nearer look-alike, needles that far back "
-    "are found (the passkey at every depth to 128K).",
-    "What is left, then, in #3 at 48K and #0 at 64K, is the haystack beyond the trained length itself: DCA reads it "
-    "at apparent distances the nearer haystack also holds (at 48K with local size 16K, two keys at every distance "
-    "from 16K to 32K, at 64K three, where the trained model has one), and the trained model, shown the same needles "
-    "at the same distances with one key per distance, answers right. A fix would weigh each folded key by how many "
+    "(`needle_in_range.py --fold-local-size 16384`), it is 17549, 28825 and 31291 tokens back for #3, #4 and #5 at "
+    "48K, and 27525 for #1 at 64K. There the trained model answers #5 as DCA does (8887046, 16153 back: the model's "
+    "own miss at those distances) and #4 wrong too (4187973, 24034 back, where DCA took 4321891, 15205 back), but #3 "
+    "at 48K and #1 at 64K right, which DCA misses: like #0 at 64K, misses that the needles' places do not explain. "
+    "Without a nearer look-alike, needles that far back are found (the passkey at every depth to 128K).",
+    "What is left, then, in #3 at 48K and #0 and #1 at 64K, is the haystack beyond the trained length itself: DCA "
+    "reads it at apparent distances the nearer haystack also holds (at 48K with local size 16K, two keys at every "
+    "distance from 16K to 32K, at 64K three, where the trained model has one), and the trained model, shown the same "
+    "needles at the same distances with one key per distance, answers right. A fix would weigh each folded key by how many "
     "keys share its apparent distance; it is not built yet.",
 ]
 TRAINED = 32768  # the evaluation model's context: a 32K prompt is in range, DCA is plain RoPE there
