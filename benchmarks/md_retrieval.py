@@ -68,8 +68,8 @@ CAUSES = [
     "What is left, then, in #3 at 48K and #0 and #1 at 64K, is the haystack beyond the trained length itself: DCA "
     "reads it at apparent distances the nearer haystack also holds (at 48K with local size 16K, two keys at every "
     "distance from 16K to 32K, at 64K three, where the trained model has one), and the trained model, shown the same "
-    "needles at the same distances with one key per distance, answers right. A fix would weigh each folded key by how many "
-    "keys share its apparent distance; it is not built yet.",
+    "needles at the same distances with one key per distance, answers right. A fix would weigh each folded key by "
+    "how many keys share its apparent distance; it is not built yet.",
 ]
 TRAINED = 32768  # the evaluation model's context: a 32K prompt is in range, DCA is plain RoPE there
 
