@@ -27,12 +27,10 @@ import os
 import re
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megactx import LLM  # noqa: E402
-from megactx.attention.dca import query_positions  # noqa: E402
+from megactx.attention.dca import apparent_distances  # noqa: E402
 from megactx.config import DCAConfig  # noqa: E402
 from megactx.config.hardware import cpu_summary  # noqa: E402
 from megactx.eval.backends import InProcessBackend  # noqa: E402
@@ -60,12 +58,9 @@ def needle_distances(backend: InProcessBackend, sample: Sample) -> dict[str, int
 
 
 def apparent_distance(distance: int, length: int, cfg: DCAConfig) -> int:
-    """Where DCA shows the last query a key `distance` tokens before the end of a `length`-token prompt."""
-    query, key = length - 1, length - distance
-    intra, succ, inter = (int(p) for p in query_positions(torch.tensor([query]), cfg))
-    own = query // cfg.chunk_len * cfg.chunk_len
-    position = intra if key >= own else succ if key >= own - cfg.chunk_len else inter
-    return position - key % cfg.chunk_len + 1
+    """Where DCA shows the last query a key `distance` tokens before the end of a `length`-token prompt (counted as
+    needle_distances does: the key's own token included)."""
+    return int(apparent_distances(length - 1, cfg)[length - distance]) + 1
 
 
 def fold_in(backend: InProcessBackend, short: Sample, long: Sample, targets: dict[str, int]) -> Sample:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from megactx.attention.backend import AttentionMetadata, KVCacheTensors, SeqAttention
-from megactx.attention.dca import (DualChunkAttentionBackend, query_positions, reference_dual_chunk_attention,
+from megactx.attention.dca import (DualChunkAttentionBackend, apparent_distances,
+                                   reference_dual_chunk_attention,
                                   temperature_scale)
 from megactx.attention.dense import causal_mask, reference_attention
 from megactx.config import DCAConfig, ModelConfig
@@ -95,12 +96,21 @@ def test_temperature_factor_values():
     assert temperature_scale(torch.tensor([5]), torch.tensor([500]), cfg) is None  # all inside the trained length
 
 
-def apparent_distances(p: int, cfg: DCAConfig) -> list[int]:
-    """What DCA shows the query at p for each key k <= p: its part's query position minus the key's p % L."""
-    L = cfg.chunk_len
-    intra, succ, inter = (int(x[0]) for x in query_positions(torch.tensor([p]), cfg))
-    cur = (p // L) * L
-    return [(intra if k >= cur else succ if k >= cur - L else inter) - k % L for k in range(p + 1)]
+def test_apparent_distances_are_the_distances_the_reference_scores_at():
+    """RoPE scores depend on the relative position only, so the reference's score of key k for the row at p equals
+    the plain score with the query rotated at apparent_distances(p)[k] and the key at 0."""
+    cfg = DCAConfig(chunk_size=40, local_size=8, original_max_position=40, temperature="none")
+    rotary = _rotary()
+    q, k, v = _qkv(130, seed=3)
+    _, probs = reference_dual_chunk_attention(q, k, v, rotary, cfg, D ** -0.5, return_probs=True)
+    k0 = apply_rotary(k[:, :1].float(), *rotary.cos_sin(torch.zeros(130, dtype=torch.long)))  # head 0's kv head
+    for p in (20, 39, 40, 41, 75, 129):
+        shown = apparent_distances(p, cfg)
+        q_shown = apply_rotary(q[p:p + 1, :1].expand(p + 1, 1, D), *rotary.cos_sin(shown))  # [p + 1, 1, D]
+        scores = (q_shown[:, 0] * k0[:p + 1, 0]).sum(-1)
+        logp = probs[0, p, :p + 1].log()
+        torch.testing.assert_close(logp - logp[0], (scores - scores[0]) * D ** -0.5, atol=1e-4, rtol=1e-4)
+    assert apparent_distances(39, cfg).tolist() == list(range(39, -1, -1))  # inside the chunk size: plain RoPE
 
 
 def test_a_half_chunk_local_size_keeps_the_nearest_keys_nearer_than_any_folded_one():
@@ -110,11 +120,11 @@ def test_a_half_chunk_local_size_keeps_the_nearest_keys_nearer_than_any_folded_o
     near at 48K: BENCHMARKS.md, retrieval)."""
     half = DCAConfig(chunk_size=40, local_size=20, original_max_position=40, temperature="none")
     for p in range(200):
-        shown = apparent_distances(p, half)
+        shown = apparent_distances(p, half).tolist()
         assert all(shown[k] == p - k for k in range(max(0, p - half.chunk_len + 1), p + 1))
         assert all(shown[k] >= half.chunk_len for k in range(0, max(0, p - half.chunk_len + 1)))
     default = DCAConfig(chunk_size=40, local_size=40 // 16, original_max_position=40, temperature="none")
-    shown = apparent_distances(70, default)  # L = 38: the previous chunk's last key, 33 back, looks 3 back
+    shown = apparent_distances(70, default).tolist()  # L = 38: the previous chunk's last key, 33 back, looks 3 back
     assert (shown[37], shown[40]) == (3, 30) and shown[37] < shown[40]
 
 

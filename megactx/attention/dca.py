@@ -41,6 +41,16 @@ def query_positions(positions: torch.Tensor, cfg: DCAConfig) -> tuple[torch.Tens
     return intra, succ, inter
 
 
+def apparent_distances(p: int, cfg: DCAConfig) -> torch.Tensor:
+    """[p + 1]: the distance at which the query at position p sees each key k <= p, its part's query position
+    minus k % L (p - k for every key while p <= chunk_size). Several keys beyond the chunks share one distance."""
+    L = cfg.chunk_len
+    intra, succ, inter = (int(x[0]) for x in query_positions(torch.tensor([p]), cfg))
+    k = torch.arange(p + 1)
+    cur = (p // L) * L
+    return torch.where(k >= cur, intra, torch.where(k >= cur - L, succ, inter)) - k % L
+
+
 def temperature_scale(positions: torch.Tensor, totals: torch.Tensor, cfg: DCAConfig) -> torch.Tensor | None:
     # positions, totals: [T] -> the logit multiplier factor^2 per query row [T] fp32, or None (all ones)
     if cfg.temperature == "none":
