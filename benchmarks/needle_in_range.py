@@ -57,10 +57,11 @@ def needle_distances(backend: InProcessBackend, sample: Sample) -> dict[str, int
     return dict(zip((m.group(1) for m in found), token_distances(backend, sample, [m.start() for m in found])))
 
 
-def apparent_distance(distance: int, length: int, cfg: DCAConfig) -> int:
-    """Where DCA shows the last query a key `distance` tokens before the end of a `length`-token prompt (counted as
-    needle_distances does: the key's own token included)."""
-    return int(apparent_distances(length - 1, cfg)[length - distance]) + 1
+def shown_distances(distances: dict[str, int], length: int, cfg: DCAConfig) -> dict[str, int]:
+    """value -> tokens before the end (the key's own token included, as needle_distances counts) -> where DCA shows
+    each of them to the last query of a `length`-token prompt."""
+    shown = apparent_distances(length - 1, cfg)
+    return {v: int(shown[length - d]) + 1 for v, d in distances.items()}
 
 
 def fold_in(backend: InProcessBackend, short: Sample, long: Sample, targets: dict[str, int]) -> Sample:
@@ -131,11 +132,11 @@ def main() -> None:
             long_at = needle_distances(backend, sample)
             room = 64 * len(long_at) if args.fold_local_size else 0  # for the needles put back
             short = cut_head(backend, sample, trained - task.tokens_to_generate - room)
+            if args.fold_local_size:
+                shown = shown_distances(long_at, len(long_ids), fold)
+                short = fold_in(backend, short, sample, shown)
             short_at = needle_distances(backend, short)
             if args.fold_local_size:
-                shown = {v: apparent_distance(d, len(long_ids), fold) for v, d in long_at.items()}
-                short = fold_in(backend, short, sample, shown)
-                short_at = needle_distances(backend, short)
                 print(f"{name} #{index}: needles (value: tokens back in the long prompt, as DCA shows it, as "
                       f"placed): {', '.join(f'{v}: {long_at[v]}, {shown[v]}, {short_at.get(v)}' for v in long_at)}",
                       flush=True)
