@@ -30,7 +30,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megactx import LLM  # noqa: E402
-from megactx.attention.dca import apparent_distances  # noqa: E402
+from megactx.attention.dca_distances import apparent_distances  # noqa: E402
 from megactx.config import DCAConfig  # noqa: E402
 from megactx.config.hardware import cpu_summary  # noqa: E402
 from megactx.eval.backends import InProcessBackend  # noqa: E402

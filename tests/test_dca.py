@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from megactx.attention.backend import AttentionMetadata, KVCacheTensors, SeqAttention
-from megactx.attention.dca import (DualChunkAttentionBackend, apparent_distances,
-                                   reference_dual_chunk_attention,
-                                  temperature_scale)
+from megactx.attention.dca import DualChunkAttentionBackend, reference_dual_chunk_attention, temperature_scale
+from megactx.attention.dca_distances import apparent_distances
 from megactx.attention.dense import causal_mask, reference_attention
 from megactx.config import DCAConfig, ModelConfig
 from megactx.errors import ConfigError

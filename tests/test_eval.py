@@ -177,6 +177,8 @@ def test_ruler_run_scores_and_summarizes(backend, tmp_path):
     again = []
     ruler.run_ruler(backend, ["niah_single_1", "vt"], [1024], 1, str(tmp_path), on_row=again.append)
     assert again == [None, None]
+    chosen = ruler.run_ruler(backend, ["niah_single_1"], [1024], [2], str(tmp_path / "chosen"))
+    assert [r["index"] for r in chosen] == [2]  # --indices: only the samples asked for
 
 
 def test_long_prompts_report_prefill_progress(tmp_path):

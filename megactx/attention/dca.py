@@ -25,30 +25,13 @@ import torch
 
 from megactx.attention.backend import DenseAttentionBackend, KVCacheTensors, SeqAttention, cat_rows
 from megactx.attention.context_parallel import ContextParallel
+from megactx.attention.dca_distances import query_positions, reference_log_multiplicity
+from megactx.attention.dca_shared import plan_blocks, weighted_rows
 from megactx.attention.dense import attention
 from megactx.attention.merge import merge_attention
 from megactx.attention.sparse.prefill import SparsePrefill
 from megactx.config import DCAConfig
 from megactx.layers.rotary import apply_rotary
-
-
-def query_positions(positions: torch.Tensor, cfg: DCAConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # positions: [T] absolute -> the intra, successive and inter query positions, [T] each
-    L = cfg.chunk_len
-    intra = positions % L
-    succ = torch.clamp(intra + L, max=cfg.chunk_size)
-    inter = torch.full_like(positions, min(2 * L - 1, cfg.chunk_size))
-    return intra, succ, inter
-
-
-def apparent_distances(p: int, cfg: DCAConfig) -> torch.Tensor:
-    """[p + 1]: the distance at which the query at position p sees each key k <= p, its part's query position
-    minus k % L (p - k for every key while p <= chunk_size). Several keys beyond the chunks share one distance."""
-    L = cfg.chunk_len
-    intra, succ, inter = (int(x[0]) for x in query_positions(torch.tensor([p]), cfg))
-    k = torch.arange(p + 1)
-    cur = (p // L) * L
-    return torch.where(k >= cur, intra, torch.where(k >= cur - L, succ, inter)) - k % L
 
 
 def temperature_scale(positions: torch.Tensor, totals: torch.Tensor, cfg: DCAConfig) -> torch.Tensor | None:
@@ -79,6 +62,7 @@ class DualChunkAttentionBackend(DenseAttentionBackend):
         intra, succ, inter = query_positions(positions, self.cfg)
         self.tables = [self.rotary.cos_sin(p) for p in (intra, succ, inter)]
         self.q_scale = temperature_scale(positions, totals, self.cfg)
+        self.weighted_blocks = {}  # (sequence, first row, end) -> the shared-distance weighting's key blocks
         return positions % self.cfg.chunk_len
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -164,7 +148,10 @@ class DualChunkAttentionBackend(DenseAttentionBackend):
         prev = max(cur - L, 0)
         k, _ = self.cache.read(layer, _range(s.key_slots, 0, p + 1), torch.float32)
         parts = ((0, prev, queries[2]), (prev, cur, queries[1]), (cur, p + 1, queries[0]))  # in key order
-        return torch.cat([self.row_scores(q, k[:, lo:hi]) for lo, hi, q in parts], -1).softmax(-1)
+        scores = torch.cat([self.row_scores(q, k[:, lo:hi]) for lo, hi, q in parts], -1)
+        if self.cfg.weigh_shared_distances:
+            scores = scores - reference_log_multiplicity(p, self.cfg)
+        return scores.softmax(-1)
 
     def attend_piece(self, layer: int, s: SeqAttention, a: int, b: int, queries: list[torch.Tensor],
                      k_own: torch.Tensor, v_own: torch.Tensor) -> torch.Tensor:
@@ -173,6 +160,8 @@ class DualChunkAttentionBackend(DenseAttentionBackend):
     def attend_piece_lse(self, layer: int, s: SeqAttention, a: int, b: int, queries: list[torch.Tensor],
                          k_own: torch.Tensor, v_own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # rows at positions [a, b), all in the chunk starting at cur; k_own/v_own: the keys at [a, b)
+        if self.cfg.weigh_shared_distances:
+            return self.weighted_piece(layer, s, a, b, queries)
         L = self.cfg.chunk_len
         cur = (a // L) * L
         q_intra, q_succ, q_inter = queries
@@ -193,6 +182,17 @@ class DualChunkAttentionBackend(DenseAttentionBackend):
         if len(outs) == 1:
             return outs[0], lses[0]
         return merge_attention(outs, lses)
+
+    def weighted_piece(self, layer: int, s: SeqAttention, a: int, b: int,
+                       queries: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [a, b) with each key weighed by 1 / the number of keys at its apparent distance (dca_shared.py);
+        the rows' own keys are already in the cache."""
+        key = (s.q_start, a, b)
+        if key not in self.weighted_blocks:
+            self.weighted_blocks[key] = plan_blocks(a, b, self.cfg)
+        return weighted_rows(queries, self.weighted_blocks[key],
+                             lambda lo, hi, dtype: self.cache.read(layer, _range(s.key_slots, lo, hi), dtype),
+                             self.scale)
 
     def sparse_piece(self, layer: int, s: SeqAttention, a: int, b: int, queries: list[torch.Tensor],
                      q_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,8 +228,8 @@ def reference_dual_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
                                    scale: float, q_scale: torch.Tensor | None = None,
                                    mask: torch.Tensor | None = None, return_probs: bool = False):
     """The oracle: one sequence, all positions 0..T-1, every score written out.
-    q: [T, H, D], k, v: [T, Hkv, D], none rotated -> [T, H, D] (and the probabilities [H, T, T] with return_probs). Scores of each (query, key) pair come from the
-    part the key falls in, then one softmax per row."""
+    q: [T, H, D], k, v: [T, Hkv, D], none rotated -> [T, H, D] (and the probabilities [H, T, T] with return_probs).
+    Scores of each (query, key) pair come from the part the key falls in, then one softmax per row."""
     t, h, d = q.shape
     hkv = k.shape[1]
     pos = torch.arange(t)
@@ -249,6 +249,9 @@ def reference_dual_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     part[j < cur - L] = 2
     s = torch.where(part == 0, scores[0], torch.where(part == 1, scores[1], scores[2]))
     s = s.masked_fill(part == -1, float("-inf"))
+    if cfg.weigh_shared_distances:  # each key weighed by 1 / the number of keys its row sees at its distance
+        for p in range(t):
+            s[:, p, :p + 1] -= reference_log_multiplicity(p, cfg)
     if mask is not None:  # [H, T, T] bool: sparse prefill's oracle, only these pairs
         s = s.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(s, dim=-1)

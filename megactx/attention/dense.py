@@ -22,14 +22,17 @@ PACK_ROWS = 64  # non-causal calls of at most this many rows a KV head are packe
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                        mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    # q: [n, H, D], k/v: [Hkv, m, D], mask: [n, m] bool (True = attend) or None
+                        mask: torch.Tensor | None = None,
+                        bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    # q: [n, H, D], k/v: [Hkv, m, D], mask: [n, m] bool (True = attend) or None, bias: [n, m] added to the scores
     n, h, d = q.shape
     hkv = k.shape[0]
     qg = q.float().view(n, hkv, h // hkv, d)
     scores = torch.einsum("nkgd,kmd->kgnm", qg, k.float()) * scale  # [Hkv, G, n, m]
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
+    if bias is not None:
+        scores = scores + bias
     lse = torch.logsumexp(scores, dim=-1)  # [Hkv, G, n]
     probs = torch.exp(scores - lse.unsqueeze(-1).nan_to_num(neginf=0.0)).nan_to_num(0.0)
     out = torch.einsum("kgnm,kmd->nkgd", probs, v.float()).reshape(n, h, d)

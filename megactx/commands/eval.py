@@ -104,11 +104,12 @@ def cmd_ruler(args) -> int:
     if args.samples < 1:
         raise MegactxError("--samples must be at least 1")
     lengths = parse_int_list(args.lengths, "--lengths")
+    indices = parse_int_list(args.indices, "--indices", "0,3,5") if args.indices else list(range(args.samples))
     backend = _open(args, lengths, 0)
-    with _bar(len(tasks) * len(lengths) * args.samples, "ruler") as bar:
-        rows = ruler.run_ruler(backend, tasks, lengths, args.samples, args.out, seed=args.seed,
+    with _bar(len(tasks) * len(lengths) * len(indices), "ruler") as bar:
+        rows = ruler.run_ruler(backend, tasks, lengths, indices, args.out, seed=args.seed,
                                on_row=lambda row: bar.update(1), on_prefill=PrefillBar())
-    wanted = [r for r in rows if r["index"] < args.samples]
+    wanted = [r for r in rows if r["index"] < args.samples or r["index"] in indices]
     summary = ruler.summarize(wanted, tasks, lengths)
     with open(os.path.join(args.out, "ruler_summary.json"), "w") as f:
         json.dump({"target": backend.name, "samples": args.samples,
@@ -174,6 +175,8 @@ def add_parser(sub) -> None:
                    "niah_logs, niah_similar, niah_haystack_word), or a comma list: niah_single_1,...,vt,cwe,fwe")
     r.add_argument("--lengths", default="4096")
     r.add_argument("--samples", type=int, default=5)
+    r.add_argument("--indices", default=None, help="run only these samples of each task and length, a comma list of "
+                   "indices from 0 (default: the first --samples)")
     r.set_defaults(func=cmd_ruler)
     pp = ev.add_parser("ppl", help="perplexity of one long document per position bucket (in-process)")
     add_engine_flags(pp)

@@ -60,15 +60,18 @@ def build_sample(backend: Backend, task: Task, length: int, index: int, seed: in
     return sample, backend.render(sample.text, sample.answer_prefix)
 
 
-def run_ruler(backend: Backend, tasks: list[str], lengths: list[int], samples: int, out_dir: str, seed: int = 0,
-              on_row: Callable[[dict | None], None] | None = None, on_prefill: Progress | None = None) -> list[dict]:
+def run_ruler(backend: Backend, tasks: list[str], lengths: list[int], samples: int | list[int], out_dir: str,
+              seed: int = 0, on_row: Callable[[dict | None], None] | None = None,
+              on_prefill: Progress | None = None) -> list[dict]:
+    """samples: how many of each task and length (indices 0...), or the list of sample indices to run."""
+    indices = range(samples) if isinstance(samples, int) else samples
     sizes: dict[tuple[str, int], int] = {}
     with ResultLog(os.path.join(out_dir, "ruler.jsonl"), lambda r: (r["task"], r["length"], r["index"]),
                    on_row) as log:
         for length in lengths:
             for name in tasks:
                 task = ALL_TASKS[name]
-                for index in range(samples):
+                for index in indices:
                     if log.skip((name, length, index)):
                         continue
                     sample, ids = build_sample(backend, task, length, index, seed, sizes)
