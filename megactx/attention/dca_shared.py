@@ -7,8 +7,8 @@ number of keys at its distance (a -log m bias on its score), gives every distanc
 Where: the rows attended densely (a dense prefill, the prompt's dense tail under sparse prefill, every decoded
 token); sparse prefill's rows are not weighted. How: per piece of rows [a, b) within one chunk, each part's keys are
 cut into blocks; a block whose bias is one value for all its rows and keys is computed by the flash kernel (the
-bias added to its log-sum-exp), the others (where an overlap's edge moves with the row) by explicit scores with the
-bias. The blocks' split depends only on positions, so it is computed once a step and shared by every layer.
+bias added to its log-sum-exp), the others (where an overlap's edge moves with the row) by the same kernel with the bias
+as its mask. The blocks' split depends only on positions, so it is computed once a step and shared by every layer.
 """
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import torch
 
 from megactx.attention.dca_distances import log_multiplicity
-from megactx.attention.dense import attention, reference_attention
+from megactx.attention.dense import attention
 from megactx.attention.merge import merge_attention
 from megactx.config import DCAConfig
 
-BLOCK = 512  # keys per block: a block whose bias varies is computed with explicit scores
+BLOCK = 512  # keys per block: a block whose bias varies gets it as the kernel's mask
 
 
 @dataclass(slots=True)
@@ -29,7 +29,7 @@ class KeyBlock:
     part: int  # 0 intra, 1 successive, 2 inter: which query rotation scores these keys
     lo: int
     hi: int
-    log_m: float | None  # one value for the whole block (flash kernel), or None: explicit scores with `bias`
+    log_m: float | None  # one value for the whole block (flash kernel), or None: the kernel with `bias` as its mask
     causal: bool = False  # the piece's own keys, one log m for all: the causal flash kernel
     bias: torch.Tensor | None = None  # [n, hi - lo] -log m, -inf after the row
 
@@ -67,7 +67,7 @@ def weighted_rows(queries: list[torch.Tensor], blocks: list[KeyBlock], read, sca
         q = queries[blk.part]
         k, v = read(blk.lo, blk.hi, q.dtype)
         if blk.log_m is None:
-            o, lse = reference_attention(q, k, v, scale, bias=blk.bias)
+            o, lse = attention(q, k, v, scale, causal=False, bias=blk.bias)
         else:
             o, lse = attention(q, k, v, scale, causal=blk.causal)
             lse = lse - blk.log_m

@@ -44,19 +44,24 @@ def causal_mask(n: int, m: int, device=None) -> torch.Tensor:
     return torch.ones(n, m, dtype=torch.bool, device=device).tril(diagonal=m - n)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-              causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of q over k/v; causal needs n == m (a chunk attending to itself)."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
+              bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q over k/v; causal needs n == m (a chunk attending to itself). bias: [n, m] fp32 added to the
+    scores of a non-causal call (-inf: not attended), the same for every head."""
     n, h, d = q.shape
     m = k.shape[1]
     if m == 0:
         return torch.zeros_like(q), torch.full((n, h), float("-inf"), device=q.device)
-    if causal and n != m:
-        raise ValueError(f"causal attention needs as many queries as keys, got {n} and {m}")
+    if causal and (n != m or bias is not None):
+        raise ValueError(f"causal attention needs as many queries as keys and no bias, got {n} and {m}")
     if flash_cpu is None or q.device.type != "cpu":
-        return reference_attention(q, k, v, scale, causal_mask(n, m, q.device) if causal else None)
+        return reference_attention(q, k, v, scale, causal_mask(n, m, q.device) if causal else None, bias)
     hkv = k.shape[0]
     g = h // hkv
+    if bias is not None:  # the kernel adds the mask to the scores before its softmax
+        out, lse = flash_cpu(q.transpose(0, 1).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), 0.0, False,
+                             attn_mask=bias.to(q.dtype)[None, None], scale=scale)
+        return out[0].transpose(0, 1), lse[0].t()
     if not causal and g > 1 and n * g <= PACK_ROWS:
         # [1, Hkv, n x G, D]: the query heads of one KV head as rows of it -> back to [n, H, D], [n, H]
         packed = q.reshape(n, hkv, g, d).permute(1, 0, 2, 3).reshape(1, hkv, n * g, d)
