@@ -74,8 +74,15 @@ CAUSES = [
     "What is left, then, in #3 at 48K and #0 and #1 at 64K, is the haystack beyond the trained length itself: DCA "
     "reads it at apparent distances the nearer haystack also holds (at 48K with local size 16K, two keys at every "
     "distance from 16K to 32K, at 64K three, where the trained model has one), and the trained model, shown the same "
-    "needles at the same distances with one key per distance, answers right. A fix would weigh each folded key by "
-    "how many keys share its apparent distance; it is not built yet.",
+    "needles at the same distances with one key per distance, answers right.",
+    "Weighing each key by 1 / m, m the number of keys the row sees at the key's apparent distance "
+    "(`--dca-weigh-shared-distances`: every distance then carries the softmax mass of one key, as in training), in "
+    "every row of a dense prefill: #0 at 64K turns right (7231925; the asked needle and the look-alike are both in the "
+    "query's own chunk, at their true distances, and only the folded haystack is weighed down), #3 at 48K does not "
+    "(the same 9201520: its asked needle is itself folded, 17549 back, so the weight halves it as well, while the "
+    "look-alike 11266 back keeps all of it). Weighing only the question's rows (the prompt's 256-row dense tail under "
+    "sparse prefill) leaves #3 at 48K as it was. The dense prefill with the weights took 32 min at 48K and 34 min at "
+    "64K (blocks whose weight changes along a row go to the flash kernel with the weights as its mask).",
 ]
 TRAINED = 32768  # the evaluation model's context: a 32K prompt is in range, DCA is plain RoPE there
 
