@@ -25,8 +25,9 @@ SETTINGS = {
                                                                               "--dca-temperature none, fp32"),
     "ruler_eval_dca_dense_fp32_local16384": ("dense local 16K", "--dca --no-sparse --dca-local-size 16384, fp32"),
     "ruler_eval_dca_sparse_fp32_local16384_weighted": (
-        "local 16K, tail weighted", "--dca --dca-local-size 16384 --dca-weigh-shared-distances, fp32 (sparse "
-                                    "prefill: the weighting reaches the prompt's 256-row dense tail and decoding only)"),
+        "local 16K, tail weighted",
+        "--dca --dca-local-size 16384 --dca-weigh-shared-distances, fp32 (sparse prefill: the weighting reaches the "
+        "prompt's 256-row dense tail and decoding only)"),
     "ruler_eval_dca_dense_fp32_local16384_weighted": (
         "dense local 16K weighted", "--dca --no-sparse --dca-local-size 16384 --dca-weigh-shared-distances, fp32"),
 }

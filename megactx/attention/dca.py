@@ -62,7 +62,7 @@ class DualChunkAttentionBackend(DenseAttentionBackend):
         intra, succ, inter = query_positions(positions, self.cfg)
         self.tables = [self.rotary.cos_sin(p) for p in (intra, succ, inter)]
         self.q_scale = temperature_scale(positions, totals, self.cfg)
-        self.weighted_blocks = {}  # (sequence, first row, end) -> the shared-distance weighting's key blocks
+        self.weighted_blocks = {}  # (the sequence's first row in the step, a, b) -> the weighting's key blocks
         return positions % self.cfg.chunk_len
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

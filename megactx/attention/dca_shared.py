@@ -7,8 +7,9 @@ number of keys at its distance (a -log m bias on its score), gives every distanc
 Where: the rows attended densely (a dense prefill, the prompt's dense tail under sparse prefill, every decoded
 token); sparse prefill's rows are not weighted. How: per piece of rows [a, b) within one chunk, each part's keys are
 cut into blocks; a block whose bias is one value for all its rows and keys is computed by the flash kernel (the
-bias added to its log-sum-exp), the others (where an overlap's edge moves with the row) by the same kernel with the bias
-as its mask. The blocks' split depends only on positions, so it is computed once a step and shared by every layer.
+bias added to its log-sum-exp), the others (where an overlap's edge moves with the row) by the same kernel with
+the bias as its mask. The blocks' split depends only on positions, so it is computed once a step and shared by
+every layer.
 """
 from __future__ import annotations
 
