@@ -82,7 +82,8 @@ CAUSES = [
     "query's own chunk, at their true distances, and only the folded haystack is weighed down), #3 at 48K does not "
     "(the same 9201520: its asked needle is itself folded, 17549 back, so the weight halves it as well, while the "
     "look-alike 11266 back keeps all of it). Weighing only the question's rows (the prompt's 256-row dense tail under "
-    "sparse prefill) leaves #3 at 48K as it was. The dense prefill with the weights took 32 min at 48K and 34 min at "
+    "sparse prefill) leaves both as they were (8322750 and 9201520): what the weights change on #0 at 64K is in the "
+    "haystack's own rows, which sparse prefill computes without them. The dense prefill with the weights took 32 min at 48K and 34 min at "
     "64K (blocks whose weight changes along a row go to the flash kernel with the weights as its mask).",
 ]
 TRAINED = 32768  # the evaluation model's context: a 32K prompt is in range, DCA is plain RoPE there
