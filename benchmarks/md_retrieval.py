@@ -26,10 +26,11 @@ SETTINGS = {
     "ruler_eval_dca_dense_fp32_local16384": ("dense local 16K", "--dca --no-sparse --dca-local-size 16384, fp32"),
     "ruler_eval_dca_sparse_fp32_local16384_weighted": (
         "local 16K, tail weighted",
-        "--dca --dca-local-size 16384 --dca-weigh-shared-distances, fp32 (sparse prefill: the weighting reaches the "
-        "prompt's 256-row dense tail and decoding only)"),
+        "--dca --dca-local-size 16384 --dca-weigh-shared-distances (an experiment, since removed), fp32 (sparse "
+        "prefill: the weighting reached the prompt's 256-row dense tail and decoding only)"),
     "ruler_eval_dca_dense_fp32_local16384_weighted": (
-        "dense local 16K weighted", "--dca --no-sparse --dca-local-size 16384 --dca-weigh-shared-distances, fp32"),
+        "dense local 16K weighted", "--dca --no-sparse --dca-local-size 16384 --dca-weigh-shared-distances (an "
+                                    "experiment, since removed), fp32"),
 }
 # what the misses were traced to so far (benchmarks/needle_recall.py and the columns above)
 CAUSES = [
@@ -53,7 +54,8 @@ CAUSES = [
     "(+3 %), peak RSS 5.1 GB against 4.9; time to first token at 64K, side by side in both orders, 1.03x (table "
     "below). The passkey at 128K is still retrieved with it at depths 0, 50 and 100; 1M is not measured with it yet, "
     "so the default stays.",
-    "Multikey_1 #0 at 64K is lost by DCA: cut to 32K (the two needles more than 32K back cut with the head) the model"
+    "Multikey_1 #0 at 64K is lost by DCA + sparse with either local size (dense DCA answers it: below): cut to 32K "
+    "(the two needles more than 32K back cut with the head) the model"
     " answers it right. The asked needle is 5344 tokens before the question, another 6661. With the default local "
     "size, a needle 36622 tokens back is folded to an apparent 3982 and answered; with local size 16K that one is "
     "folded to 20365, and the answer is the needle 6661 back, both near ones at their true distances. Without the "
@@ -72,19 +74,19 @@ CAUSES = [
     "own miss at those distances) and #4 wrong too (4187973, 24034 back, where DCA took 4321891, 15205 back), but #3 "
     "at 48K and #1 at 64K right, which DCA misses: like #0 at 64K, misses that the needles' places do not explain. "
     "Without a nearer look-alike, needles that far back are found (the passkey at every depth to 128K).",
-    "What is left, then, in #3 at 48K and #0 and #1 at 64K, is the haystack beyond the trained length itself: DCA "
+    "What seemed left, then, in #3 at 48K and #0 and #1 at 64K, is the haystack beyond the trained length itself: DCA "
     "reads it at apparent distances the nearer haystack also holds (at 48K with local size 16K, two keys at every "
     "distance from 16K to 32K, at 64K three, where the trained model has one), and the trained model, shown the same "
     "needles at the same distances with one key per distance, answers right.",
-    "Weighing each key by 1 / m, m the number of keys the row sees at the key's apparent distance "
-    "(`--dca-weigh-shared-distances`: every distance then carries the softmax mass of one key, as in training), in "
-    "every row of a dense prefill: #0 at 64K turns right (7231925; the asked needle and the look-alike are both in the "
-    "query's own chunk, at their true distances, and only the folded haystack is weighed down), #3 at 48K does not "
-    "(the same 9201520: its asked needle is itself folded, 17549 back, so the weight halves it as well, while the "
-    "look-alike 11266 back keeps all of it). Weighing only the question's rows (the prompt's 256-row dense tail under "
-    "sparse prefill) leaves both as they were (8322750 and 9201520): what the weights change on #0 at 64K is in the "
-    "haystack's own rows, which sparse prefill computes without them. The dense prefill with the weights took 32 min at 48K and 34 min at "
-    "64K (blocks whose weight changes along a row go to the flash kernel with the weights as its mask).",
+    "That was tested, and it is not the cause. Weighing each key by 1 / m, m the number of keys the row sees at the "
+    "key's apparent distance (`--dca-weigh-shared-distances`, an experiment since removed: every distance then "
+    "carried one key's softmax mass), changed no answer. With the weights on every row of a dense prefill, #3 at 48K "
+    "gave the same 9201520, and #0 at 64K was right (7231925), but dense DCA without the weights answers #0 at 64K "
+    "right too. With the weights on the question's rows only (the prompt's 256-row dense tail under sparse prefill) "
+    "both stayed as they were (9201520 and 8322750).",
+    "So #0 at 64K with local size 16K is sparse prefill's miss, not DCA's: dense DCA answers it (the first sample "
+    "where the two disagree); DCA + sparse answers the needle 6661 back. #3 at 48K and #1 at 64K are still "
+    "unexplained.",
 ]
 TRAINED = 32768  # the evaluation model's context: a 32K prompt is in range, DCA is plain RoPE there
 

@@ -24,19 +24,6 @@ def test_fast_path_equals_reference_with_gqa(causal, n, m):
     torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("n,m", [(1, 50), (30, 40)])
-def test_fast_path_with_a_bias_equals_reference(n, m):
-    """A score bias (DCA's shared-distance weights) goes to the kernel as its mask; -inf drops a key."""
-    q, k, v = qkv(n, m, seed=1)
-    bias = -torch.rand(n, m, generator=torch.Generator().manual_seed(2)) * 3
-    bias[:, -5:] = float("-inf")
-    out, lse = attention(q, k, v, 0.25, False, bias=bias)
-    ref_out, ref_lse = reference_attention(q, k, v, 0.25, bias=bias)
-    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(lse, attention(q, k, v, 0.25, False)[1], atol=1e-3)
-
-
 def test_merging_parts_equals_one_softmax_over_all_keys():
     q, k, v = qkv(9, 60, seed=1)
     whole = reference_attention(q, k, v, 0.3)

@@ -96,8 +96,6 @@ def test_input_errors_exit_2_with_a_message_naming_the_problem(tmp_path, capsys)
                           (["eval", "ruler", "--tasks", "qa_1", "--out", str(tmp_path)], "unknown RULER task 'qa_1'"),
                           (["eval", "ruler", "--indices", "1,a", "--out", str(tmp_path)], "'a' is not a whole number"),
                           (["eval", "ruler", "--indices", "-1", "--out", str(tmp_path)], "non-negative numbers"),
-                          (["generate", "--context-parallel-size", "2", "--dca-weigh-shared-distances", "hi"],
-                           "--dca-weigh-shared-distances with --context-parallel-size"),
                           (["bench", "ttft", "--compare", "vllm"], "unknown engine 'vllm'"),
                           (["generate", "--sparse-config", str(bad), "hi"],
                            "bad.json: layer 0 head 0: unknown pattern"),

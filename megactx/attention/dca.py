@@ -25,8 +25,7 @@ import torch
 
 from megactx.attention.backend import DenseAttentionBackend, KVCacheTensors, SeqAttention, cat_rows
 from megactx.attention.context_parallel import ContextParallel
-from megactx.attention.dca_distances import query_positions, reference_log_multiplicity
-from megactx.attention.dca_shared import plan_blocks, weighted_rows
+from megactx.attention.dca_distances import query_positions
 from megactx.attention.dense import attention
 from megactx.attention.merge import merge_attention
 from megactx.attention.sparse.prefill import SparsePrefill
@@ -62,7 +61,6 @@ class DualChunkAttentionBackend(DenseAttentionBackend):
         intra, succ, inter = query_positions(positions, self.cfg)
         self.tables = [self.rotary.cos_sin(p) for p in (intra, succ, inter)]
         self.q_scale = temperature_scale(positions, totals, self.cfg)
-        self.weighted_blocks = {}  # (the sequence's first row in the step, a, b) -> the weighting's key blocks
         return positions % self.cfg.chunk_len
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -148,10 +146,7 @@ class DualChunkAttentionBackend(DenseAttentionBackend):
         prev = max(cur - L, 0)
         k, _ = self.cache.read(layer, _range(s.key_slots, 0, p + 1), torch.float32)
         parts = ((0, prev, queries[2]), (prev, cur, queries[1]), (cur, p + 1, queries[0]))  # in key order
-        scores = torch.cat([self.row_scores(q, k[:, lo:hi]) for lo, hi, q in parts], -1)
-        if self.cfg.weigh_shared_distances:
-            scores = scores - reference_log_multiplicity(p, self.cfg)
-        return scores.softmax(-1)
+        return torch.cat([self.row_scores(q, k[:, lo:hi]) for lo, hi, q in parts], -1).softmax(-1)
 
     def attend_piece(self, layer: int, s: SeqAttention, a: int, b: int, queries: list[torch.Tensor],
                      k_own: torch.Tensor, v_own: torch.Tensor) -> torch.Tensor:
@@ -160,8 +155,6 @@ class DualChunkAttentionBackend(DenseAttentionBackend):
     def attend_piece_lse(self, layer: int, s: SeqAttention, a: int, b: int, queries: list[torch.Tensor],
                          k_own: torch.Tensor, v_own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # rows at positions [a, b), all in the chunk starting at cur; k_own/v_own: the keys at [a, b)
-        if self.cfg.weigh_shared_distances:
-            return self.weighted_piece(layer, s, a, b, queries)
         L = self.cfg.chunk_len
         cur = (a // L) * L
         q_intra, q_succ, q_inter = queries
@@ -182,17 +175,6 @@ class DualChunkAttentionBackend(DenseAttentionBackend):
         if len(outs) == 1:
             return outs[0], lses[0]
         return merge_attention(outs, lses)
-
-    def weighted_piece(self, layer: int, s: SeqAttention, a: int, b: int,
-                       queries: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows [a, b) with each key weighed by 1 / the number of keys at its apparent distance (dca_shared.py);
-        the rows' own keys are already in the cache."""
-        key = (s.q_start, a, b)
-        if key not in self.weighted_blocks:
-            self.weighted_blocks[key] = plan_blocks(a, b, self.cfg)
-        return weighted_rows(queries, self.weighted_blocks[key],
-                             lambda lo, hi, dtype: self.cache.read(layer, _range(s.key_slots, lo, hi), dtype),
-                             self.scale)
 
     def sparse_piece(self, layer: int, s: SeqAttention, a: int, b: int, queries: list[torch.Tensor],
                      q_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,9 +231,6 @@ def reference_dual_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     part[j < cur - L] = 2
     s = torch.where(part == 0, scores[0], torch.where(part == 1, scores[1], scores[2]))
     s = s.masked_fill(part == -1, float("-inf"))
-    if cfg.weigh_shared_distances:  # each key weighed by 1 / the number of keys its row sees at its distance
-        for p in range(t):
-            s[:, p, :p + 1] -= reference_log_multiplicity(p, cfg)
     if mask is not None:  # [H, T, T] bool: sparse prefill's oracle, only these pairs
         s = s.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(s, dim=-1)

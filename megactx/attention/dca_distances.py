@@ -1,13 +1,11 @@
-"""Where Dual Chunk Attention shows each key: the three query positions, the distance each key is seen at, and
-how many keys share that distance.
+"""Where Dual Chunk Attention shows each key: the three query positions and the distance each key is seen at.
 
 A query at p (r = p % L, cur = p - r, L the chunk length) sees
   distances [0, r]                         once         (intra keys)
   distances [succ - L + 1, succ]           once         (successive keys, when cur >= L)
   distances [inter - L + 1, inter]         n times      (inter keys, n = cur / L - 1 folded chunks)
-with intra, succ and inter its query positions; where the ranges overlap, a distance holds the sum. The trained
-model saw one key at each distance. reference_log_multiplicity() counts the distances one row at a time: the tests'
-oracle for log_multiplicity().
+with intra, succ and inter its query positions; where the ranges overlap, several keys share a distance that the
+trained model saw held by one.
 """
 from __future__ import annotations
 
@@ -33,23 +31,3 @@ def apparent_distances(p: int, cfg: DCAConfig) -> torch.Tensor:
     k = torch.arange(p + 1)
     cur = (p // L) * L
     return torch.where(k >= cur, intra, torch.where(k >= cur - L, succ, inter)) - k % L
-
-
-def log_multiplicity(rows: torch.Tensor, keys: torch.Tensor, cfg: DCAConfig) -> torch.Tensor:
-    """rows: [n] query positions, keys: [m] key positions -> [n, m] fp32 log of the number of keys the row sees at
-    the distance it sees each key at (the closed form above); -inf where the key comes after the row."""
-    L = cfg.chunk_len
-    p, k = rows[:, None], keys[None, :]
-    intra, succ, inter = (x[:, None] for x in query_positions(rows, cfg))
-    cur = p - intra
-    d = torch.where(k >= cur, intra, torch.where(k >= cur - L, succ, inter)) - k % L
-    folded = torch.clamp(cur // L - 1, min=0)
-    m = ((d <= intra).int() + ((cur >= L) & (d > succ - L) & (d <= succ)).int()
-         + folded * ((d > inter - L) & (d <= inter)).int())
-    return torch.where(k <= p, m.float().log(), float("-inf"))
-
-
-def reference_log_multiplicity(p: int, cfg: DCAConfig) -> torch.Tensor:
-    """[p + 1]: the same for one row, by counting its keys' apparent distances."""
-    d = apparent_distances(p, cfg)
-    return torch.bincount(d)[d].float().log()

@@ -22,17 +22,14 @@ PACK_ROWS = 64  # non-causal calls of at most this many rows a KV head are packe
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                        mask: torch.Tensor | None = None,
-                        bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    # q: [n, H, D], k/v: [Hkv, m, D], mask: [n, m] bool (True = attend) or None, bias: [n, m] added to the scores
+                        mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    # q: [n, H, D], k/v: [Hkv, m, D], mask: [n, m] bool (True = attend) or None
     n, h, d = q.shape
     hkv = k.shape[0]
     qg = q.float().view(n, hkv, h // hkv, d)
     scores = torch.einsum("nkgd,kmd->kgnm", qg, k.float()) * scale  # [Hkv, G, n, m]
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    if bias is not None:
-        scores = scores + bias
     lse = torch.logsumexp(scores, dim=-1)  # [Hkv, G, n]
     probs = torch.exp(scores - lse.unsqueeze(-1).nan_to_num(neginf=0.0)).nan_to_num(0.0)
     out = torch.einsum("kgnm,kmd->nkgd", probs, v.float()).reshape(n, h, d)
@@ -44,24 +41,19 @@ def causal_mask(n: int, m: int, device=None) -> torch.Tensor:
     return torch.ones(n, m, dtype=torch.bool, device=device).tril(diagonal=m - n)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
-              bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of q over k/v; causal needs n == m (a chunk attending to itself). bias: [n, m] fp32 added to the
-    scores of a non-causal call (-inf: not attended), the same for every head."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+              causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q over k/v; causal needs n == m (a chunk attending to itself)."""
     n, h, d = q.shape
     m = k.shape[1]
     if m == 0:
         return torch.zeros_like(q), torch.full((n, h), float("-inf"), device=q.device)
-    if causal and (n != m or bias is not None):
-        raise ValueError(f"causal attention needs as many queries as keys and no bias, got {n} and {m}")
+    if causal and n != m:
+        raise ValueError(f"causal attention needs as many queries as keys, got {n} and {m}")
     if flash_cpu is None or q.device.type != "cpu":
-        return reference_attention(q, k, v, scale, causal_mask(n, m, q.device) if causal else None, bias)
+        return reference_attention(q, k, v, scale, causal_mask(n, m, q.device) if causal else None)
     hkv = k.shape[0]
     g = h // hkv
-    if bias is not None:  # the kernel adds the mask to the scores before its softmax
-        out, lse = flash_cpu(q.transpose(0, 1).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), 0.0, False,
-                             attn_mask=bias.to(q.dtype)[None, None], scale=scale)
-        return out[0].transpose(0, 1), lse[0].t()
     if not causal and g > 1 and n * g <= PACK_ROWS:
         # [1, Hkv, n x G, D]: the query heads of one KV head as rows of it -> back to [n, H, D], [n, H]
         packed = q.reshape(n, hkv, g, d).permute(1, 0, 2, 3).reshape(1, hkv, n * g, d)

@@ -40,9 +40,6 @@ class DCAConfig:
               "position (no change below the trained length; at 1M tokens, 32x the 0.5B model's, the passkey "
               "needs it)",
         choices=TEMPERATURES)
-    weigh_shared_distances: bool = setting(
-        False, "experiment: weigh each key by 1 / the number of keys seen at its distance (more than one beyond "
-               "chunk_size + 1 tokens), in the rows attended densely (not sparse prefill's)")
     allow_long_context: bool = setting(False, "allow --max-model-len beyond the trained length with plain RoPE "
                                               "(ablations)", name="allow_long_context")
 

@@ -152,9 +152,6 @@ class EngineConfig:
             flag = "--tensor-parallel-size" if self.parallel.tensor_parallel_size > 1 else "--context-parallel-size"
             raise ConfigError(f"--kv-cache-dir with {flag} above 1 is not supported yet (each rank holds only its "
                               "part of the keys and values); drop one of them")
-        if self.parallel.context_parallel_size > 1 and self.dca.weigh_shared_distances:
-            raise ConfigError("--dca-weigh-shared-distances with --context-parallel-size above 1 is not supported "
-                              "(the weighting is computed on one machine's keys); drop one of them")
 
     @classmethod
     def from_kwargs(cls, model: str | None = None, **kwargs) -> "EngineConfig":
