@@ -109,10 +109,10 @@ def cmd_ruler(args) -> int:
     with _bar(len(tasks) * len(lengths) * len(indices), "ruler") as bar:
         rows = ruler.run_ruler(backend, tasks, lengths, indices, args.out, seed=args.seed,
                                on_row=lambda row: bar.update(1), on_prefill=PrefillBar())
-    wanted = [r for r in rows if r["index"] < args.samples or r["index"] in indices]
+    wanted = [r for r in rows if r["index"] in indices]  # the folder may hold other samples from other runs
     summary = ruler.summarize(wanted, tasks, lengths)
     with open(os.path.join(args.out, "ruler_summary.json"), "w") as f:
-        json.dump({"target": backend.name, "samples": args.samples,
+        json.dump({"target": backend.name, "samples": len(indices),
                    "haystacks": {t: ALL_TASKS[t].haystack for t in tasks},
                    "tasks": summary["tasks"], "per_length": summary["per_length"], "avg": summary["avg"],
                    **_machines(wanted)}, f, indent=2)
