@@ -1,4 +1,5 @@
-"""GGUF files (llama.cpp's format): metadata -> ModelConfig, tensors dequantized with the `gguf` package.
+"""GGUF files (llama.cpp's format): metadata -> ModelConfig (gguf_header.py reads it), tensors dequantized with the
+`gguf` package.
 
 llama.cpp's converter permutes the rows of llama's q and k weights (interleaved rotary pairs); we undo it so
 the weights are in Hugging Face layout and one rotary implementation (rotate-half) serves every source.
@@ -13,6 +14,7 @@ import torch
 
 from megactx.config import ModelConfig
 from megactx.errors import ModelLoadError
+from megactx.loader.gguf_header import GGUFHeader, read_header
 
 ARCHS = ("llama", "qwen2")
 _LAYER_MAP = {
@@ -41,19 +43,14 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-def read_metadata(reader) -> dict:
-    meta = {}
-    for key, field in reader.fields.items():
-        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
-            continue
-        try:
-            meta[key] = field.contents()
-        except Exception:  # fields of exotic types are not needed here
-            pass
-    return meta
+def read_gguf(path: str) -> GGUFHeader:
+    try:
+        return read_header(path)
+    except Exception as e:  # ValueError / struct.error / UnicodeError on a file that is not a whole GGUF
+        raise ModelLoadError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
 
 
-def config_from_metadata(meta: dict, reader, path: str) -> ModelConfig:
+def config_from_metadata(meta: dict, tensor_names: set[str], path: str) -> ModelConfig:
     arch = meta.get("general.architecture")
     if arch not in ARCHS:
         raise ModelLoadError(f"{path}: unknown GGUF architecture {arch!r}; supported: {', '.join(ARCHS)}")
@@ -68,10 +65,10 @@ def config_from_metadata(meta: dict, reader, path: str) -> ModelConfig:
     hidden = int(get("embedding_length"))
     vocab = get("vocab_size", required=False)
     if vocab is None:
-        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        tokens = meta.get("tokenizer.ggml.tokens")
         if tokens is None:
             raise ModelLoadError(f"{path}: GGUF metadata has neither {arch}.vocab_size nor tokenizer.ggml.tokens")
-        vocab = len(tokens.data)
+        vocab = len(tokens)
     rope_scaling = None
     scaling_type = get("rope.scaling.type", required=False)
     if scaling_type and scaling_type != "none":
@@ -81,7 +78,7 @@ def config_from_metadata(meta: dict, reader, path: str) -> ModelConfig:
             rope_scaling["original_max_position_embeddings"] = int(orig)
     eos = meta.get("tokenizer.ggml.eos_token_id")
     eot = meta.get("tokenizer.ggml.eot_token_id")
-    names = {t.name for t in reader.tensors}
+    names = tensor_names
     return ModelConfig(
         architecture=arch,
         vocab_size=int(vocab),
@@ -116,17 +113,10 @@ def dequantize_rows(data: np.ndarray, qtype, dequantize, chunk_rows: int = 8192)
 
 
 def open_gguf(path: str):
-    from gguf import GGUFReader
     from megactx.loader import ModelSource
-    try:
-        reader = GGUFReader(path)
-    except Exception as e:  # gguf raises ValueError / struct errors / numpy errors on bad files
-        raise ModelLoadError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
-    meta = read_metadata(reader)
-    config = config_from_metadata(meta, reader, path)
-    from megactx.loader.tokenizer import remember_tokenizer_key
-    remember_tokenizer_key(path, reader.fields)  # so that loading the tokenizer does not parse the file again
-    tensors = {t.name: t for t in reader.tensors}
+    header = read_gguf(path)
+    tensors = {t.name: t for t in header.tensors}
+    config = config_from_metadata(header.fields, set(tensors), path)
     names = {n for n in (hf_name(k) for k in tensors) if n is not None}
 
     def iter_weights():
@@ -152,7 +142,7 @@ def open_gguf(path: str):
             del arr, data  # before dequantizing the next tensor: one fp32 tensor alive at a time
 
     full = {"F32", "F16", "BF16", "F64"}
-    quantized = any(t.tensor_type.name not in full for t in reader.tensors)
+    quantized = any(t.tensor_type.name not in full for t in header.tensors)
     return ModelSource(path=path, format="gguf", config=config, iter_weights=iter_weights, weight_names=names,
                        quantized=quantized)
 

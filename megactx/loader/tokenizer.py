@@ -75,40 +75,19 @@ class Tokenizer:
         return self.encode(self.apply_chat_template(messages, **kwargs), add_special_tokens=False)
 
 
-# Keys computed while the weights were loaded, by (path, size, mtime): parsing a GGUF's 49K-150K-token
-# vocabulary with the gguf package takes about 5 s, and the loader has already done it once.
-_KEYS_SEEN: dict[tuple, str] = {}
-
-
-def _file_identity(path: str) -> tuple:
-    st = os.stat(path)
-    return os.path.realpath(path), st.st_size, st.st_mtime_ns
-
-
-def tokenizer_key_from_fields(fields) -> str:
-    h = hashlib.sha256()
-    for name in sorted(k for k in fields if k.startswith("tokenizer.")):
-        h.update(name.encode())
-        for part in fields[name].parts:
-            h.update(part.tobytes())
-    return h.hexdigest()[:16]
-
-
-def remember_tokenizer_key(path: str, fields) -> None:
-    _KEYS_SEEN[_file_identity(path)] = tokenizer_key_from_fields(fields)
-
-
 def gguf_tokenizer_key(path: str) -> str:
-    """A hash of the tokenizer's own metadata, so that files sharing a tokenizer share one converted copy."""
-    seen = _KEYS_SEEN.get(_file_identity(path))
-    if seen is not None:
-        return seen
-    from gguf import GGUFReader
-    try:
-        fields = GGUFReader(path).fields
-    except Exception as e:
-        raise ModelLoadError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
-    return tokenizer_key_from_fields(fields)
+    """A hash of the tokenizer's own metadata entries (their bytes as stored), so that files sharing a tokenizer
+    share one converted copy."""
+    from megactx.loader.gguf import read_gguf
+    spans = read_gguf(path).spans
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for name in sorted(k for k in spans if k.startswith("tokenizer.")):
+            start, end = spans[name]
+            f.seek(start)
+            h.update(name.encode())
+            h.update(f.read(end - start))
+    return h.hexdigest()[:16]
 
 
 def load_tokenizer(model_path: str, eos_token_ids: list[int] | None = None) -> Tokenizer:
