@@ -69,11 +69,13 @@ def main() -> None:
     ap.add_argument("--tasks", default="needles")
     ap.add_argument("--lengths", default="49152")
     ap.add_argument("--samples", type=int, default=3)
+    ap.add_argument("--indices", default=None, help="only these samples, a comma list (default: the first --samples)")
     ap.add_argument("--setting", choices=list(SETTINGS), default="dca-sparse")
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--sparse-threshold", type=int, default=32768)
     ap.add_argument("--dca-original-max-position", type=int, default=None,
                     help="pretend a shorter trained length (a cheap stand-in for DCA far beyond it)")
+    ap.add_argument("--dca-local-size", type=int, default=None, help="default: the model's or the engine's")
     ap.add_argument("--sparse-dense-tail", type=int, default=None, help="default: the engine's")
     ap.add_argument("--dca-temperature", default=None, help="default: the engine's")
     ap.add_argument("--out", default="benchmarks/results/needle_recall.jsonl")
@@ -83,10 +85,12 @@ def main() -> None:
     if os.path.exists(args.out):
         with open(args.out) as f:
             done = {(r["task"], r["length"], r["index"], r["setting"], r["dtype"], r.get("dense_tail"),
-                     r.get("dca_temperature")) for r in map(json.loads, f)}
+                     r.get("dca_temperature"), r.get("dca_local_size")) for r in map(json.loads, f)}
     settings = dict(SETTINGS[args.setting])
     if settings["dca"] and args.dca_original_max_position:
         settings["dca_original_max_position"] = args.dca_original_max_position
+    if settings["dca"] and args.dca_local_size:
+        settings["dca_local_size"] = args.dca_local_size
     if settings["dca"] and args.dca_temperature:
         settings["dca_temperature"] = args.dca_temperature
     if settings["sparse"] and args.sparse_dense_tail is not None:
@@ -96,12 +100,14 @@ def main() -> None:
     backend = InProcessBackend(llm)
     tail = llm.engine.config.sparse.dense_tail if settings["sparse"] else None
     temperature = llm.engine.dca.temperature if llm.engine.dca else None
+    local_size = llm.engine.dca.local_size if llm.engine.dca else None
+    indices = [int(x) for x in args.indices.split(",")] if args.indices else range(args.samples)
     sizes: dict = {}
     for length in lengths:
         for name in parse_tasks(args.tasks):
             task = ALL_TASKS[name]
-            for index in range(args.samples):
-                if (name, length, index, args.setting, args.dtype, tail, temperature) in done:
+            for index in indices:
+                if (name, length, index, args.setting, args.dtype, tail, temperature, local_size) in done:
                     continue
                 sample, ids = build_sample(backend, task, length, index, 0, sizes)
                 text = backend._template(sample.text) + sample.answer_prefix
@@ -123,6 +129,7 @@ def main() -> None:
                        "prediction": prediction[:200], "outputs": sample.outputs, "ttft_s": round(answer.ttft_s, 1),
                        "needle_tokens": len(positions), "cpu": cpu_summary(),
                        "dca_original_max_position": args.dca_original_max_position, "dca_temperature": temperature,
+                       "dca_local_size": local_size,
                        "needle_mass": [round(x, 4) for x in attention.per_layer()],
                        "needle_mass_best_head": [round(float(attention.mass[la].max()), 4)
                                                  for la in sorted(attention.mass)],
