@@ -173,13 +173,13 @@ def test_eight_concurrent_streams_each_get_their_own_text(client, model):
         return [(t.token, {c.token: c.logprob for c in t.top_logprobs}) for t in choice.logprobs.content]
 
     alone = [tokens_of(client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": p}], temperature=0, max_tokens=24, logprobs=True,
+        model=model, messages=[{"role": "user", "content": p}], temperature=0, max_tokens=16, logprobs=True,
         top_logprobs=2).choices[0]) for p in prompts]
     got = [None] * 8
 
     def run(i):
         s = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompts[i]}],
-                                           temperature=0, max_tokens=24, stream=True, logprobs=True)
+                                           temperature=0, max_tokens=16, stream=True, logprobs=True)
         got[i] = [t.token for c in s if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
     threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
     for t in threads:
