@@ -122,7 +122,7 @@ def test_a_folder_and_a_repository_zip_attach_as_files_under_their_paths(page, t
 def test_long_prefill_shows_progress_and_a_follow_up_comes_from_the_cache(page, tmp_path):
     doc = tmp_path / "story.txt"
     doc.write_text(" ".join(f"Line {i}: the river carried stones past the old mill." for i in range(150)))
-    page.fill("#max-tokens", "64")
+    page.fill("#max-tokens", "16")
     page.set_input_files("#files", str(doc))
     expect(page.locator("#attachments")).to_contain_text("story.txt")
     page.fill("#question", "What did the river carry?")
