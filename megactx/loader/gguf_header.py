@@ -25,7 +25,7 @@ _STRING, _ARRAY = 8, 9
 _PLAIN = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16,
           GGMLQuantizationType.F64: np.float64, GGMLQuantizationType.I8: np.int8, GGMLQuantizationType.I16: np.int16,
           GGMLQuantizationType.I32: np.int32, GGMLQuantizationType.I64: np.int64}
-_HEADER_READ = 1 << 20  # bytes read at first; a larger header is read whole once its size is known to be larger
+_HEADER_READ = 1 << 20  # bytes read at first; the buffer at least doubles each time the header runs past it
 
 
 @dataclass
