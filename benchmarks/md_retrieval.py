@@ -132,6 +132,29 @@ def per_sample_table(runs: dict[str, list[dict]], task: str, length: int) -> lis
     return out + [""]
 
 
+def needle_mass_table() -> list[str]:
+    """The prompt's last row's attention on the asked needle and on the needle answered instead, layer by layer, in
+    the settings that disagree (benchmarks/needle_recall.py rows that record the local size)."""
+    rows = [r for r in read_rows(os.path.join(RESULTS, "needle_recall.jsonl")) if r.get("dca_local_size")]
+    if not rows:
+        return []
+    out = ["Where the attention goes (`benchmarks/needle_recall.py --setting S --dca-local-size L [--sparse-dense-tail "
+           "N]`: the prompt's last row, per layer the heads' mean softmax mass on the needle's tokens, as the engine's "
+           "attention computes it; the look-alike is the other needle with the most mass):", "",
+           "| sample | setting | dense tail | answer | asked needle, mass over layers | look-alike, mass over layers "
+           "| layers where the asked one leads | TTFT s |", "|---|---|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        other = max(r["other_needles"], key=lambda o: sum(o["mass"]))
+        asked = r["needle_mass"]
+        leads = sum(a > b for a, b in zip(asked, other["mass"]))
+        answer = "right" if r["score"] >= 100 else f"`{r['prediction'].strip(' :.')[:12]}`"
+        tail = "all rows" if r["setting"] == "dca-dense" else r["dense_tail"]
+        out.append(f"| {r['task']} #{r['index']} at {r['length'] // 1024}K, local {r['dca_local_size']} | "
+                   f"{r['setting']} | {tail} | {answer} | {sum(asked):.3f} | {sum(other['mass']):.3f} | "
+                   f"{leads}/{len(asked)} | {r['ttft_s']:.0f} |")
+    return out + [""]
+
+
 def local_size_cost() -> list[str]:
     """The local size's cost in time to first token: `megactx bench ttft --dca-local-sizes A,B` rows, each run's two
     rows side by side (runs in both orders, so that a drift of the machine's speed shows)."""
@@ -189,7 +212,7 @@ def retrieval_grid() -> list[str]:
         out.append(f"| {length // 1024}K | {SETTINGS[folder][0]} | " + " | ".join(cells) + " |")
     out += ["", "Settings: " + "; ".join(f"{name}: `{flags}`" for name, flags in
                                          (SETTINGS[f] for f in runs)) + ".", ""]
-    out += CAUSES + [""] + local_size_cost() + in_range_table()
+    out += CAUSES + [""] + needle_mass_table() + local_size_cost() + in_range_table()
     for task, length in sorted({(r["task"], r["length"]) for r in rows if r["score"] < 100}):
         out += per_sample_table(runs, task, length)
     return out
