@@ -63,6 +63,22 @@ def plan_coverage(probe: SparseProbe, prompt_len: int, positions: list[int]) -> 
     return out
 
 
+def needle_block_plans(probe: SparseProbe, needles: dict[str, list[int]]) -> list[dict]:
+    """For each needle (name -> token positions) and layer: each head's kept key ranges for the query block that
+    holds the needle's first token (the block's own keys are computed anyway)."""
+    out = []
+    for call in probe.calls:
+        if call.plan is None:
+            continue
+        for name, positions in needles.items():
+            k = (positions[0] - call.q_start) // call.block if positions else -1
+            if not 0 <= k < len(call.plan[0]) or positions[0] >= call.q_start + call.rows:
+                continue
+            out.append({"needle": name, "layer": call.layer, "block_start": call.q_start + k * call.block,
+                        "ranges": [head[k].ranges for head in call.plan]})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
@@ -79,6 +95,8 @@ def main() -> None:
     ap.add_argument("--sparse-dense-tail", type=int, default=None, help="default: the engine's")
     ap.add_argument("--dca-temperature", default=None, help="default: the engine's")
     ap.add_argument("--out", default="benchmarks/results/needle_recall.jsonl")
+    ap.add_argument("--plans-out", default=None, help="also write, per needle and layer, every head's kept key "
+                                                      "ranges for the query block holding the needle (JSON lines)")
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     done = set()
@@ -143,6 +161,11 @@ def main() -> None:
                                                       "prediction", "needle_mass")}))
                 with open(args.out, "a") as f:
                     f.write(json.dumps(row) + "\n")
+                if args.plans_out:
+                    named = {"asked": positions, **{n[:80]: pos for n, pos in others if pos}}
+                    with open(args.plans_out, "a") as f:
+                        for plan in needle_block_plans(probe, named):
+                            f.write(json.dumps({"task": name, "length": length, "index": index, **plan}) + "\n")
 
 
 if __name__ == "__main__":
