@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--dca-local-size", type=int, default=None, help="default: the model's or the engine's")
     ap.add_argument("--sparse-dense-tail", type=int, default=None, help="default: the engine's")
     ap.add_argument("--dca-temperature", default=None, help="default: the engine's")
+    ap.add_argument("--sparse-mass", type=float, default=None, help="the pooled cut-off (default: the engine's)")
     ap.add_argument("--out", default="benchmarks/results/needle_recall.jsonl")
     ap.add_argument("--plans-out", default=None, help="also write, per needle and layer, every head's kept key "
                                                       "ranges for the query block holding the needle (JSON lines)")
@@ -103,7 +104,8 @@ def main() -> None:
     if os.path.exists(args.out):
         with open(args.out) as f:
             done = {(r["task"], r["length"], r["index"], r["setting"], r["dtype"], r.get("dense_tail"),
-                     r.get("dca_temperature"), r.get("dca_local_size")) for r in map(json.loads, f)}
+                     r.get("dca_temperature"), r.get("dca_local_size"), r.get("sparse_mass"))
+                    for r in map(json.loads, f) if not r.get("sparse_dense_layers")}
     settings = dict(SETTINGS[args.setting])
     if settings["dca"] and args.dca_original_max_position:
         settings["dca_original_max_position"] = args.dca_original_max_position
@@ -111,6 +113,8 @@ def main() -> None:
         settings["dca_local_size"] = args.dca_local_size
     if settings["dca"] and args.dca_temperature:
         settings["dca_temperature"] = args.dca_temperature
+    if settings["sparse"] and args.sparse_mass is not None:
+        settings["sparse_mass"] = args.sparse_mass
     if settings["sparse"] and args.sparse_dense_tail is not None:
         settings["sparse_dense_tail"] = args.sparse_dense_tail
     llm = LLM(args.model, max_model_len=max(lengths) + 256, max_num_seqs=1, dtype=args.dtype,
@@ -119,13 +123,14 @@ def main() -> None:
     tail = llm.engine.config.sparse.dense_tail if settings["sparse"] else None
     temperature = llm.engine.dca.temperature if llm.engine.dca else None
     local_size = llm.engine.dca.local_size if llm.engine.dca else None
+    mass = args.sparse_mass if settings["sparse"] else None  # None: the engine's cut-off
     indices = [int(x) for x in args.indices.split(",")] if args.indices else range(args.samples)
     sizes: dict = {}
     for length in lengths:
         for name in parse_tasks(args.tasks):
             task = ALL_TASKS[name]
             for index in indices:
-                if (name, length, index, args.setting, args.dtype, tail, temperature, local_size) in done:
+                if (name, length, index, args.setting, args.dtype, tail, temperature, local_size, mass) in done:
                     continue
                 sample, ids = build_sample(backend, task, length, index, 0, sizes)
                 text = backend._template(sample.text) + sample.answer_prefix
@@ -147,7 +152,7 @@ def main() -> None:
                        "prediction": prediction[:200], "outputs": sample.outputs, "ttft_s": round(answer.ttft_s, 1),
                        "needle_tokens": len(positions), "cpu": cpu_summary(),
                        "dca_original_max_position": args.dca_original_max_position, "dca_temperature": temperature,
-                       "dca_local_size": local_size,
+                       "dca_local_size": local_size, "sparse_mass": mass,
                        "needle_mass": [round(x, 4) for x in attention.per_layer()],
                        "needle_mass_best_head": [round(float(attention.mass[la].max()), 4)
                                                  for la in sorted(attention.mass)],
