@@ -99,8 +99,10 @@ CAUSES = [
     "sparsest of all. Computing layer 0 densely (`--sparse-dense-layers 0`, an experiment since removed) changed "
     "nothing: the same answer, the masses within 3 %. The cut-off's lost mass on the rows near the needles, not a "
     "missing block or one layer, is the lead. With the cut-off at 0.9 on every row the answer is right (the asked "
-    "needle's mass 0.76x dense DCA's, the look-alike's 1.35x: enough here), as it was for #0 at 48K; its cost in "
-    "time to first token at 64K is the next measurement (the runs above ran beside others, not side by side).",
+    "needle's mass 0.76x dense DCA's, the look-alike's 1.35x: enough here), as it was for #0 at 48K, but it costs "
+    "1.47x the time to first token at 64K (`megactx bench ttft --lengths 65536 --modes dca+sparse-pooled --dtypes "
+    "fp32 --dca-local-sizes 16384 --sparse-mass 0.7`, then 0.9: 515 s and 759 s, one run each, in that order; "
+    "benchmarks/results/ttft_cutoff_eval.jsonl), far over the 10 % a fix may cost: the default stays at 0.7.",
 ]
 TRAINED = 32768  # the evaluation model's context: a 32K prompt is in range, DCA is plain RoPE there
 
