@@ -102,7 +102,8 @@ CAUSES = [
     "needle's mass 0.76x dense DCA's, the look-alike's 1.35x: enough here), as it was for #0 at 48K, but it costs "
     "1.47x the time to first token at 64K (`megactx bench ttft --lengths 65536 --modes dca+sparse-pooled --dtypes "
     "fp32 --dca-local-sizes 16384 --sparse-mass 0.7`, then 0.9: 515 s and 759 s, one run each, in that order; "
-    "benchmarks/results/ttft_cutoff_eval.jsonl), far over the 10 % a fix may cost: the default stays at 0.7.",
+    "benchmarks/results/ttft_pooled_cutoff_64k_eval.jsonl), far over the 10 % a fix may cost: the default stays "
+    "at 0.7.",
 ]
 TRAINED = 32768  # the evaluation model's context: a 32K prompt is in range, DCA is plain RoPE there
 

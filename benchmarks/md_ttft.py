@@ -23,7 +23,8 @@ def ttft_section() -> list[str]:
         for r in rows:
             base = next((b for b in rows if b["engine"] == "megactx" and b["length"] == r["length"]), None)
             ratio = f"{r['ttft_s'] / base['ttft_s']:.2f}x" if base and base is not r else ""
-            mode = r["mode"] + (f" (local size {r['dca_local_size']})" if "dca_local_size" in r else "")
+            mode = r["mode"] + (f" (local size {r['dca_local_size']})" if "dca_local_size" in r else "") + \
+                (f", cut-off {r['sparse_mass']}" if r.get("sparse_mass") else "")
             out.append(f"| {r['engine']} | {mode} | {r.get('dtype', 'fp32')} | {r['length']} | {r['ttft_s']:.2f} "
                        f"| {r['prefill_tok_s']:.0f} | {r['peak_rss_mb']:.0f} | {ratio} |")
         out.append("")
