@@ -71,9 +71,9 @@ def needle_block_plans(probe: SparseProbe, needles: dict[str, list[int]]) -> lis
         if call.plan is None:
             continue
         for name, positions in needles.items():
-            k = (positions[0] - call.q_start) // call.block if positions else -1
-            if not 0 <= k < len(call.plan[0]) or positions[0] >= call.q_start + call.rows:
+            if not positions or not call.q_start <= positions[0] < call.q_start + call.rows:
                 continue
+            k = (positions[0] - call.q_start) // call.block
             out.append({"needle": name, "layer": call.layer, "block_start": call.q_start + k * call.block,
                         "ranges": [head[k].ranges for head in call.plan]})
     return out

@@ -78,7 +78,6 @@ def config_from_metadata(meta: dict, tensor_names: set[str], path: str) -> Model
             rope_scaling["original_max_position_embeddings"] = int(orig)
     eos = meta.get("tokenizer.ggml.eos_token_id")
     eot = meta.get("tokenizer.ggml.eot_token_id")
-    names = tensor_names
     return ModelConfig(
         architecture=arch,
         vocab_size=int(vocab),
@@ -92,8 +91,8 @@ def config_from_metadata(meta: dict, tensor_names: set[str], path: str) -> Model
         max_position_embeddings=int(get("context_length")),
         rope_theta=float(get("rope.freq_base", 10000.0)),
         rope_scaling=rope_scaling,
-        tie_word_embeddings="output.weight" not in names,
-        attention_bias=arch == "qwen2" or "blk.0.attn_q.bias" in names,
+        tie_word_embeddings="output.weight" not in tensor_names,
+        attention_bias=arch == "qwen2" or "blk.0.attn_q.bias" in tensor_names,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=[int(t) for t in dict.fromkeys(x for x in (eos, eot) if x is not None)],
     )
